@@ -1,0 +1,93 @@
+"""Architecture knowledge as data: where the edited MLP projection, blocks and head live.
+
+Usage::
+
+    spec = get_arch_spec(model)                 # looks up model.config.model_type
+    module = spec.mlp_out_module(model, 3)             # the W_out of layer 3
+    register_architecture("my_gpt", ArchSpec(layers="body.blocks", mlp_out="ff.out", ...))
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .errors import UnsupportedArchitectureError
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """Where things are in one model family. Paths are dotted attribute names.
+
+    ``layers`` is the ``ModuleList`` of transformer blocks; ``mlp_out`` the edited projection inside
+    one block (its input is the key ``k``, its output the value ``m``); ``embed`` the token
+    embedding; ``final_norm`` the last normalisation; ``transposed`` is True when the weight is
+    stored ``(d_in, d_out)`` as GPT-2's ``Conv1D`` does (``nn.Linear`` stores ``(d_out, d_in)``).
+    """
+
+    layers: str
+    mlp_out: str
+    embed: str
+    final_norm: str
+    transposed: bool = False
+
+    def blocks(self, model: nn.Module) -> nn.ModuleList:
+        return model.get_submodule(self.layers)
+
+    def num_layers(self, model: nn.Module) -> int:
+        return len(self.blocks(model))
+
+    def mlp_out_name(self, layer: int) -> str:
+        """Full module name of the edited projection of ``layer``, e.g. ``transformer.h.3.mlp.c_proj``."""
+        return f"{self.layers}.{layer}.{self.mlp_out}"
+
+    def block_name(self, layer: int) -> str:
+        return f"{self.layers}.{layer}"
+
+    def mlp_out_module(self, model: nn.Module, layer: int) -> nn.Module:
+        return model.get_submodule(self.mlp_out_name(layer))
+
+    def weight_shape(self, model: nn.Module, layer: int) -> tuple[int, int]:
+        """``(d_out, d_in)`` of the edited projection, whatever its storage orientation."""
+        w = self.mlp_out_module(model, layer).weight
+        return (w.shape[1], w.shape[0]) if self.transposed else (w.shape[0], w.shape[1])
+
+    def delta_to_weight(self, delta: torch.Tensor) -> torch.Tensor:
+        """Turn a ``(d_out, d_in)`` delta into the layout of the stored weight."""
+        return delta.T if self.transposed else delta
+
+
+_LLAMA_LIKE = ArchSpec(layers="model.layers", mlp_out="mlp.down_proj", embed="model.embed_tokens",
+                       final_norm="model.norm")
+
+ARCHITECTURES: dict[str, ArchSpec] = {
+    "gpt2": ArchSpec(layers="transformer.h", mlp_out="mlp.c_proj", embed="transformer.wte",
+                     final_norm="transformer.ln_f", transposed=True),
+    "gptj": ArchSpec(layers="transformer.h", mlp_out="mlp.fc_out", embed="transformer.wte",
+                     final_norm="transformer.ln_f"),
+    "gpt_neox": ArchSpec(layers="gpt_neox.layers", mlp_out="mlp.dense_4h_to_h", embed="gpt_neox.embed_in",
+                         final_norm="gpt_neox.final_layer_norm"),
+    **{name: _LLAMA_LIKE for name in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "olmo", "olmo2")},
+}
+
+
+def register_architecture(model_type: str, spec: ArchSpec) -> None:
+    """Add or replace the entry used for models whose ``config.model_type`` is ``model_type``."""
+    if not isinstance(spec, ArchSpec):
+        raise TypeError(f"spec must be an ArchSpec, got {type(spec).__name__}")
+    ARCHITECTURES[model_type] = spec
+
+
+def get_arch_spec(model: nn.Module, spec: ArchSpec | None = None) -> ArchSpec:
+    """The :class:`ArchSpec` of ``model``: ``spec`` when given, else the table entry of its model type."""
+    if spec is not None:
+        return spec
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in ARCHITECTURES:
+        raise UnsupportedArchitectureError(
+            f"no architecture entry for model_type={model_type!r}; known: {sorted(ARCHITECTURES)}. "
+            "Pass arch=ArchSpec(...) or call memit_adapter.register_architecture(model_type, ArchSpec(...))."
+        )
+    return ARCHITECTURES[model_type]

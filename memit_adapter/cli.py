@@ -1,0 +1,47 @@
+"""The ``memit-adapter`` console script. Each subcommand lives in its own module, imported on use.
+
+A subcommand module defines ``add_arguments(parser)`` and ``run_cli(args) -> int``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+COMMANDS = {
+    "demo": ("memit_adapter.demo", "edit 100 facts of the shipped world model, end to end (offline)"),
+    "eval": ("memit_adapter.evaluation", "CounterFact metrics of a model, optionally with an edit pack"),
+    "trace": ("memit_adapter.tracing", "causal tracing of facts; suggests the layers to edit"),
+    "bench": ("memit_adapter.bench", "batched vs serial z, one-pass vs per-layer statistics, peak memory"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="memit-adapter", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (module_name, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        try:
+            importlib.import_module(module_name).add_arguments(p)
+        except ModuleNotFoundError as e:
+            if e.name != module_name:
+                raise
+            p.set_defaults(_missing=module_name)
+        p.set_defaults(_module=module_name)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    if getattr(args, "_missing", None):
+        print(f"memit-adapter {args.command}: not available in this build ({args._missing} missing)", file=sys.stderr)
+        return 2
+    return int(importlib.import_module(args._module).run_cli(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

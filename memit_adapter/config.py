@@ -1,0 +1,180 @@
+"""``MemitConfig``: the algorithm's hyperparameters, checked on construction, JSON round-trip.
+
+Usage::
+
+    cfg = MemitConfig.for_model(model)                # published preset or scaled default
+    cfg = MemitConfig(layers=[0, 1, 2], mom2_update_weight=300.0)
+    MemitConfig.from_json(cfg.to_json()) == cfg       # True
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Any
+
+from torch import nn
+
+from .errors import ConfigError
+
+CONTEXT_TEMPLATE_STARTS = ("The", "Therefore", "Because", "I", "You")
+_DTYPES = ("float32", "float64")
+
+
+@dataclass
+class MemitConfig:
+    """Hyperparameters of MEMIT (names as in the published code; see MEMIT_SPEC.md).
+
+    Attributes:
+        layers: edited layers R, ascending; the last one, L, carries the target vectors.
+        mom2_update_weight: lambda, weight of the key second moment C against the new keys.
+        v_lr, v_num_grad_steps: Adam learning rate and steps of the target-vector (delta) optimisation.
+        v_loss_threshold: a request stops once its loss is below this.
+        clamp_norm_factor: ||delta_i|| <= factor * ||h_i|| after every step.
+        kl_factor: weight of the KL term on "{subject} is a" that keeps the subject's essence.
+        v_weight_decay: weight of ||delta|| / ||h||^2.
+        v_batch_size: requests optimised together; None = all at once.
+        context_templates: given templates (each with one "{}"); None = sample from the model.
+        context_template_length, context_template_starts, context_template_top_k: how to sample them.
+        mom2_n_samples: corpus texts used for the statistics; mom2_dtype: accumulation dtype.
+        mom2_max_length: truncation of corpus texts in tokens; None = the model's context length (max 1024).
+        stats_batch_size: texts per forward pass of the statistics pass.
+        seed: seeds template sampling and anything else random, so a run is reproducible.
+    """
+
+    layers: list[int] = field(default_factory=lambda: [3, 4, 5, 6, 7, 8])
+    mom2_update_weight: float = 15000.0
+    v_lr: float = 0.5
+    v_num_grad_steps: int = 25
+    v_loss_threshold: float = 0.05
+    clamp_norm_factor: float = 0.75
+    kl_factor: float = 0.0625
+    v_weight_decay: float = 0.5
+    v_batch_size: int | None = None
+    context_templates: list[str] | None = None
+    context_template_length: int = 10
+    context_template_starts: list[str] = field(default_factory=lambda: list(CONTEXT_TEMPLATE_STARTS))
+    context_template_top_k: int = 5
+    mom2_n_samples: int = 100_000
+    mom2_dtype: str = "float32"
+    mom2_max_length: int | None = None
+    stats_batch_size: int = 8
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        self.layers = list(self.layers)
+        if not self.layers or not all(isinstance(x, int) and not isinstance(x, bool) for x in self.layers):
+            raise ConfigError(f"layers must be a non-empty list of ints, got {self.layers!r}")
+        if any(x < 0 for x in self.layers) or self.layers != sorted(set(self.layers)):
+            raise ConfigError(f"layers must be distinct non-negative ints in ascending order, got {self.layers!r}")
+        _positive(self, "mom2_update_weight", "v_lr", "clamp_norm_factor", "mom2_n_samples", "stats_batch_size",
+                  "context_template_length", "context_template_top_k")
+        _non_negative(self, "v_num_grad_steps", "v_loss_threshold", "kl_factor", "v_weight_decay")
+        if self.v_batch_size is not None and self.v_batch_size < 1:
+            raise ConfigError(f"v_batch_size must be None or >= 1, got {self.v_batch_size}")
+        if self.mom2_max_length is not None and self.mom2_max_length < 1:
+            raise ConfigError(f"mom2_max_length must be None or >= 1, got {self.mom2_max_length}")
+        if self.mom2_dtype not in _DTYPES:
+            raise ConfigError(f"mom2_dtype must be one of {_DTYPES}, got {self.mom2_dtype!r}")
+        if self.context_templates is not None:
+            self.context_templates = list(self.context_templates)
+            bad = [t for t in self.context_templates if not isinstance(t, str) or t.count("{}") != 1]
+            if not self.context_templates or bad:
+                raise ConfigError(f"context_templates must be strings with exactly one '{{}}', bad: {bad!r}")
+        self.context_template_starts = list(self.context_template_starts)
+
+    # -- serialisation -------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> MemitConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"unknown MemitConfig field(s) {unknown}; known: {sorted(known)}")
+        return cls(**data)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> MemitConfig:
+        return cls.from_dict(json.loads(text))
+
+    def replace(self, **changes: Any) -> MemitConfig:
+        return replace(self, **changes)
+
+    # -- presets -------------------------------------------------------------------------------
+    @classmethod
+    def for_model(cls, model: nn.Module, **overrides: Any) -> MemitConfig:
+        """Published presets for GPT-2 XL, GPT-J, GPT-NeoX-20B and LLaMA-7B-class models; scaled defaults else.
+
+        Presets (paper and EasyEdit): GPT-2 XL R=13..17, lambda 20,000, 20 steps; GPT-J R=3..8,
+        lambda 15,000, 25 steps; GPT-NeoX-20B R=6..10, lambda 20,000, clamp 0.3, 20 steps;
+        LLaMA/Mistral/Qwen2 with 32 layers of width 4096: R=4..8, lambda 15,000, clamp 4, weight decay 1e-3.
+
+        Other models are scaled, since the published constants were tuned for 1.5B-20B models:
+
+        * layers: the contiguous range from ``floor(0.1 * n_layers)`` up to ``ceil(0.35 * n_layers)``
+          (exclusive), i.e. the early-middle layers where causal tracing finds the factual MLPs
+          (GPT-J's 3..8 of 28 is 11%-32%; a 6-layer model gets layers 0, 1, 2).
+        * lambda: weighs the corpus second moment against the n new keys, whose scale grows with
+          the MLP width; we use ``max(50, 0.25 * d_ff)`` (256 for d_ff = 1,024). A 6-layer model with
+          d_ff = 1,024 is left unchanged by lambda = 20,000, while the low hundreds work.
+        * LLaMA-style models (gated MLP, RMSNorm) keep clamp 4 and weight decay 1e-3 from EasyEdit.
+
+        Any keyword in ``overrides`` replaces the chosen value. Use :func:`suggest_layers` to find
+        the layer range of a new architecture from causal tracing.
+        """
+        cfg = model.config
+        model_type = getattr(cfg, "model_type", "")
+        n_layer = _first_attr(cfg, "n_layer", "num_hidden_layers")
+        d_model = _first_attr(cfg, "n_embd", "hidden_size")
+        d_ff = _first_attr(cfg, "n_inner", "intermediate_size") or 4 * d_model
+        llama_like = model_type in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2")
+        preset: dict[str, Any]
+        if model_type == "gpt2" and n_layer == 48 and d_model == 1600:
+            preset = dict(layers=list(range(13, 18)), mom2_update_weight=20000.0, v_num_grad_steps=20)
+        elif model_type == "gptj" and n_layer == 28 and d_model == 4096:
+            preset = dict(layers=list(range(3, 9)), mom2_update_weight=15000.0, v_num_grad_steps=25)
+        elif model_type == "gpt_neox" and n_layer == 44 and d_model == 6144:
+            preset = dict(layers=list(range(6, 11)), mom2_update_weight=20000.0, v_num_grad_steps=20,
+                          clamp_norm_factor=0.3)
+        elif llama_like and n_layer == 32 and d_model == 4096:
+            preset = dict(layers=list(range(4, 9)), mom2_update_weight=15000.0, v_num_grad_steps=25,
+                          clamp_norm_factor=4.0, v_weight_decay=1e-3)
+        else:
+            start = math.floor(0.1 * n_layer)
+            stop = max(start + 1, math.ceil(0.35 * n_layer))
+            preset = dict(layers=list(range(start, min(stop, n_layer))),
+                          mom2_update_weight=float(max(50.0, 0.25 * d_ff)), v_num_grad_steps=25)
+            if llama_like:
+                preset.update(clamp_norm_factor=4.0, v_weight_decay=1e-3)
+        max_pos = _first_attr(cfg, "n_positions", "max_position_embeddings", default=1024)
+        preset["mom2_max_length"] = min(int(max_pos), 1024)
+        preset.update(overrides)
+        return cls(**preset)
+
+
+def _first_attr(obj: Any, *names: str, default: Any = None) -> Any:
+    for name in names:
+        value = getattr(obj, name, None)
+        if value is not None:
+            return value
+    return default
+
+
+def _positive(cfg: MemitConfig, *names: str) -> None:
+    for name in names:
+        value = getattr(cfg, name)
+        if not isinstance(value, (int, float)) or not value > 0 or not math.isfinite(value):
+            raise ConfigError(f"{name} must be a finite number > 0, got {value!r}")
+
+
+def _non_negative(cfg: MemitConfig, *names: str) -> None:
+    for name in names:
+        value = getattr(cfg, name)
+        if not isinstance(value, (int, float)) or not value >= 0 or not math.isfinite(value):
+            raise ConfigError(f"{name} must be a finite number >= 0, got {value!r}")

@@ -1,0 +1,114 @@
+"""Edit requests: the facts ``(subject, relation prompt, new object)`` to write into a model.
+
+Usage::
+
+    req = EditRequest("{} plays the sport of", "Michael Jordan", " baseball", target_true=" basketball")
+    req.text                      # 'Michael Jordan plays the sport of'
+    reqs = [EditRequest.from_dict(r) for r in counterfact_records]
+    check_requests(reqs)          # raises on malformed or conflicting requests
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from .errors import ConflictingRequestsError, InvalidRequestError
+
+
+@dataclass(frozen=True)
+class EditRequest:
+    """One fact to write. ``prompt`` holds exactly one ``{}`` where ``subject`` goes."""
+
+    prompt: str
+    subject: str
+    target_new: str
+    target_true: str | None = None
+    case_id: int | str | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.prompt, str) or self.prompt.count("{}") != 1:
+            raise InvalidRequestError(
+                f"prompt must contain exactly one '{{}}' where the subject goes, got {self.prompt!r}"
+            )
+        if not isinstance(self.subject, str) or not self.subject.strip():
+            raise InvalidRequestError(f"subject must be a non-empty string, got {self.subject!r}")
+        if not isinstance(self.target_new, str) or not self.target_new.strip():
+            raise InvalidRequestError(f"target_new must be a non-empty string (request for {self.subject!r})")
+        if self.target_true is not None and not isinstance(self.target_true, str):
+            raise InvalidRequestError(f"target_true must be a string or None, got {type(self.target_true).__name__}")
+
+    @property
+    def text(self) -> str:
+        """The prompt with the subject filled in."""
+        return self.prompt.format(self.subject)
+
+    @classmethod
+    def from_dict(cls, record: Mapping[str, Any]) -> EditRequest:
+        """Build from a flat dict, a CounterFact record (``requested_rewrite``) or a MEMIT request dict.
+
+        Targets may be strings or ``{"str": ...}`` dicts. A prompt that already contains the subject
+        instead of ``{}`` (seen in some exports) is turned into a template.
+        """
+        if not isinstance(record, Mapping):
+            raise InvalidRequestError(f"expected a mapping, got {type(record).__name__}")
+        rw = record.get("requested_rewrite", record)
+        if isinstance(rw, list):  # multi_counterfact may hold a list of rewrites
+            if len(rw) != 1:
+                raise InvalidRequestError("record holds several rewrites; split it with requests_from_records")
+            rw = rw[0]
+        try:
+            prompt, subject, target_new = rw["prompt"], rw["subject"], _target_str(rw["target_new"])
+        except KeyError as e:
+            raise InvalidRequestError(f"request record lacks field {e.args[0]!r}: {dict(rw)}") from None
+        if "{}" not in prompt and subject in prompt:
+            prompt = prompt.replace(subject, "{}", 1)
+        target_true = rw.get("target_true")
+        return cls(prompt=prompt, subject=subject, target_new=target_new,
+                   target_true=None if target_true is None else _target_str(target_true),
+                   case_id=record.get("case_id", rw.get("case_id")))
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _target_str(target: Any) -> str:
+    if isinstance(target, Mapping):
+        if "str" not in target:
+            raise InvalidRequestError(f"target dict must have a 'str' field, got {dict(target)}")
+        target = target["str"]
+    if not isinstance(target, str):
+        raise InvalidRequestError(f"target must be a string, got {type(target).__name__}")
+    return target
+
+
+def as_requests(requests: Iterable[EditRequest | Mapping[str, Any]]) -> list[EditRequest]:
+    """Accept ``EditRequest``s or dicts; return a list of ``EditRequest``."""
+    return [r if isinstance(r, EditRequest) else EditRequest.from_dict(r) for r in requests]
+
+
+def find_conflicts(requests: Iterable[EditRequest]) -> list[tuple[EditRequest, EditRequest]]:
+    """Pairs of requests with the same subject and prompt but different new targets (paper eqn. 5)."""
+    seen: dict[tuple[str, str], EditRequest] = {}
+    conflicts = []
+    for req in requests:
+        key = (req.subject.strip(), req.prompt.strip())
+        other = seen.setdefault(key, req)
+        if other.target_new.strip() != req.target_new.strip():
+            conflicts.append((other, req))
+    return conflicts
+
+
+def check_requests(requests: list[EditRequest]) -> None:
+    """Raise :class:`InvalidRequestError` on an empty batch, :class:`ConflictingRequestsError` on eqn. 5."""
+    if not requests:
+        raise InvalidRequestError("no edit requests given; pass at least one EditRequest")
+    conflicts = find_conflicts(requests)
+    if conflicts:
+        shown = "; ".join(
+            f"{a.text!r} -> {a.target_new!r} vs {b.target_new!r}" for a, b in conflicts[:5]
+        )
+        raise ConflictingRequestsError(
+            f"{len(conflicts)} conflicting request pair(s) (same subject and prompt, different targets): {shown}"
+        )
