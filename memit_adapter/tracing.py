@@ -1,0 +1,605 @@
+"""Causal tracing (Meng et al. 2022; MEMIT Appendix A): which states of the model carry a fact.
+
+The subject tokens' embeddings are corrupted with Gaussian noise (std ``noise_factor`` x the std of
+embeddings); then one state at a time is restored to its clean value and the recovered probability of
+the object is measured. Every noise sample and every restored state of one fact is one row of a batch,
+so a fact costs a few batched forward passes.
+
+Usage::
+
+    res = trace_fact(model, tok, "{} plays the sport of", "Michael Jordan", " basketball")
+    res.scores                          # (n_tokens, n_layers) P(object) with one hidden state restored
+    mlp = trace_fact(model, tok, "{} plays the sport of", "Michael Jordan", kind="mlp")   # top prediction
+    avg = average_traces(trace_facts(model, tok, requests))     # Figure 8, averaged over facts
+    sev = trace_severed(model, tok, requests)                    # Figure 3: MLP / attention frozen
+    suggest_layers(model, tok, requests)                         # e.g. [3, 4, 5]: use as MemitConfig.layers
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from collections import defaultdict
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .arch import ArchSpec, get_arch_spec
+from .errors import InvalidRequestError, UnsupportedArchitectureError
+from .hooks import capture_outputs, edit_output
+from .requests import EditRequest
+
+logger = logging.getLogger(__name__)
+
+KINDS = ("hidden", "mlp", "attn")
+SEVER_MODES = ("none", "attn", "mlp")
+CATEGORIES = ("first subject token", "middle subject tokens", "last subject token", "first subsequent token",
+              "further tokens", "last token")
+
+_LLAMA_LIKE = ("self_attn", "mlp")
+# (attention, MLP) submodule of one block, by config.model_type.
+TRACE_MODULES: dict[str, tuple[str, str]] = {
+    "gpt2": ("attn", "mlp"),
+    "gptj": ("attn", "mlp"),
+    "gpt_neox": ("attention", "mlp"),
+    **{name: _LLAMA_LIKE for name in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "olmo", "olmo2")},
+}
+
+
+# -- results ---------------------------------------------------------------------------------------
+@dataclass
+class TraceResult:
+    """P(object) with one state restored, per (token, layer); ``low``/``high``: corrupted / clean run.
+
+    For ``kind`` "mlp" and "attn", entry ``(t, l)`` restores that module at token ``t`` over the
+    ``window`` layers centred on ``l``. An average over facts (:func:`average_traces`) has one row per
+    token category (``CATEGORIES``) instead of one per token.
+    """
+
+    kind: str
+    scores: torch.Tensor  # (n_tokens, n_layers)
+    low: float
+    high: float
+    tokens: list[str]
+    subject_range: tuple[int, int]  # [start, end) rows of the subject
+    text: str
+    target: str
+    window: int = 1
+    n_facts: int = 1
+
+    @property
+    def indirect_effect(self) -> torch.Tensor:
+        """``scores - low``: the average indirect effect of each state, (n_tokens, n_layers)."""
+        return self.scores - self.low
+
+    def to_dict(self) -> dict:
+        return {"kind": self.kind, "scores": self.scores.tolist(), "low": self.low, "high": self.high,
+                "tokens": self.tokens, "subject_range": list(self.subject_range), "text": self.text,
+                "target": self.target, "window": self.window, "n_facts": self.n_facts}
+
+
+@dataclass
+class SeveredTrace:
+    """Figure 3: P(object) with the hidden state of the last subject token at each layer restored,
+    with nothing frozen ("none") or with that token's attention ("attn") or MLP ("mlp") modules of
+    every layer frozen in their corrupted state. ``scores[mode]`` is (n_layers,)."""
+
+    scores: dict[str, torch.Tensor]
+    low: float
+    high: float
+    text: str
+    target: str
+    n_facts: int = 1
+
+    def effect(self, mode: str = "none") -> torch.Tensor:
+        """Average indirect effect per layer, (n_layers,)."""
+        return self.scores[mode] - self.low
+
+    def gap(self, mode: str = "mlp") -> torch.Tensor:
+        """How much freezing ``mode`` modules lowers the effect, per layer, (n_layers,)."""
+        return self.scores["none"] - self.scores[mode]
+
+    def to_dict(self) -> dict:
+        return {"scores": {k: v.tolist() for k, v in self.scores.items()}, "low": self.low, "high": self.high,
+                "text": self.text, "target": self.target, "n_facts": self.n_facts}
+
+
+# -- tokenising a fact -----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _Fact:
+    prompt_ids: list[int]
+    target_ids: list[int]
+    subject: tuple[int, int]  # [start, end) token positions, BOS included in the count
+    text: str
+    target: str
+    tokens: list[str] = field(default_factory=list)
+
+    @property
+    def input_ids(self) -> list[int]:
+        # The last target token is only predicted, never fed.
+        return self.prompt_ids + self.target_ids[:-1]
+
+    @property
+    def last_subject(self) -> int:
+        return self.subject[1] - 1
+
+
+def subject_token_range(tokenizer, prompt: str, subject: str) -> tuple[int, int]:
+    """``[start, end)`` positions of ``subject``'s tokens in the tokenised ``prompt`` (with one ``{}``).
+
+    Positions count every token the tokenizer adds, so a BOS token shifts them by one.
+    """
+    _, span = _encode_prompt(tokenizer, prompt, subject)
+    return span
+
+
+def _encode_prompt(tokenizer, prompt: str, subject: str) -> tuple[list[int], tuple[int, int]]:
+    if prompt.count("{}") != 1:
+        raise InvalidRequestError(f"prompt must contain exactly one '{{}}' where the subject goes, got {prompt!r}")
+    start = prompt.index("{}")
+    text = prompt[:start] + subject + prompt[start + 2:]  # not str.format: subjects may hold braces
+    end = start + len(subject.rstrip())
+    if getattr(tokenizer, "is_fast", False):
+        enc = tokenizer(text, return_offsets_mapping=True)
+        hits = [i for i, (a, b) in enumerate(enc["offset_mapping"]) if b > a and a < end and b > start]
+        if hits:
+            return list(enc["input_ids"]), (hits[0], hits[-1] + 1)
+    else:  # slow tokenizer: count the tokens of the text up to the subject's start and end
+        ids = tokenizer(text)["input_ids"]
+        first, stop = len(tokenizer(text[:start])["input_ids"]), len(tokenizer(text[:end])["input_ids"])
+        if stop > first:
+            return list(ids), (first, stop)
+    raise InvalidRequestError(f"subject {subject!r} has no token of its own in {text!r}")
+
+
+def _encode_fact(tokenizer, prompt: str, subject: str, target: str) -> _Fact:
+    prompt_ids, span = _encode_prompt(tokenizer, prompt, subject)
+    target_ids = tokenizer(target, add_special_tokens=False)["input_ids"]
+    if not target_ids:
+        raise InvalidRequestError(f"object {target!r} tokenises to nothing")
+    start = prompt.index("{}")
+    tokens = [tokenizer.decode([i]) for i in prompt_ids]
+    return _Fact(list(prompt_ids), list(target_ids), span, prompt[:start] + subject + prompt[start + 2:], target,
+                 tokens)
+
+
+# -- model plumbing --------------------------------------------------------------------------------
+def trace_modules(model: nn.Module) -> tuple[str, str]:
+    """Names of the (attention, MLP) submodules inside one block of ``model``."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type in TRACE_MODULES:
+        return TRACE_MODULES[model_type]
+    block = get_arch_spec(model).blocks(model)[0]
+    names = dict(block.named_children())
+    attn = next((n for n in ("self_attn", "attn", "attention") if n in names), None)
+    mlp = next((n for n in ("mlp", "feed_forward") if n in names), None)
+    if attn is None or mlp is None:
+        raise UnsupportedArchitectureError(
+            f"cannot find the attention and MLP submodules of model_type={model_type!r} (block children: "
+            f"{sorted(names)}); add an entry: memit_adapter.tracing.TRACE_MODULES[{model_type!r}] = (attn, mlp)")
+    return attn, mlp
+
+
+def default_window(n_layers: int) -> int:
+    """Layers restored together for the MLP and attention traces: the paper's 10 on GPT-J (28 layers)
+    and GPT-2 XL (48), scaled down with depth for smaller models."""
+    return max(1, min(10, round(10 * n_layers / 28)))
+
+
+def _window(layer: int, window: int, n_layers: int) -> range:
+    return range(max(0, layer - window // 2), min(n_layers, layer - (-window // 2)))
+
+
+@contextmanager
+def _inference(model: nn.Module) -> Iterator[None]:
+    """Eval mode and no grad for a while; the training flags are put back, also on exceptions."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        for m, mode in modes:
+            m.training = mode
+
+
+class _Row(NamedTuple):
+    sample: int  # noise sample; -1 = no noise
+    patches: tuple[tuple[str, int, bool], ...] = ()  # (module name, token, clean?) to overwrite
+
+
+class _Runner:
+    """Runs rows of one fact: each row is a noise sample plus states overwritten by clean (or corrupted)
+    values. Holds the clean states of every block/attention/MLP module and the corrupted ones."""
+
+    def __init__(self, model: nn.Module, fact: _Fact, noise: torch.Tensor, arch: ArchSpec | None):
+        self.model, self.fact, self.spec = model, fact, get_arch_spec(model, arch)
+        self.n_layers = self.spec.num_layers(model)
+        attn, mlp = trace_modules(model)
+        self.names = {"hidden": [self.spec.block_name(l) for l in range(self.n_layers)]}
+        self.names["attn"] = [f"{n}.{attn}" for n in self.names["hidden"]]
+        self.names["mlp"] = [f"{n}.{mlp}" for n in self.names["hidden"]]
+        self.embed = model.get_submodule(self.spec.embed)
+        param = next(model.parameters())
+        self.device = param.device
+        self.noise = noise.to(device=self.device)  # (n_samples, n_subject_tokens, d_model)
+        self.ids = torch.tensor([fact.input_ids], device=self.device)  # (1, seq)
+        self.target = torch.tensor(fact.target_ids, device=self.device)  # (n_target,)
+        self.clean: dict[str, torch.Tensor] = {}  # name -> (seq, d_model)
+        self.corrupt: dict[str, torch.Tensor] = {}  # name -> (n_samples, seq, d_model)
+
+    def baseline(self, *, keep_corrupt: Sequence[str] = ()) -> tuple[float, torch.Tensor]:
+        """Clean and corrupted runs in one batch; stores clean states of all modules and corrupted ones of
+        ``keep_corrupt``. Returns ``(P clean, P corrupted per sample)``."""
+        rows = [_Row(-1)] + [_Row(s) for s in range(len(self.noise))]
+        names = [n for kind in KINDS for n in self.names[kind]]
+        probs, seen = self._forward(rows, capture=names)
+        self.clean = {n: seen[n][0] for n in names}
+        self.corrupt = {n: seen[n][1:] for n in keep_corrupt}
+        return probs[0].item(), probs[1:]
+
+    def run(self, rows: list[_Row], batch_size: int) -> torch.Tensor:
+        """P(object) of each row, (len(rows),), in batches of ``batch_size`` rows."""
+        out = [self._forward(rows[i:i + batch_size])[0] for i in range(0, len(rows), batch_size)]
+        return torch.cat(out) if out else torch.empty(0)
+
+    def _forward(self, rows: list[_Row], capture: Sequence[str] = ()) -> tuple[torch.Tensor, dict]:
+        samples = torch.tensor([r.sample for r in rows], device=self.device)
+        with ExitStack() as stack:
+            stack.enter_context(edit_output(self.embed, self._add_noise(samples)))
+            for name, fn in self._patches(rows, samples).items():
+                stack.enter_context(edit_output(self.model.get_submodule(name), fn))
+            seen = {n: stack.enter_context(capture_outputs(self.model.get_submodule(n))) for n in capture}
+            logits = self.model(input_ids=self.ids.expand(len(rows), -1), use_cache=False,
+                                logits_to_keep=len(self.target)).logits  # (rows, n_target, vocab)
+        logp = logits.float().log_softmax(-1)[:, -len(self.target):].gather(
+            -1, self.target.expand(len(rows), -1).unsqueeze(-1))
+        return logp.sum((1, 2)).exp(), {n: v[0] for n, v in seen.items()}
+
+    def _add_noise(self, samples: torch.Tensor):
+        noisy = (samples >= 0).nonzero().squeeze(1)
+        s0, s1 = self.fact.subject
+
+        def fn(h: torch.Tensor) -> torch.Tensor:  # (rows, seq, d_model)
+            h = h.clone()
+            h[noisy, s0:s1] += self.noise[samples[noisy]].to(h.dtype)
+            return h
+
+        return fn
+
+    def _patches(self, rows: list[_Row], samples: torch.Tensor) -> dict:
+        wanted: dict[str, list[tuple[int, int, bool]]] = defaultdict(list)
+        for r, row in enumerate(rows):
+            for name, tok, clean in row.patches:
+                wanted[name].append((r, tok, clean))
+        fns = {}
+        for name, entries in wanted.items():
+            r, t, c = (torch.tensor(x, device=self.device) for x in zip(*entries))
+            values = torch.empty(len(entries), self.clean[name].shape[-1], dtype=self.clean[name].dtype,
+                                 device=self.device)
+            values[c] = self.clean[name][t[c]]
+            if not c.all():
+                values[~c] = self.corrupt[name][samples[r[~c]], t[~c]]
+            fns[name] = _overwrite(r, t, values)
+        return fns
+
+
+def _overwrite(rows: torch.Tensor, toks: torch.Tensor, values: torch.Tensor):
+    def fn(h: torch.Tensor) -> torch.Tensor:  # (rows, seq, d)
+        h = h.clone()
+        h[rows, toks] = values.to(h.dtype)
+        return h
+
+    return fn
+
+
+# -- noise -----------------------------------------------------------------------------------------
+def embedding_std(model: nn.Module, tokenizer, texts: Sequence[str], *, arch: ArchSpec | None = None) -> float:
+    """Standard deviation of the token-embedding outputs over the tokens of ``texts`` (a corpus, or the
+    subjects to trace as the reference code does)."""
+    embed = model.get_submodule(get_arch_spec(model, arch).embed)
+    ids = [i for text in texts for i in tokenizer(text, add_special_tokens=False)["input_ids"]]
+    if not ids:
+        raise InvalidRequestError("embedding_std needs at least one text with tokens")
+    with _inference(model):
+        device = next(model.parameters()).device
+        return embed(torch.tensor(ids, device=device)).float().std().item()
+
+
+def _noise(n_samples: int, n_tokens: int, d_model: int, std: float, seed: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return std * torch.randn(n_samples, n_tokens, d_model, generator=gen)  # (n_samples, n_tokens, d_model)
+
+
+# -- tracing ---------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _Options:
+    samples: int = 10
+    embed_std: float | None = None
+    noise_factor: float = 3.0
+    corpus: Sequence[str] | None = None
+    window: int | None = None
+    seed: int = 0
+    batch_size: int = 256
+    arch: ArchSpec | None = None
+
+
+_Triple = tuple[str, str, str | None]  # (prompt, subject, object or None)
+
+
+def _prepare(model, tokenizer, facts: Sequence[_Triple], opts: _Options) -> tuple[list[_Fact], float]:
+    """Tokenise the facts (object None: the model's top prediction) and fix the noise std."""
+    std = opts.embed_std
+    if std is None:
+        std = embedding_std(model, tokenizer, list(opts.corpus or [s for _, s, _ in facts]), arch=opts.arch)
+    out = []
+    for prompt, subject, target in facts:
+        target = target or _top_prediction(model, tokenizer, prompt, subject)
+        out.append(_encode_fact(tokenizer, prompt, subject, target))
+    return out, opts.noise_factor * std
+
+
+def _top_prediction(model, tokenizer, prompt: str, subject: str) -> str:
+    ids, _ = _encode_prompt(tokenizer, prompt, subject)
+    with _inference(model):
+        device = next(model.parameters()).device
+        logits = model(input_ids=torch.tensor([ids], device=device), use_cache=False, logits_to_keep=1).logits
+    return tokenizer.decode([int(logits[0, -1].argmax())])
+
+
+def _triples(facts) -> list[_Triple]:
+    """``(prompt, subject, target_true)`` of one ``EditRequest`` or a sequence of them; triples pass through."""
+    facts = [facts] if isinstance(facts, EditRequest) else list(facts)
+    if not facts:
+        raise InvalidRequestError("no facts given; pass at least one EditRequest")
+    out = []
+    for f in facts:
+        if isinstance(f, EditRequest):
+            out.append((f.prompt, f.subject, f.target_true))
+        elif isinstance(f, tuple) and len(f) == 3:
+            out.append(f)
+        else:
+            raise InvalidRequestError(f"facts must be EditRequests, got {type(f).__name__}")
+    return out
+
+
+def _trace_one(model, fact: _Fact, std: float, kind: str, opts: _Options, seed: int) -> TraceResult:
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    s0, s1 = fact.subject
+    d_model = model.get_submodule(get_arch_spec(model, opts.arch).embed).weight.shape[-1]
+    runner = _Runner(model, fact, _noise(opts.samples, s1 - s0, d_model, std, seed), opts.arch)
+    n_layers = runner.n_layers
+    window = 1 if kind == "hidden" else (opts.window or default_window(n_layers))
+    high, lows = runner.baseline()
+    low = lows.mean().item()
+    n_tok = len(fact.prompt_ids)
+    # Tokens before the subject never see the noise (causal attention): restoring them is the identity.
+    cells = [(t, l) for t in range(s0, n_tok) for l in range(n_layers)]
+    names = runner.names[kind]
+    rows = [_Row(s, tuple((names[k], t, True) for k in _window(l, window, n_layers)))
+            for t, l in cells for s in range(opts.samples)]
+    probs = runner.run(rows, opts.batch_size).view(len(cells), opts.samples).mean(1)
+    scores = torch.full((n_tok, n_layers), low)
+    scores[s0:] = probs.view(n_tok - s0, n_layers).cpu()
+    return TraceResult(kind, scores, low, high, fact.tokens, fact.subject, fact.text, fact.target, window)
+
+
+def trace_fact(model: nn.Module, tokenizer, prompt: str, subject: str, target: str | None = None, *,
+               kind: str = "hidden", samples: int = 10, embed_std: float | None = None, noise_factor: float = 3.0,
+               corpus: Sequence[str] | None = None, window: int | None = None, seed: int = 0,
+               batch_size: int = 256, arch: ArchSpec | None = None) -> TraceResult:
+    """Trace one fact: P(``target``) after ``prompt`` (one ``{}``) with ``subject``'s embeddings corrupted,
+    restoring one state of ``kind`` ("hidden", "mlp" or "attn") at a time.
+
+    ``target`` defaults to the model's top next token. The noise std is ``noise_factor`` x ``embed_std``;
+    ``embed_std`` defaults to :func:`embedding_std` over ``corpus`` (or over the subject). ``samples``
+    noise samples are drawn from a generator seeded with ``seed``. ``window``: layers restored together
+    for "mlp"/"attn" (default :func:`default_window`). The model is left bit-identical.
+    """
+    return trace_facts(model, tokenizer, [(prompt, subject, target)], kind=kind, samples=samples, embed_std=embed_std,
+                       noise_factor=noise_factor, corpus=corpus, window=window, seed=seed, batch_size=batch_size,
+                       arch=arch, progress=False)[0]
+
+
+def trace_facts(model: nn.Module, tokenizer, facts: Sequence[EditRequest], *, kind: str = "hidden",
+                progress: bool = True, **options) -> list[TraceResult]:
+    """:func:`trace_fact` over many facts (``EditRequest.target_true`` is the object; when absent, the
+    model's top prediction). Options as in :func:`trace_fact`; one noise std for all facts."""
+    facts = _triples(facts)
+    opts = _Options(**options)
+    with _inference(model):
+        encoded, std = _prepare(model, tokenizer, facts, opts)
+        return [_trace_one(model, f, std, kind, opts, opts.seed + i)
+                for i, f in enumerate(tqdm(encoded, desc=f"tracing {kind}", disable=not progress))]
+
+
+def average_traces(results: Sequence[TraceResult]) -> TraceResult:
+    """Average traces of different facts (one kind) by token category (``CATEGORIES``), as in Figure 8.
+
+    Categories that no fact has (e.g. middle subject tokens when every subject is one token) are dropped.
+    """
+    if not results or len({(r.kind, r.scores.shape[1]) for r in results}) != 1:
+        raise ValueError("average_traces needs a non-empty list of traces of one kind and one model")
+    rows: dict[str, list[torch.Tensor]] = defaultdict(list)
+    for r in results:
+        for cat, idx in _categories(r.subject_range, len(r.tokens)).items():
+            rows[cat].append(r.scores[idx].mean(0))
+    cats = [c for c in CATEGORIES if rows[c]]
+    scores = torch.stack([torch.stack(rows[c]).mean(0) for c in cats])
+    n_subject = sum(c.endswith(("subject token", "subject tokens")) for c in cats)
+    first = results[0]
+    return TraceResult(first.kind, scores, sum(r.low for r in results) / len(results),
+                       sum(r.high for r in results) / len(results), cats, (0, n_subject),
+                       f"average over {len(results)} facts", "", first.window, len(results))
+
+
+def _categories(subject: tuple[int, int], n_tokens: int) -> dict[str, list[int]]:
+    s0, s1 = subject
+    cats = {"first subject token": [s0], "middle subject tokens": list(range(s0 + 1, s1 - 1)),
+            "last subject token": [s1 - 1], "first subsequent token": [s1] if s1 < n_tokens - 1 else [],
+            "further tokens": list(range(s1 + 1, n_tokens - 1)), "last token": [n_tokens - 1]}
+    return {k: v for k, v in cats.items() if v}
+
+
+def trace_severed(model: nn.Module, tokenizer, facts: EditRequest | Sequence[EditRequest], *,
+                  modes: Sequence[str] = SEVER_MODES, progress: bool = True, **options) -> SeveredTrace:
+    """Figure 3 over ``facts``, averaged: restore the last subject token's hidden state at each layer
+    while that token's modules of ``modes`` ("none", "attn", "mlp") stay frozen in the corrupted run.
+
+    Options as in :func:`trace_fact` (``window`` is unused). The model is left bit-identical.
+    """
+    bad = [m for m in modes if m not in SEVER_MODES]
+    if bad or "none" not in modes:
+        raise ValueError(f"modes must include 'none' and come from {SEVER_MODES}, got {list(modes)}")
+    facts = _triples(facts)
+    opts = _Options(**options)
+    sums: dict[str, torch.Tensor] = {}
+    low = high = 0.0
+    with _inference(model):
+        encoded, std = _prepare(model, tokenizer, facts, opts)
+        for i, fact in enumerate(tqdm(encoded, desc="severed paths", disable=not progress)):
+            f_scores, f_low, f_high = _severed_one(model, fact, std, modes, opts, opts.seed + i)
+            for m, v in f_scores.items():
+                sums[m] = sums.get(m, 0) + v
+            low, high = low + f_low, high + f_high
+    n = len(encoded)
+    text, target = (encoded[0].text, encoded[0].target) if n == 1 else (f"average over {n} facts", "")
+    return SeveredTrace({m: v / n for m, v in sums.items()}, low / n, high / n, text, target, n)
+
+
+def _severed_one(model, fact: _Fact, std: float, modes: Sequence[str], opts: _Options, seed: int):
+    s0, s1 = fact.subject
+    d_model = model.get_submodule(get_arch_spec(model, opts.arch).embed).weight.shape[-1]
+    runner = _Runner(model, fact, _noise(opts.samples, s1 - s0, d_model, std, seed), opts.arch)
+    n_layers, last = runner.n_layers, fact.last_subject
+    frozen = {m: [n for n in runner.names[m]] for m in modes if m != "none"}
+    high, lows = runner.baseline(keep_corrupt=[n for names in frozen.values() for n in names])
+    rows = []
+    for mode in modes:
+        freeze = tuple((n, last, False) for n in frozen.get(mode, ()))
+        rows += [_Row(s, ((runner.names["hidden"][l], last, True),) + freeze)
+                 for l in range(n_layers) for s in range(opts.samples)]
+    probs = runner.run(rows, opts.batch_size).view(len(modes), n_layers, opts.samples).mean(2).cpu()
+    return dict(zip(modes, probs)), lows.mean().item(), high
+
+
+# -- choosing the layers ---------------------------------------------------------------------------
+def best_range(gap: torch.Tensor, size: int | None = None, *, threshold: float = 0.5) -> list[int]:
+    """Contiguous layers where ``gap`` (n_layers,) is largest: the ``size`` consecutive layers with the
+    largest total, or (``size=None``) the run around the peak where ``gap >= threshold * peak``."""
+    gap = gap.float()
+    n = len(gap)
+    if size is not None:
+        if not 1 <= size <= n:
+            raise ValueError(f"size must be between 1 and the number of layers ({n}), got {size}")
+        sums = gap.unfold(0, size, 1).sum(1)
+        start = int(sums.argmax())
+        return list(range(start, start + size))
+    peak = int(gap.argmax())
+    if gap[peak] <= 0:
+        logger.warning("freezing the MLPs opens no gap at any layer; suggesting layer %d only", peak)
+        return [peak]
+    lo, hi = peak, peak
+    while lo > 0 and gap[lo - 1] >= threshold * gap[peak]:
+        lo -= 1
+    while hi < n - 1 and gap[hi + 1] >= threshold * gap[peak]:
+        hi += 1
+    return list(range(lo, hi + 1))
+
+
+def suggest_layers(model: nn.Module, tokenizer, facts: Sequence[EditRequest], *, size: int | None = None,
+                   threshold: float = 0.5, progress: bool = True, **options) -> list[int]:
+    """The contiguous layers where freezing the last subject token's MLPs opens the largest gap in the
+    indirect effect (Figure 3), usable as ``MemitConfig.layers``.
+
+    ``facts``: ``EditRequest``s; ``target_true`` is the object traced (absent: the model's top prediction).
+    ``size``/``threshold`` as in :func:`best_range`; other options as in :func:`trace_fact`.
+    """
+    sev = trace_severed(model, tokenizer, facts, modes=("none", "mlp"), progress=progress, **options)
+    layers = best_range(sev.gap("mlp"), size, threshold=threshold)
+    logger.info("MLP gap per layer %s -> layers %s", [round(g, 4) for g in sev.gap("mlp").tolist()], layers)
+    return layers
+
+
+# -- command line ----------------------------------------------------------------------------------
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    src = parser.add_argument_group("facts (one, or a CounterFact-format file)")
+    src.add_argument("--prompt", help="relation prompt with '{}' where the subject goes (or the full text)")
+    src.add_argument("--subject")
+    src.add_argument("--object", help="expected object; default: the model's top prediction")
+    src.add_argument("--data", type=Path, help="JSON list of CounterFact records (target_true is traced)")
+    src.add_argument("--limit", type=int, default=None, help="trace only the first N records of --data")
+    parser.add_argument("--model", required=True, help="model id or directory (AutoModelForCausalLM)")
+    parser.add_argument("--out", type=Path, required=True, help="directory for the PNGs and trace.json")
+    parser.add_argument("--kinds", nargs="+", choices=KINDS, default=list(KINDS))
+    parser.add_argument("--samples", type=int, default=10, help="noise samples per fact (default 10)")
+    parser.add_argument("--embed-std", type=float, default=None, help="std of embeddings (default: estimated)")
+    parser.add_argument("--noise-factor", type=float, default=3.0, help="noise std = factor x embedding std")
+    parser.add_argument("--window", type=int, default=None, help="layers restored together for mlp/attn")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch-size", type=int, default=256, help="rows per forward pass")
+    parser.add_argument("--device", default=None, help="torch device for the model (default: cpu)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def run_cli(args: argparse.Namespace) -> int:
+    from . import plots
+
+    facts = _cli_facts(args)
+    model, tokenizer = _load(args.model, args.device)
+    opts = dict(samples=args.samples, embed_std=args.embed_std, noise_factor=args.noise_factor, seed=args.seed,
+                batch_size=args.batch_size)
+    args.out.mkdir(parents=True, exist_ok=True)
+    report: dict = {"model": args.model, "n_facts": len(facts), "traces": {}}
+    traces = {}
+    for kind in args.kinds:
+        results = trace_facts(model, tokenizer, facts, kind=kind, window=args.window, progress=not args.quiet,
+                              **opts)
+        traces[kind] = results[0] if len(results) == 1 else average_traces(results)
+        report["traces"][kind] = traces[kind].to_dict()
+        plots.plot_trace(traces[kind], args.out / f"trace_{kind}.png")
+    if len(traces) > 1:
+        plots.plot_traces(list(traces.values()), args.out / "traces.png")
+    sev = trace_severed(model, tokenizer, facts, progress=not args.quiet, **opts)
+    plots.plot_severed(sev, args.out / "severed.png")
+    report["severed"] = sev.to_dict()
+    report["suggested_layers"] = best_range(sev.gap("mlp"))
+    (args.out / "trace.json").write_text(json.dumps(report, indent=2))
+    print(f"suggested layers: {report['suggested_layers']}  (figures and trace.json in {args.out})")
+    return 0
+
+
+def _cli_facts(args: argparse.Namespace) -> list[_Triple]:
+    if args.data is not None:
+        if args.prompt or args.subject:
+            raise SystemExit("give either --data or --prompt/--subject, not both")
+        records = json.loads(args.data.read_text())
+        records = records[: args.limit] if args.limit else records
+        return [(r.prompt, r.subject, r.target_true) for r in map(EditRequest.from_dict, records)]
+    if not (args.prompt and args.subject):
+        raise SystemExit("give --prompt and --subject (and optionally --object), or --data records.json")
+    prompt = args.prompt
+    if "{}" not in prompt and args.subject in prompt:
+        prompt = prompt.replace(args.subject, "{}", 1)
+    return [(prompt, args.subject, args.object)]
+
+
+def _load(name: str, device: str | None):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(name)
+    tokenizer = AutoTokenizer.from_pretrained(name)
+    return model.to(device or "cpu").eval(), tokenizer
+
+
+__all__ = ["CATEGORIES", "KINDS", "SEVER_MODES", "TRACE_MODULES", "SeveredTrace", "TraceResult", "average_traces",
+           "best_range", "default_window", "embedding_std", "subject_token_range", "suggest_layers", "trace_fact",
+           "trace_facts", "trace_modules", "trace_severed"]
