@@ -1,0 +1,280 @@
+"""Second-moment statistics ``C_l = E[k kᵀ]`` of the edited modules' inputs, for all layers in ONE pass.
+
+Usage::
+
+    cache = StatsCache("~/.cache/memit_adapter/stats")
+    stats = collect_stats(model, tok, corpus=["some text", ...], layers=[3, 4, 5], cache=cache)
+    stats[3].mom2          # (d_in, d_in) float32, the uncentered second moment
+    stats[3].count         # number of non-padding tokens it averages over
+
+A cache hit (same model weights or name+revision, layer, corpus, sample count, dtype) runs no forward pass.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+from tqdm.auto import tqdm
+
+from .arch import ArchSpec, get_arch_spec
+from .errors import StatisticsError
+from .fingerprint import tensor_bytes
+from .tokens import pad_id, pad_right
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class SecondMoment:
+    """``mom2 = (1/count) Σ k kᵀ`` over ``count`` key vectors of one layer."""
+
+    mom2: torch.Tensor  # (d_in, d_in)
+    count: int
+
+    def check_finite(self, layer: int) -> None:
+        if self.count <= 0 or not torch.isfinite(self.mom2).all():
+            raise StatisticsError(
+                f"second-moment statistics of layer {layer} are not finite (count={self.count}); "
+                "recollect them (a half-precision forward pass may have overflowed; try mom2_dtype='float64' "
+                "or a float32 model) or delete the cache entry"
+            )
+
+
+# -- corpora -----------------------------------------------------------------------------------
+
+def load_corpus(corpus: Any, n_samples: int) -> tuple[list[str], str]:
+    """Texts from a list of strings, a local ``.txt`` (one document per non-empty line) or ``.jsonl``
+    (field ``text``) file, or a ``datasets.Dataset`` (column ``text``); return at most ``n_samples``
+    of them and an id naming exactly those texts."""
+    if isinstance(corpus, (str, os.PathLike)):
+        path = Path(corpus).expanduser()
+        if not path.is_file():
+            raise StatisticsError(f"corpus file {str(path)!r} does not exist")
+        texts = _read_corpus_file(path)
+    elif _is_dataset(corpus):
+        if "text" not in corpus.column_names:
+            raise StatisticsError(f"dataset has no 'text' column (columns: {corpus.column_names})")
+        texts = list(corpus.select(range(min(n_samples, len(corpus))))["text"])
+    elif isinstance(corpus, Sequence) and all(isinstance(t, str) for t in corpus):
+        texts = list(corpus)
+    else:
+        raise StatisticsError(
+            f"corpus must be a list of strings, a .txt/.jsonl path or a datasets.Dataset, got {type(corpus).__name__}"
+        )
+    texts = [t for t in texts if t.strip()][:n_samples]
+    if not texts:
+        raise StatisticsError("the corpus holds no non-empty text")
+    digest = hashlib.sha256()
+    for t in texts:
+        digest.update(hashlib.sha256(t.encode()).digest())
+    return texts, digest.hexdigest()[:16]
+
+
+def _read_corpus_file(path: Path) -> list[str]:
+    lines = path.read_text(encoding="utf-8").splitlines()
+    if path.suffix == ".jsonl":
+        try:
+            return [json.loads(line)["text"] for line in lines if line.strip()]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise StatisticsError(f"{path.name}: every line must be a JSON object with a 'text' field ({e})") from e
+    return lines
+
+
+def _is_dataset(obj: Any) -> bool:
+    return type(obj).__name__ == "Dataset" and hasattr(obj, "column_names") and hasattr(obj, "select")
+
+
+# -- cache -------------------------------------------------------------------------------------
+
+class StatsCache:
+    """Second moments on disk as safetensors, one file per (model, layer, corpus, samples, dtype) key.
+
+    Writes are atomic (temporary file + rename), so an interrupted run leaves no partial entry.
+    """
+
+    def __init__(self, directory: str | os.PathLike) -> None:
+        self.directory = Path(directory).expanduser()
+
+    def path(self, key: dict[str, Any]) -> Path:
+        digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
+        return self.directory / f"mom2_layer{key['layer']}_{digest}.safetensors"
+
+    def load(self, key: dict[str, Any]) -> SecondMoment | None:
+        path = self.path(key)
+        if not path.is_file():
+            return None
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+                mom2 = f.get_tensor("mom2")
+        except Exception as e:  # noqa: BLE001 - any unreadable file is a cache miss we must report
+            raise StatisticsError(f"statistics cache file {path.name} is unreadable ({e}); delete it") from e
+        if json.loads(meta.get("key", "{}")) != key:
+            raise StatisticsError(f"statistics cache file {path.name} holds another key; delete it")
+        return SecondMoment(mom2=mom2, count=int(meta["count"]))
+
+    def save(self, key: dict[str, Any], stat: SecondMoment) -> Path:
+        path = self.path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".safetensors")
+        os.close(fd)
+        try:
+            save_file({"mom2": stat.mom2.contiguous().cpu()}, tmp,
+                      metadata={"key": json.dumps(key, sort_keys=True), "count": str(stat.count)})
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        return path
+
+
+def model_id(model: nn.Module) -> str:
+    """``name@revision`` when the model's commit is known, else a fingerprint of all its weights."""
+    cfg = getattr(model, "config", None)
+    name = getattr(cfg, "_name_or_path", "") or ""
+    revision = getattr(cfg, "_commit_hash", None)
+    if name and revision:
+        return f"{name}@{revision}"
+    h = hashlib.sha256()
+    for pname, p in model.named_parameters():
+        h.update(pname.encode())
+        h.update(tensor_bytes(p))
+    return f"{name or 'model'}#sha256:{h.hexdigest()[:24]}"
+
+
+# -- the pass ----------------------------------------------------------------------------------
+
+class _StopForward(Exception):
+    """Raised by a hook once the deepest layer needed has been seen: the rest of the forward is wasted."""
+
+
+def collect_stats(
+    model: nn.Module,
+    tokenizer,
+    corpus: Any = None,
+    layers: Iterable[int] = (),
+    *,
+    n_samples: int = 100_000,
+    max_length: int | None = None,
+    batch_size: int = 8,
+    dtype: str = "float32",
+    cache: StatsCache | str | os.PathLike | None = None,
+    arch: ArchSpec | None = None,
+    progress: bool = True,
+) -> dict[int, SecondMoment]:
+    """Second moments of the edited modules' inputs at ``layers`` from ONE forward pass over ``corpus``.
+
+    Accumulates ``Σ k kᵀ`` in ``dtype`` (float32 or float64) over non-padding tokens, texts truncated to
+    ``max_length`` tokens. With ``cache``, layers already cached are loaded and only the others computed;
+    new results are written back. Raises :class:`StatisticsError` when a layer is neither cached nor
+    computable (no corpus) or comes out non-finite.
+    """
+    spec = get_arch_spec(model, arch)
+    layers = sorted(set(layers))
+    if isinstance(cache, (str, os.PathLike)):
+        cache = StatsCache(cache)
+    texts, corpus_id = load_corpus(corpus, n_samples) if corpus is not None else (None, None)
+    keys = _cache_keys(model, layers, corpus, corpus_id, len(texts) if texts else n_samples, dtype, max_length)
+
+    out: dict[int, SecondMoment] = {}
+    if cache is not None:
+        for layer in layers:
+            hit = cache.load(keys[layer]) if keys[layer] is not None else _find_any(cache, model, layer, dtype)
+            if hit is not None:
+                out[layer] = hit
+    missing = [layer for layer in layers if layer not in out]
+    if missing:
+        if texts is None:
+            raise StatisticsError(
+                f"no second-moment statistics for layers {missing}: pass corpus=... (a list of texts, a local "
+                ".txt/.jsonl file or a datasets.Dataset; ~10 x d_ff tokens keep most of the quality) or a cache "
+                "directory that holds them (see collect_stats). memit_adapter never downloads a corpus itself."
+            )
+        fresh = _accumulate(model, tokenizer, texts, missing, spec, max_length, batch_size,
+                            getattr(torch, dtype), progress)
+        for layer, stat in fresh.items():
+            stat.check_finite(layer)
+            if cache is not None:
+                cache.save(keys[layer], stat)
+            out[layer] = stat
+    for layer, stat in out.items():
+        stat.check_finite(layer)
+    return {layer: out[layer] for layer in layers}
+
+
+def _cache_keys(model, layers, corpus, corpus_id, n, dtype, max_length) -> dict[int, dict[str, Any] | None]:
+    if corpus is None:
+        return {layer: None for layer in layers}
+    mid = model_id(model)
+    return {layer: {"model": mid, "layer": layer, "corpus": corpus_id, "n_samples": n, "dtype": dtype,
+                    "max_length": max_length} for layer in layers}
+
+
+def _find_any(cache: StatsCache, model, layer: int, dtype: str) -> SecondMoment | None:
+    """Without a corpus, accept any cached entry of this model, layer and dtype (the newest)."""
+    if not cache.directory.is_dir():
+        return None
+    mid = model_id(model)
+    found = []
+    for path in cache.directory.glob(f"mom2_layer{layer}_*.safetensors"):
+        with safe_open(str(path), framework="pt") as f:
+            key = json.loads((f.metadata() or {}).get("key", "{}"))
+        if key.get("model") == mid and key.get("layer") == layer and key.get("dtype") == dtype:
+            found.append((path.stat().st_mtime, key))
+    return cache.load(max(found, key=lambda x: x[0])[1]) if found else None
+
+
+@torch.no_grad()
+def _accumulate(model, tokenizer, texts, layers, spec, max_length, batch_size, acc_dtype, progress):
+    device = next(model.parameters()).device
+    max_length = max_length or 1024
+    sums: dict[int, torch.Tensor] = {}
+    counts = dict.fromkeys(layers, 0)
+    mask_box: list[torch.Tensor] = []
+    deepest = max(layers)
+
+    def make_hook(layer):
+        def hook(_mod, args):
+            k = args[0].reshape(-1, args[0].shape[-1])[mask_box[0]].to(acc_dtype)  # (tokens, d_in)
+            if layer not in sums:
+                sums[layer] = torch.zeros(k.shape[1], k.shape[1], dtype=acc_dtype, device=k.device)
+            sums[layer].addmm_(k.T, k)
+            counts[layer] += k.shape[0]
+            if layer == deepest:
+                raise _StopForward
+        return hook
+
+    handles = [spec.mlp_out_module(model, layer).register_forward_pre_hook(make_hook(layer)) for layer in layers]
+    was_training = model.training
+    model.eval()
+    pad = pad_id(tokenizer)
+    try:
+        for i in tqdm(range(0, len(texts), batch_size), desc="second moments", unit="batch", disable=not progress):
+            seqs = [tokenizer(t, truncation=True, max_length=max_length)["input_ids"] for t in texts[i:i + batch_size]]
+            seqs = [s for s in seqs if s]
+            if not seqs:
+                continue
+            ids, mask = pad_right(seqs, pad, device)
+            mask_box[:] = [mask.reshape(-1).bool()]
+            try:
+                model(input_ids=ids, attention_mask=mask, use_cache=False)
+            except _StopForward:
+                pass
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    logger.info("second moments from %d texts, %d tokens, layers %s", len(texts), counts[deepest], layers)
+    return {layer: SecondMoment(mom2=sums[layer] / counts[layer], count=counts[layer]) for layer in layers}

@@ -1,0 +1,183 @@
+"""Step 2 of MEMIT: the target vectors ``z_i = h_i + δ_i``, all requests of a batch optimised together.
+
+Usage::
+
+    templates = context_templates(model, tok, cfg)        # ["{}", "The ... . {}", ...], seeded
+    zs, h = compute_targets(model, tok, requests, templates, cfg, layer=max(cfg.layers))   # (n, d_model) each
+
+The requests are independent: each has its own row of ``δ``, its own loss, norm clamp and early stop,
+and Adam is element-wise, so optimising them together gives the same ``δ`` as one at a time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from .arch import ArchSpec
+from .config import MemitConfig
+from .hooks import capture_outputs, edit_output
+from .requests import EditRequest
+from .tokens import EncodedFact, encode_fact, pad_id, pad_right
+
+KL_PROMPT = "{} is a"
+
+
+def context_templates(model: nn.Module, tokenizer, config: MemitConfig) -> list[str]:
+    """``["{}"]`` followed by one prefix sampled from the model per start word (top-k, seeded), as
+    ``prefix + ". {}"``; the config's own ``context_templates`` when given."""
+    if config.context_templates is not None:
+        return list(config.context_templates)
+    device = next(model.parameters()).device
+    templates = ["{}"]
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(config.seed)
+        for start in config.context_template_starts:
+            ids = torch.tensor([tokenizer(start)["input_ids"]], device=device)
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True,
+                                  top_k=config.context_template_top_k, top_p=1.0, temperature=1.0,
+                                  max_new_tokens=config.context_template_length, min_new_tokens=1,
+                                  pad_token_id=pad_id(tokenizer))
+            text = tokenizer.decode(out[0], skip_special_tokens=True)
+            templates.append(text.replace("{", " ").replace("}", " ") + ". {}")
+    return templates
+
+
+@dataclass
+class _Batch:
+    """The padded prompts of a chunk of requests: ``len(templates)`` rewrite rows per request, then one KL row each."""
+
+    input_ids: torch.Tensor  # (rows, seq)
+    attention_mask: torch.Tensor  # (rows, seq)
+    row_request: torch.Tensor  # (rows,) request index of each row
+    lookup: torch.Tensor  # (rows,) subject's last token
+    target_rows: torch.Tensor  # (m,) row of each target token
+    target_pos: torch.Tensor  # (m,) position predicting it
+    target_ids: torch.Tensor  # (m,)
+    target_weight: torch.Tensor  # (m,) 1 / (n_templates * target_len) of its request
+    n_requests: int
+    n_rewrite_rows: int
+
+
+def _build_batch(tokenizer, requests: Sequence[EditRequest], templates: Sequence[str], device) -> _Batch:
+    facts: list[EncodedFact] = []
+    rows_req: list[int] = []
+    for i, req in enumerate(requests):
+        for t in templates:
+            facts.append(encode_fact(tokenizer, t.replace("{}", req.prompt), req.subject, req.target_new))
+            rows_req.append(i)
+    n_rewrite = len(facts)
+    for i, req in enumerate(requests):
+        facts.append(encode_fact(tokenizer, KL_PROMPT, req.subject))
+        rows_req.append(i)
+    # the last target token is never an input: drop it (it only has to be predicted)
+    seqs = [f.ids[:-1] if r < n_rewrite else f.ids for r, f in enumerate(facts)]
+    ids, mask = pad_right(seqs, pad_id(tokenizer), device)
+    t_rows, t_pos, t_ids, t_w = [], [], [], []
+    for r, f in enumerate(facts[:n_rewrite]):
+        w = 1.0 / (len(templates) * len(f.target_ids))
+        for pos, tid in zip(f.target_positions, f.target_ids):
+            t_rows.append(r)
+            t_pos.append(pos)
+            t_ids.append(tid)
+            t_w.append(w)
+    as_t = lambda x, dt=torch.long: torch.tensor(x, dtype=dt, device=device)  # noqa: E731
+    return _Batch(ids, mask, as_t(rows_req), as_t([f.lookup for f in facts]), as_t(t_rows), as_t(t_pos),
+                  as_t(t_ids), as_t(t_w, torch.float32), len(requests), n_rewrite)
+
+
+def _logits_at(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """LM-head logits of selected final hidden states ``(m, d_model)`` -> ``(m, vocab)`` in float32."""
+    logits = model.get_output_embeddings()(hidden).float()
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    return torch.tanh(logits / cap) * cap if cap else logits
+
+
+def _forward(model, spec: ArchSpec, layer: int, batch: _Batch, delta: torch.Tensor | None):
+    """Run the batch with ``delta[row_request]`` added to block ``layer``'s output at each row's lookup.
+
+    Returns the final hidden states ``(rows, seq, d_model)`` and block ``layer``'s output at the lookups.
+    """
+    rows = torch.arange(batch.input_ids.shape[0], device=batch.input_ids.device)
+
+    def add_delta(h):
+        if delta is None:
+            return h
+        h = h.clone()
+        h[rows, batch.lookup] += delta[batch.row_request].to(h.dtype)
+        return h
+
+    block = spec.blocks(model)[layer]
+    with edit_output(block, add_delta), capture_outputs(block, detach=False) as seen:
+        out = model.base_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+    final = out[0] if isinstance(out, tuple) else out.last_hidden_state
+    return final, seen[0][rows, batch.lookup]
+
+
+def _losses(model, batch: _Batch, final, kl_init, delta, h_norm, config: MemitConfig):
+    """Per-request loss ``(n,)``: NLL of the targets + kl_factor * KL + weight decay."""
+    logp = torch.log_softmax(_logits_at(model, final[batch.target_rows, batch.target_pos]), dim=-1)
+    tok_nll = -logp.gather(1, batch.target_ids[:, None])[:, 0] * batch.target_weight
+    req_of_tok = batch.row_request[batch.target_rows]
+    nll = torch.zeros(batch.n_requests, device=final.device).index_add(0, req_of_tok, tok_nll)
+    kl_rows = torch.arange(batch.n_rewrite_rows, final.shape[0], device=final.device)
+    kl_logp = torch.log_softmax(_logits_at(model, final[kl_rows, batch.lookup[kl_rows]]), dim=-1)
+    kl = F.kl_div(kl_init, kl_logp, log_target=True, reduction="none").sum(-1)  # KL(now || before), (n,)
+    decay = config.v_weight_decay * delta.norm(dim=-1) / h_norm**2
+    return nll + config.kl_factor * kl + decay, nll
+
+
+def optimise_deltas(model, spec: ArchSpec, tokenizer, requests, templates, config: MemitConfig, layer: int,
+                    progress: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Optimise one δ row per request together; return ``(z, h)``, both ``(n, d_model)`` float32."""
+    device = next(model.parameters()).device
+    batch = _build_batch(tokenizer, requests, templates, device)
+    with torch.no_grad():
+        final, at_lookup = _forward(model, spec, layer, batch, None)
+        kl_rows = torch.arange(batch.n_rewrite_rows, final.shape[0], device=device)
+        kl_init = torch.log_softmax(_logits_at(model, final[kl_rows, batch.lookup[kl_rows]]), dim=-1)
+        # h_i: block output at the subject's last token of the bare prompt (templates[0] == "{}")
+        h = at_lookup[torch.arange(batch.n_requests, device=device) * len(templates)].float()
+    h_norm = h.norm(dim=-1)
+    max_norm = config.clamp_norm_factor * h_norm
+    delta = torch.zeros_like(h, requires_grad=True)
+    opt = torch.optim.Adam([delta], lr=config.v_lr)
+    active = torch.ones(len(requests), dtype=torch.bool, device=device)
+    bar = tqdm(range(config.v_num_grad_steps), desc="target vectors", unit="step", disable=not progress,
+               leave=False)
+    for step in bar:
+        final, _ = _forward(model, spec, layer, batch, delta)
+        loss, nll = _losses(model, batch, final, kl_init, delta, h_norm, config)
+        active &= loss.detach() >= config.v_loss_threshold
+        bar.set_postfix(loss=f"{loss.mean().item():.3f}", active=int(active.sum()))
+        if not active.any() or step == config.v_num_grad_steps - 1:
+            break
+        (grad,) = torch.autograd.grad(loss[active].sum(), [delta])
+        before = delta.detach().clone()
+        delta.grad = grad
+        opt.step()
+        with torch.no_grad():
+            delta[~active] = before[~active]  # finished rows keep their δ (Adam's momentum would move them)
+            norms = delta.norm(dim=-1)
+            scale = torch.where(norms > max_norm, max_norm / norms.clamp_min(1e-12), torch.ones_like(norms))
+            delta.mul_(scale[:, None])
+    bar.close()
+    return (h + delta.detach()), h
+
+
+def compute_targets(model, spec: ArchSpec, tokenizer, requests, templates, config: MemitConfig, layer: int,
+                    *, batch_size: int | None = None, progress: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`optimise_deltas` over chunks of ``batch_size`` requests (all at once when None)."""
+    size = batch_size or len(requests)
+    zs, hs = [], []
+    chunks = range(0, len(requests), size)
+    for i in tqdm(chunks, desc="request chunks", disable=not progress or len(chunks) == 1):
+        z, h = optimise_deltas(model, spec, tokenizer, requests[i:i + size], templates, config, layer, progress)
+        zs.append(z)
+        hs.append(h)
+    return torch.cat(zs), torch.cat(hs)
