@@ -35,6 +35,7 @@ from .arch import ArchSpec, get_arch_spec
 from .errors import InvalidRequestError, UnsupportedArchitectureError
 from .hooks import capture_outputs, edit_output
 from .requests import EditRequest
+from .tokens import fill
 
 logger = logging.getLogger(__name__)
 
@@ -143,8 +144,7 @@ def subject_token_range(tokenizer, prompt: str, subject: str) -> tuple[int, int]
 def _encode_prompt(tokenizer, prompt: str, subject: str) -> tuple[list[int], tuple[int, int]]:
     if prompt.count("{}") != 1:
         raise InvalidRequestError(f"prompt must contain exactly one '{{}}' where the subject goes, got {prompt!r}")
-    start = prompt.index("{}")
-    text = prompt[:start] + subject + prompt[start + 2:]  # not str.format: subjects may hold braces
+    text, start = fill(prompt, subject)
     end = start + len(subject.rstrip())
     if getattr(tokenizer, "is_fast", False):
         enc = tokenizer(text, return_offsets_mapping=True)
@@ -159,24 +159,34 @@ def _encode_prompt(tokenizer, prompt: str, subject: str) -> tuple[list[int], tup
     raise InvalidRequestError(f"subject {subject!r} has no token of its own in {text!r}")
 
 
-def _encode_fact(tokenizer, prompt: str, subject: str, target: str) -> _Fact:
+def _encode_fact(tokenizer, prompt: str, subject: str, target: str | None, model: nn.Module) -> _Fact:
+    """Tokenise a fact; the object (tokenised on its own, as the engine does) defaults to the model's
+    top next token, kept as an id so that it need not survive a decode/encode round trip."""
     prompt_ids, span = _encode_prompt(tokenizer, prompt, subject)
-    target_ids = tokenizer(target, add_special_tokens=False)["input_ids"]
-    if not target_ids:
-        raise InvalidRequestError(f"object {target!r} tokenises to nothing")
-    start = prompt.index("{}")
+    if target:
+        target_ids = tokenizer(target, add_special_tokens=False)["input_ids"]
+        if not target_ids:
+            raise InvalidRequestError(f"object {target!r} tokenises to nothing")
+    else:
+        target_ids = [_top_token(model, prompt_ids)]
+        target = tokenizer.decode(target_ids)
     tokens = [tokenizer.decode([i]) for i in prompt_ids]
-    return _Fact(list(prompt_ids), list(target_ids), span, prompt[:start] + subject + prompt[start + 2:], target,
-                 tokens)
+    return _Fact(list(prompt_ids), list(target_ids), span, fill(prompt, subject)[0], target, tokens)
+
+
+def _top_token(model: nn.Module, ids: list[int]) -> int:
+    device = next(model.parameters()).device
+    logits = model(input_ids=torch.tensor([ids], device=device), use_cache=False, logits_to_keep=1).logits
+    return int(logits[0, -1].argmax())
 
 
 # -- model plumbing --------------------------------------------------------------------------------
-def trace_modules(model: nn.Module) -> tuple[str, str]:
+def trace_modules(model: nn.Module, arch: ArchSpec | None = None) -> tuple[str, str]:
     """Names of the (attention, MLP) submodules inside one block of ``model``."""
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     if model_type in TRACE_MODULES:
         return TRACE_MODULES[model_type]
-    block = get_arch_spec(model).blocks(model)[0]
+    block = get_arch_spec(model, arch).blocks(model)[0]
     names = dict(block.named_children())
     attn = next((n for n in ("self_attn", "attn", "attention") if n in names), None)
     mlp = next((n for n in ("mlp", "feed_forward") if n in names), None)
@@ -222,18 +232,23 @@ class _Runner:
     def __init__(self, model: nn.Module, fact: _Fact, noise: torch.Tensor, arch: ArchSpec | None):
         self.model, self.fact, self.spec = model, fact, get_arch_spec(model, arch)
         self.n_layers = self.spec.num_layers(model)
-        attn, mlp = trace_modules(model)
+        attn, mlp = trace_modules(model, arch)
         self.names = {"hidden": [self.spec.block_name(l) for l in range(self.n_layers)]}
         self.names["attn"] = [f"{n}.{attn}" for n in self.names["hidden"]]
         self.names["mlp"] = [f"{n}.{mlp}" for n in self.names["hidden"]]
         self.embed = model.get_submodule(self.spec.embed)
-        param = next(model.parameters())
-        self.device = param.device
+        self.device = next(model.parameters()).device
         self.noise = noise.to(device=self.device)  # (n_samples, n_subject_tokens, d_model)
         self.ids = torch.tensor([fact.input_ids], device=self.device)  # (1, seq)
         self.target = torch.tensor(fact.target_ids, device=self.device)  # (n_target,)
         self.clean: dict[str, torch.Tensor] = {}  # name -> (seq, d_model)
         self.corrupt: dict[str, torch.Tensor] = {}  # name -> (n_samples, seq, d_model)
+
+    @classmethod
+    def build(cls, model: nn.Module, fact: _Fact, std: float, opts: _Options, seed: int) -> _Runner:
+        d_model = model.get_submodule(get_arch_spec(model, opts.arch).embed).weight.shape[-1]
+        n_subject = fact.subject[1] - fact.subject[0]
+        return cls(model, fact, _noise(opts.samples, n_subject, d_model, std, seed), opts.arch)
 
     def baseline(self, *, keep_corrupt: Sequence[str] = ()) -> tuple[float, torch.Tensor]:
         """Clean and corrupted runs in one batch; stores clean states of all modules and corrupted ones of
@@ -339,19 +354,7 @@ def _prepare(model, tokenizer, facts: Sequence[_Triple], opts: _Options) -> tupl
     std = opts.embed_std
     if std is None:
         std = embedding_std(model, tokenizer, list(opts.corpus or [s for _, s, _ in facts]), arch=opts.arch)
-    out = []
-    for prompt, subject, target in facts:
-        target = target or _top_prediction(model, tokenizer, prompt, subject)
-        out.append(_encode_fact(tokenizer, prompt, subject, target))
-    return out, opts.noise_factor * std
-
-
-def _top_prediction(model, tokenizer, prompt: str, subject: str) -> str:
-    ids, _ = _encode_prompt(tokenizer, prompt, subject)
-    with _inference(model):
-        device = next(model.parameters()).device
-        logits = model(input_ids=torch.tensor([ids], device=device), use_cache=False, logits_to_keep=1).logits
-    return tokenizer.decode([int(logits[0, -1].argmax())])
+    return [_encode_fact(tokenizer, p, s, t, model) for p, s, t in facts], opts.noise_factor * std
 
 
 def _triples(facts) -> list[_Triple]:
@@ -374,8 +377,7 @@ def _trace_one(model, fact: _Fact, std: float, kind: str, opts: _Options, seed: 
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     s0, s1 = fact.subject
-    d_model = model.get_submodule(get_arch_spec(model, opts.arch).embed).weight.shape[-1]
-    runner = _Runner(model, fact, _noise(opts.samples, s1 - s0, d_model, std, seed), opts.arch)
+    runner = _Runner.build(model, fact, std, opts, seed)
     n_layers = runner.n_layers
     window = 1 if kind == "hidden" else (opts.window or default_window(n_layers))
     high, lows = runner.baseline()
@@ -476,11 +478,9 @@ def trace_severed(model: nn.Module, tokenizer, facts: EditRequest | Sequence[Edi
 
 
 def _severed_one(model, fact: _Fact, std: float, modes: Sequence[str], opts: _Options, seed: int):
-    s0, s1 = fact.subject
-    d_model = model.get_submodule(get_arch_spec(model, opts.arch).embed).weight.shape[-1]
-    runner = _Runner(model, fact, _noise(opts.samples, s1 - s0, d_model, std, seed), opts.arch)
+    runner = _Runner.build(model, fact, std, opts, seed)
     n_layers, last = runner.n_layers, fact.last_subject
-    frozen = {m: [n for n in runner.names[m]] for m in modes if m != "none"}
+    frozen = {m: runner.names[m] for m in modes if m != "none"}
     high, lows = runner.baseline(keep_corrupt=[n for names in frozen.values() for n in names])
     rows = []
     for mode in modes:
@@ -593,8 +593,14 @@ def _cli_facts(args: argparse.Namespace) -> list[_Triple]:
 
 
 def _load(name: str, device: str | None):
+    """A model id or folder; ``world-gpt2``/``world-llama`` load the shipped world checkpoints offline."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    if name.startswith("world-") and not Path(name).exists():
+        from .world import load_world_model
+
+        model, tokenizer, _ = load_world_model(name)
+        return model.to(device or "cpu").eval(), tokenizer
     model = AutoModelForCausalLM.from_pretrained(name)
     tokenizer = AutoTokenizer.from_pretrained(name)
     return model.to(device or "cpu").eval(), tokenizer

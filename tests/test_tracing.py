@@ -61,7 +61,7 @@ def test_subject_range_counts_the_bos_token():
 
 def test_restoring_a_clean_run_is_the_identity():
     model, tok = tiny_model("gpt2"), make_tokenizer(add_bos=True)
-    fact = _encode_fact(tok, PROMPT, SUBJECT, " basketball")
+    fact = _encode_fact(tok, PROMPT, SUBJECT, " basketball", model)
     runner = _Runner(model, fact, _noise(2, 2, 32, 1.0, seed=0), None)
     with torch.no_grad():
         high, _ = runner.baseline()
