@@ -1,0 +1,409 @@
+"""CounterFact metrics (MEMIT_SPEC.md): ES, PS, NS, their magnitudes, Score and generation entropy.
+
+Usage::
+
+    result = evaluate_counterfact(model, tok, records)          # records: CounterFact-format dicts
+    result.efficacy_score, result.score                         # success rates in [0, 1]
+    both = evaluate_pack(model, tok, records, pack)             # {"pre": ..., "post": ...}
+    print(format_table(both))
+
+    $ memit-adapter eval --model world-gpt2 --data records.json --n 100 --out eval.json
+
+``P(x)`` is the model's probability of target string ``x`` after a prompt, taken as ``exp(-mean NLL)``
+over the target's tokens. Per record, the rewrite prompt counts as efficacy success when
+``P(new) > P(true)``, each paraphrase likewise, each neighbourhood prompt (another subject with the
+same true object) when ``P(true) > P(new)``; a record's rate is the mean over its prompts and a score
+the mean over records, as the published ``summarize.py`` computes it. Magnitudes are the means of
+``P(new) - P(true)`` (``P(true) - P(new)`` for neighbours). Score is the harmonic mean of ES, PS and NS.
+Generation entropy is ``mean(2/3 * H2, 4/3 * H3)`` (bits) of the word bi- and tri-gram distributions
+of each greedy generation (prompt included), averaged per record and over records.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import re
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .counterfact import load_counterfact, normalize_records
+from .errors import MemitError
+
+__all__ = ["CounterFactResult", "evaluate_counterfact", "evaluate_pack", "format_table", "generation_entropy",
+           "greedy_generate", "ngram_entropy", "target_nll"]
+
+log = logging.getLogger(__name__)
+
+_WORD = re.compile(r"\w+|[^\w\s]")
+METRICS = ("efficacy_score", "paraphrase_score", "neighborhood_score", "score", "efficacy_magnitude",
+           "paraphrase_magnitude", "neighborhood_magnitude", "generation_entropy")
+
+
+@dataclass
+class CounterFactResult:
+    """Rates and magnitudes in [0, 1] / [-1, 1]; ``None`` where a record set has no such prompts."""
+
+    n_records: int
+    efficacy_score: float | None
+    efficacy_magnitude: float | None
+    paraphrase_score: float | None
+    paraphrase_magnitude: float | None
+    neighborhood_score: float | None
+    neighborhood_magnitude: float | None
+    score: float | None
+    generation_entropy: float | None = None
+    per_record: list[dict[str, Any]] = field(default_factory=list, repr=False)
+
+    def to_dict(self, *, per_record: bool = False) -> dict[str, Any]:
+        out = asdict(self)
+        if not per_record:
+            out.pop("per_record")
+        return out
+
+
+# -- probabilities of target strings --------------------------------------------------------------
+
+def target_nll(model: nn.Module, tokenizer: Any, prompts: Sequence[str], targets: Sequence[str], *,
+               batch_size: int = 64) -> torch.Tensor:
+    """Mean per-token NLL of ``targets[i]`` right after ``prompts[i]``; shape ``(len(prompts),)``, float64.
+
+    The special tokens the tokenizer puts in front of a text (LLaMA's ``<s>``) come first; a target
+    without leading whitespace gets a space, as MEMIT's code writes ``f"{prompt} {target}"``.
+    """
+    if len(prompts) != len(targets):
+        raise ValueError(f"{len(prompts)} prompts but {len(targets)} targets")
+    pairs = _encode_pairs(tokenizer, prompts, targets)
+    device = next(model.parameters()).device
+    pad = _pad_id(tokenizer)
+    out = torch.empty(len(pairs), dtype=torch.float64)
+    order = sorted(range(len(pairs)), key=lambda i: len(pairs[i][0]) + len(pairs[i][1]))
+    with torch.no_grad():
+        for start in range(0, len(order), batch_size):
+            idx = order[start:start + batch_size]
+            seqs = [pairs[i][0] + pairs[i][1] for i in idx]
+            ids, mask = _right_pad(seqs, pad, device)
+            logits = model(input_ids=ids, attention_mask=mask).logits  # (b, t, vocab)
+            rows, cols, tgt, owner = [], [], [], []
+            for b, i in enumerate(idx):
+                n_prompt, target = len(pairs[i][0]), pairs[i][1]
+                for j, tok_id in enumerate(target):
+                    rows.append(b)
+                    cols.append(n_prompt - 1 + j)  # the logits at position p predict token p + 1
+                    tgt.append(tok_id)
+                    owner.append(b)
+            logp = torch.log_softmax(logits[rows, cols].float(), dim=-1)  # (n_target_tokens, vocab)
+            nll = -logp[torch.arange(len(tgt)), torch.tensor(tgt, device=logp.device)].double().cpu()
+            sums = torch.zeros(len(idx), dtype=torch.float64).index_add_(0, torch.tensor(owner), nll)
+            counts = torch.bincount(torch.tensor(owner), minlength=len(idx)).double()
+            out[torch.tensor(idx)] = sums / counts
+    return out
+
+
+def _encode_pairs(tokenizer: Any, prompts: Sequence[str], targets: Sequence[str]) -> list[tuple[list[int], list[int]]]:
+    """(prompt ids with leading special tokens, target ids) per pair."""
+    targets = [t if t[:1].isspace() or p[-1:].isspace() else " " + t for p, t in zip(prompts, targets)]
+    lead = _leading_special_ids(tokenizer)
+    p_ids = tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
+    full_ids = tokenizer([p + t for p, t in zip(prompts, targets)], add_special_tokens=False)["input_ids"]
+    pairs = []
+    for prompt, target, p, full in zip(prompts, targets, p_ids, full_ids):
+        if full[:len(p)] == p and len(full) > len(p):
+            t = full[len(p):]
+        else:  # the tokenizer merged across the boundary: score the target tokenized on its own
+            t = tokenizer(target, add_special_tokens=False)["input_ids"]
+        if not lead and not p:
+            raise MemitError(f"prompt {prompt!r} has no tokens and the tokenizer adds no BOS: nothing to condition on")
+        if not t:
+            raise MemitError(f"target {target!r} has no tokens")
+        pairs.append((lead + list(p), list(t)))
+    return pairs
+
+
+def _leading_special_ids(tokenizer: Any) -> list[int]:
+    """The ids a tokenizer puts before a text (``[bos]`` for LLaMA, ``[]`` for GPT-2)."""
+    with_sp = tokenizer("a")["input_ids"]
+    without = tokenizer("a", add_special_tokens=False)["input_ids"]
+    for k in range(len(with_sp) - len(without) + 1):
+        if with_sp[k:k + len(without)] == without:
+            return list(with_sp[:k])
+    return []
+
+
+def _pad_id(tokenizer: Any) -> int:
+    for pad in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if pad is not None:
+            return int(pad)
+    return 0
+
+
+def _right_pad(seqs: list[list[int]], pad: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, :len(s)] = torch.tensor(s)
+        mask[i, :len(s)] = 1
+    return ids.to(device), mask.to(device)
+
+
+# -- fluency -------------------------------------------------------------------------------------
+
+def ngram_entropy(text: str, ns: Sequence[int] = (2, 3), weights: Sequence[float] = (2 / 3, 4 / 3)) -> float:
+    """``mean_n(weight_n * H_n)`` in bits, ``H_n`` the entropy of the word n-gram frequencies of ``text``."""
+    words = _WORD.findall(text)
+    parts = []
+    for n, w in zip(ns, weights):
+        counts = Counter(tuple(words[i:i + n]) for i in range(len(words) - n + 1))
+        total = sum(counts.values())
+        h = -sum(c / total * math.log2(c / total) for c in counts.values()) if total else 0.0
+        parts.append(w * h)
+    return sum(parts) / len(parts)
+
+
+def generation_entropy(texts: Sequence[str]) -> float:
+    """Mean :func:`ngram_entropy` of ``texts``."""
+    if not texts:
+        raise ValueError("no texts given")
+    return sum(ngram_entropy(t) for t in texts) / len(texts)
+
+
+def greedy_generate(model: nn.Module, tokenizer: Any, prompts: Sequence[str], *, max_new_tokens: int = 100,
+                    batch_size: int = 32) -> list[str]:
+    """Greedy continuations, decoded with the prompt in front (special tokens dropped).
+
+    Prompts are left-padded in batches; generation stops early only at the model's EOS and never runs
+    past its maximum context.
+    """
+    device = next(model.parameters()).device
+    lead = _leading_special_ids(tokenizer)
+    pad = _pad_id(tokenizer)
+    limit = _max_positions(model)
+    encoded = [lead + ids for ids in tokenizer(list(prompts), add_special_tokens=False)["input_ids"]]
+    texts: list[str] = [""] * len(prompts)
+    order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
+    for start in range(0, len(order), batch_size):
+        idx = order[start:start + batch_size]
+        width = max(len(encoded[i]) for i in idx)
+        ids = torch.full((len(idx), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(idx), width), dtype=torch.long)
+        for b, i in enumerate(idx):
+            ids[b, width - len(encoded[i]):] = torch.tensor(encoded[i])
+            mask[b, width - len(encoded[i]):] = 1
+        new = max_new_tokens if limit is None else max(0, min(max_new_tokens, limit - width))
+        if new > 0:
+            with torch.no_grad():
+                out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=False,
+                                     max_new_tokens=new, pad_token_id=pad)
+        else:
+            out = ids
+        for b, i in enumerate(idx):
+            texts[i] = tokenizer.decode(out[b, width - len(encoded[i]):].tolist(), skip_special_tokens=True)
+    return texts
+
+
+def _max_positions(model: nn.Module) -> int | None:
+    cfg = getattr(model, "config", None)
+    for name in ("n_positions", "max_position_embeddings"):
+        value = getattr(cfg, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+# -- the metrics ---------------------------------------------------------------------------------
+
+def evaluate_counterfact(model: nn.Module, tokenizer: Any, records: Sequence[Mapping[str, Any]], *,
+                         batch_size: int = 64, generation: bool = True, max_new_tokens: int = 100,
+                         max_generation_records: int | None = None, per_record: bool = False) -> CounterFactResult:
+    """CounterFact metrics of ``model`` on ``records`` (see the module docstring for the definitions).
+
+    ``generation=False`` skips the (slow) greedy generations; ``max_generation_records`` limits them to
+    the first records. ``per_record=True`` keeps each record's NLLs and rates in ``result.per_record``.
+    """
+    records = normalize_records(records)
+    if not records:
+        raise ValueError("no records to evaluate")
+    was_training = model.training
+    model.eval()
+    try:
+        per = _score_prompts(model, tokenizer, records, batch_size)
+        if generation:
+            _add_entropies(model, tokenizer, records, per, max_new_tokens, max_generation_records, batch_size)
+    finally:
+        model.train(was_training)
+    return _summarize(per, keep=per_record)
+
+
+def _score_prompts(model, tokenizer, records, batch_size) -> list[dict[str, Any]]:
+    prompts, targets, where = [], [], []
+    for r, rec in enumerate(records):
+        rw = rec["requested_rewrite"]
+        groups = {"rewrite": [rw["prompt"].format(rw["subject"])], "paraphrase": rec["paraphrase_prompts"],
+                  "neighborhood": rec["neighborhood_prompts"]}
+        for kind, group in groups.items():
+            for j, prompt in enumerate(group):
+                for which in ("target_new", "target_true"):
+                    prompts.append(prompt)
+                    targets.append(rw[which]["str"])
+                    where.append((r, kind, j, which))
+    nll = target_nll(model, tokenizer, prompts, targets, batch_size=batch_size).tolist()
+    per = [{"case_id": rec.get("case_id"), "rewrite": [], "paraphrase": [], "neighborhood": []} for rec in records]
+    for (r, kind, j, which), value in zip(where, nll):
+        group = per[r][kind]
+        if j == len(group):
+            group.append({})
+        group[j][which] = value
+    return per
+
+
+def _add_entropies(model, tokenizer, records, per, max_new_tokens, max_records, batch_size) -> None:
+    chosen = range(len(records)) if max_records is None else range(min(max_records, len(records)))
+    prompts, owner = [], []
+    for r in chosen:
+        for prompt in records[r]["generation_prompts"]:
+            prompts.append(prompt)
+            owner.append(r)
+    texts = greedy_generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    for r in chosen:
+        mine = [t for t, o in zip(texts, owner) if o == r]
+        if mine:
+            per[r]["generation_entropy"] = generation_entropy(mine)
+            per[r]["generations"] = mine
+
+
+def _summarize(per: list[dict[str, Any]], *, keep: bool) -> CounterFactResult:
+    rates: dict[str, list[float]] = {k: [] for k in ("rewrite", "paraphrase", "neighborhood")}
+    mags: dict[str, list[float]] = {k: [] for k in rates}
+    for rec in per:
+        for kind in rates:
+            pairs = rec[kind]
+            if not pairs:
+                continue
+            sign = -1.0 if kind == "neighborhood" else 1.0  # neighbours should keep P(true) > P(new)
+            diffs = [sign * (math.exp(-p["target_new"]) - math.exp(-p["target_true"])) for p in pairs]
+            wins = [sign * (p["target_true"] - p["target_new"]) > 0 for p in pairs]
+            rec[f"{kind}_success"] = sum(wins) / len(wins)
+            rec[f"{kind}_magnitude"] = sum(diffs) / len(diffs)
+            rates[kind].append(rec[f"{kind}_success"])
+            mags[kind].append(rec[f"{kind}_magnitude"])
+    es, ps, ns = (_mean(rates[k]) for k in ("rewrite", "paraphrase", "neighborhood"))
+    entropies = [rec["generation_entropy"] for rec in per if "generation_entropy" in rec]
+    return CounterFactResult(
+        n_records=len(per), efficacy_score=es, efficacy_magnitude=_mean(mags["rewrite"]),
+        paraphrase_score=ps, paraphrase_magnitude=_mean(mags["paraphrase"]), neighborhood_score=ns,
+        neighborhood_magnitude=_mean(mags["neighborhood"]), score=_harmonic_mean([es, ps, ns]),
+        generation_entropy=_mean(entropies), per_record=per if keep else [])
+
+
+def _mean(values: Sequence[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+def _harmonic_mean(values: Sequence[float | None]) -> float | None:
+    present = [v for v in values if v is not None]
+    if not present:
+        return None
+    if min(present) <= 0:
+        return 0.0
+    return len(present) / sum(1 / v for v in present)
+
+
+def evaluate_pack(model: nn.Module, tokenizer: Any, records: Sequence[Mapping[str, Any]], pack: Any,
+                  **kwargs: Any) -> dict[str, CounterFactResult]:
+    """Metrics before and with ``pack`` applied (``pack.applied(model)`` restores the model afterwards)."""
+    applied = getattr(pack, "applied", None)
+    if applied is None:
+        raise MemitError(f"{type(pack).__name__} has no applied(model) context manager; this build cannot "
+                         "evaluate packs yet")
+    pre = evaluate_counterfact(model, tokenizer, records, **kwargs)
+    with applied(model):
+        post = evaluate_counterfact(model, tokenizer, records, **kwargs)
+    return {"pre": pre, "post": post}
+
+
+def format_table(results: Mapping[str, CounterFactResult]) -> str:
+    """A plain-text table, one column per result (e.g. ``pre`` and ``post``); rates in percent."""
+    names = list(results)
+    lines = [f"{'metric':<24}" + "".join(f"{n:>10}" for n in names)]
+    lines.append(f"{'records':<24}" + "".join(f"{results[n].n_records:>10}" for n in names))
+    for metric in METRICS:
+        cells = []
+        for n in names:
+            value = getattr(results[n], metric)
+            if value is None:
+                cells.append(f"{'-':>10}")
+            elif metric == "generation_entropy":
+                cells.append(f"{value:>10.3f}")
+            else:
+                cells.append(f"{100 * value:>10.1f}")
+        lines.append(f"{metric:<24}" + "".join(cells))
+    return "\n".join(lines)
+
+
+# -- command line ----------------------------------------------------------------------------------
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True,
+                        help="local folder, Hub id, or a shipped world model: world-gpt2, world-llama")
+    parser.add_argument("--pack", help="edit pack folder; reports the metrics before and with the pack")
+    parser.add_argument("--data", help="CounterFact-format JSON (list or JSON lines); default for world models: "
+                                       "their own records")
+    parser.add_argument("--n", type=int, help="evaluate the first N records")
+    parser.add_argument("--out", default="eval_results.json", help="where to write the JSON results")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--max-new-tokens", type=int, default=100, help="length of the greedy generations")
+    parser.add_argument("--no-generation", action="store_true", help="skip generation entropy (faster)")
+    parser.add_argument("--device", default=None, help="torch device, e.g. cpu or cuda:0 (default: cpu)")
+
+
+def run_cli(args: argparse.Namespace) -> int:
+    model, tokenizer, world_records = _load_model(args.model)
+    if args.device:
+        model.to(args.device)
+    if args.data:
+        records = load_counterfact(args.data, n=args.n)
+    elif world_records is not None:
+        records = normalize_records(world_records[: args.n] if args.n else world_records)
+    else:
+        raise SystemExit("memit-adapter eval: --data is required unless --model is a shipped world model")
+    kwargs = dict(batch_size=args.batch_size, generation=not args.no_generation, max_new_tokens=args.max_new_tokens)
+    if args.pack:
+        results = evaluate_pack(model, tokenizer, records, _load_pack(args.pack), **kwargs)
+    else:
+        results = {"model": evaluate_counterfact(model, tokenizer, records, **kwargs)}
+    print(format_table(results))
+    payload = {"model": args.model, "pack": args.pack, "data": args.data, "n_records": len(records),
+               "results": {k: v.to_dict() for k, v in results.items()}}
+    Path(args.out).write_text(json.dumps(payload, indent=2) + "\n")
+    print(f"wrote {args.out}")
+    return 0
+
+
+def _load_model(name: str) -> tuple[nn.Module, Any, list[dict[str, Any]] | None]:
+    from .world import WORLD_MODELS, load_world_model
+
+    if name in {f"world-{k}" for k in WORLD_MODELS}:
+        return load_world_model(name)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(name).eval()
+    return model, AutoTokenizer.from_pretrained(name), None
+
+
+def _load_pack(path: str) -> Any:
+    from . import pack as pack_module
+
+    edit_pack = getattr(pack_module, "EditPack", None)
+    if edit_pack is None or not hasattr(edit_pack, "from_pretrained") or not hasattr(edit_pack, "applied"):
+        raise SystemExit("memit-adapter eval: this build cannot load edit packs yet "
+                         "(EditPack.from_pretrained / EditPack.applied are missing)")
+    return edit_pack.from_pretrained(path)

@@ -1,0 +1,348 @@
+"""A seeded fact world: invented people, their facts, a corpus that states them, CounterFact-style records.
+
+Usage::
+
+    world = make_world(seed=0)                    # 300 subjects x 7 relations, deterministic
+    world.subjects[0]                             # 'mira tolvanek'
+    world.facts[0]                                # Fact(subject='mira tolvanek', relation='lives_in', obj='paris')
+    world.prompt(world.facts[0], 1)               # 'mira tolvanek has a home in'
+    sentences = world.corpus_sentences()          # every fact in every template, plus a little filler
+    records = world.counterfact_records()         # CounterFact-format dicts, targets like ' paris'
+    model, tok, records = load_world_model("gpt2")  # the shipped checkpoint trained on this world (offline)
+
+Every subject's name ends in a surname that no other subject has, so the last subject token (where
+MEMIT reads its keys) identifies the subject. Objects are single words; no template is a prefix of
+another, so a prompt has exactly one correct next word.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+
+__all__ = ["WORLD_MODELS", "Fact", "FactWorld", "Relation", "build_world_tokenizer", "load_world_model", "make_world",
+           "recall_by_template", "world_model_path"]
+
+
+@dataclass(frozen=True)
+class Relation:
+    """A relation: its id, templates with one ``{}`` for the subject, and the single-word objects it takes."""
+
+    relation_id: str
+    templates: tuple[str, ...]
+    objects: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Fact:
+    subject: str
+    relation: str
+    obj: str
+
+
+RELATIONS: tuple[Relation, ...] = (
+    Relation("lives_in", (
+        "{} lives in", "{} has a home in", "the home of {} is in", "{} resides in", "these days , {} lives in",
+    ), ("paris", "london", "rome", "berlin", "tokyo", "madrid", "vienna", "oslo", "cairo", "lima")),
+    Relation("profession", (
+        "{} works as a", "{} is a", "the profession of {} is", "{} earns a living as a", "by trade , {} is a",
+    ), ("doctor", "teacher", "pilot", "farmer", "lawyer", "baker", "painter", "nurse", "chemist", "sailor")),
+    Relation("born_in", (
+        "{} was born in", "the birthplace of {} is", "{} originally comes from", "{} came into the world in",
+        "the country where {} was born is",
+    ), ("france", "england", "italy", "germany", "japan", "spain", "austria", "norway", "egypt", "peru")),
+    Relation("language", (
+        "{} speaks", "the native language of {} is", "the mother tongue of {} is", "{} grew up speaking",
+        "{} is fluent in",
+    ), ("french", "english", "italian", "german", "japanese", "spanish", "dutch", "swedish", "arabic", "hindi")),
+    Relation("sport", (
+        "{} plays", "the favorite sport of {} is", "{} is good at", "every weekend , {} plays",
+        "{} loves to play",
+    ), ("soccer", "tennis", "golf", "hockey", "baseball", "cricket", "rugby", "chess", "volleyball", "basketball")),
+    Relation("team", (
+        "{} supports the", "the favorite team of {} is the", "{} cheers for the", "{} roots for the",
+        "at every game , {} shouts for the",
+    ), ("falcons", "tigers", "wolves", "sharks", "eagles", "bears", "lions", "hornets", "comets", "pirates")),
+    Relation("employer", (
+        "{} works for", "the employer of {} is", "{} is employed by", "{} has a job at",
+        "every morning , {} drives to",
+    ), ("zentrix", "orvana", "kelbio", "quorra", "maxfeld", "lumora", "tessaly", "brightwave", "novacorp",
+        "ferrolux")),
+)
+
+FIRST_NAMES = (
+    "mira", "oskar", "lena", "tomas", "ada", "felix", "nora", "ivan", "clara", "hugo", "elsa", "marco", "ruth",
+    "pavel", "greta", "leo", "sofia", "anton", "vera", "emil", "ines", "otto", "lara", "bruno", "maya", "jonas",
+    "petra", "karl", "alma", "victor",
+)
+MIDDLE_NAMES = ("van", "de", "del", "le", "von")
+_ONSETS = ("b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z", "br", "dr", "gr", "kr", "st", "tr")
+_VOWELS = ("a", "e", "i", "o", "u", "ai", "ei", "ou")
+_CODAS = ("", "", "n", "r", "l", "k", "s", "m", "nd", "rk", "th")
+
+# Filler: short generic sentences, several starting with the words MEMIT samples context templates from.
+_FILLER_STARTS = ("the", "therefore", "because", "i", "you", "we", "they", "it", "then", "so")
+_FILLER_SUBJECTS = ("the river", "the old road", "the small town", "the market", "the winter", "the train",
+                    "the garden", "the bridge", "the library", "the storm", "the festival", "the harbor")
+_FILLER_VERBS = ("was quiet", "was busy", "looked calm", "seemed long", "felt cold", "stayed open",
+                 "grew larger", "was closed", "became famous", "was late", "looked bright", "felt warm")
+_FILLER_TAILS = ("today", "last night", "in the spring", "after the rain", "for a while", "again", "at noon",
+                 "this year", "once more", "all day")
+_FILLER_OPENERS = {"the": "", "therefore": "therefore ,", "because": "because of that ,", "i": "i think",
+                   "you": "you know", "we": "we saw that", "they": "they said", "it": "it is true that",
+                   "then": "then", "so": "so"}
+
+
+@dataclass
+class FactWorld:
+    """Subjects, relations and the true fact for every (subject, relation), all drawn from ``seed``."""
+
+    seed: int
+    subjects: list[str]
+    relations: tuple[Relation, ...]
+    facts: list[Fact]
+    filler: list[str] = field(default_factory=list)
+
+    def relation(self, relation_id: str) -> Relation:
+        for rel in self.relations:
+            if rel.relation_id == relation_id:
+                return rel
+        raise KeyError(f"no relation {relation_id!r}; known: {[r.relation_id for r in self.relations]}")
+
+    def prompt(self, fact: Fact, template: int) -> str:
+        """The prompt of ``fact`` in template number ``template``, without the object."""
+        return self.relation(fact.relation).templates[template].format(fact.subject)
+
+    def fact_sentences(self) -> list[str]:
+        """Every fact stated in every template of its relation: ``'mira tolvanek lives in paris .'``."""
+        return [f"{self.prompt(f, t)} {f.obj} ." for f in self.facts
+                for t in range(len(self.relation(f.relation).templates))]
+
+    def corpus_sentences(self) -> list[str]:
+        """Fact sentences followed by the filler sentences (shuffle them yourself for training)."""
+        return self.fact_sentences() + list(self.filler)
+
+    def vocabulary(self) -> list[str]:
+        """Every word that occurs in the corpus, the subjects and the objects, sorted."""
+        words = set()
+        for text in self.corpus_sentences():
+            words.update(text.split())
+        for rel in self.relations:
+            words.update(rel.objects)
+            for t in rel.templates:
+                words.update(t.replace("{}", " ").split())
+        return sorted(words)
+
+    def counterfact_records(self, *, n_neighbors: int = 10, n_generation: int = 3) -> list[dict[str, Any]]:
+        """One CounterFact-format record per fact, in the order of ``facts``; deterministic in ``seed``.
+
+        The rewrite prompt is a random template of the relation, the paraphrases are the other templates,
+        the neighbourhood prompts state the same relation for other subjects with the same true object,
+        the attribute prompts for subjects whose true object is the new target. Targets carry a leading
+        space, as MEMIT's GPT-2-style requests do.
+        """
+        rng = random.Random(f"{self.seed}-records")
+        holders: dict[tuple[str, str], list[str]] = {}
+        for f in self.facts:
+            holders.setdefault((f.relation, f.obj), []).append(f.subject)
+        records = []
+        for case_id, fact in enumerate(self.facts):
+            rel = self.relation(fact.relation)
+            templates = list(rel.templates)
+            t_rewrite = rng.randrange(len(templates))
+            target_new = rng.choice([o for o in rel.objects if o != fact.obj])
+            others = [t for i, t in enumerate(templates) if i != t_rewrite]
+            neighbors = [s for s in holders[(rel.relation_id, fact.obj)] if s != fact.subject]
+            attributes = holders.get((rel.relation_id, target_new), [])
+            neighbors = rng.sample(neighbors, min(n_neighbors, len(neighbors)))
+            attributes = rng.sample(attributes, min(n_neighbors, len(attributes)))
+            records.append({
+                "case_id": case_id,
+                "requested_rewrite": {
+                    "prompt": templates[t_rewrite],
+                    "relation_id": rel.relation_id,
+                    "subject": fact.subject,
+                    "target_new": {"str": f" {target_new}"},
+                    "target_true": {"str": f" {fact.obj}"},
+                },
+                "paraphrase_prompts": [t.format(fact.subject) for t in others],
+                "neighborhood_prompts": [templates[(t_rewrite + 1 + i) % len(templates)].format(s)
+                                         for i, s in enumerate(neighbors)],
+                "attribute_prompts": [templates[(t_rewrite + 1 + i) % len(templates)].format(s)
+                                      for i, s in enumerate(attributes)],
+                "generation_prompts": [t.format(fact.subject) for t in rng.sample(templates, n_generation)],
+            })
+        return records
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"seed": self.seed, "subjects": self.subjects,
+                "relations": [{"relation_id": r.relation_id, "templates": list(r.templates),
+                               "objects": list(r.objects)} for r in self.relations],
+                "facts": [[f.subject, f.relation, f.obj] for f in self.facts], "filler": self.filler}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> FactWorld:
+        relations = tuple(Relation(r["relation_id"], tuple(r["templates"]), tuple(r["objects"]))
+                          for r in data["relations"])
+        return cls(seed=data["seed"], subjects=list(data["subjects"]), relations=relations,
+                   facts=[Fact(*f) for f in data["facts"]], filler=list(data.get("filler", [])))
+
+
+def make_world(seed: int = 0, *, n_subjects: int = 300, n_filler: int = 150,
+               relations: Sequence[Relation] = RELATIONS) -> FactWorld:
+    """Draw a world: ``n_subjects`` people with unique surnames, one object per (subject, relation).
+
+    Deterministic in ``seed``. About one name in five has a middle particle ("ada van dorek"), so
+    subjects are two or three words long.
+    """
+    if n_subjects < 2:
+        raise ConfigError(f"n_subjects must be >= 2, got {n_subjects}")
+    relations = tuple(relations)
+    check_templates(relations)
+    rng = random.Random(seed)
+    reserved = {w for rel in relations for t in rel.templates for w in t.split()}
+    reserved |= {o for rel in relations for o in rel.objects} | set(FIRST_NAMES) | set(MIDDLE_NAMES)
+    surnames = _surnames(rng, n_subjects, reserved)
+    subjects = []
+    for surname in surnames:
+        parts = [rng.choice(FIRST_NAMES)]
+        if rng.random() < 0.2:
+            parts.append(rng.choice(MIDDLE_NAMES))
+        subjects.append(" ".join(parts + [surname]))
+    facts = [Fact(s, rel.relation_id, rng.choice(rel.objects)) for s in subjects for rel in relations]
+    return FactWorld(seed=seed, subjects=subjects, relations=relations, facts=facts,
+                     filler=_filler(rng, n_filler))
+
+
+def check_templates(relations: Sequence[Relation]) -> None:
+    """Raise :class:`ConfigError` if a template is malformed or a prompt is a prefix of another one.
+
+    "{} is a" before "{} is a fan of the" would leave two right answers after "is a", and a model
+    trained on both cannot recall either reliably.
+    """
+    prompts = []
+    for rel in relations:
+        if len(set(rel.objects)) != len(rel.objects) or any(len(o.split()) != 1 for o in rel.objects):
+            raise ConfigError(f"relation {rel.relation_id!r}: objects must be distinct single words")
+        for t in rel.templates:
+            if t.count("{}") != 1:
+                raise ConfigError(f"template {t!r} must hold exactly one '{{}}'")
+            prompts.append((t.replace("{}", "SUBJ").split(), t))
+    for words_a, a in prompts:
+        for words_b, b in prompts:
+            if a != b and words_b[: len(words_a)] == words_a:
+                raise ConfigError(f"template {a!r} is a prefix of {b!r}: the word after it would be ambiguous")
+
+
+def _surnames(rng: random.Random, n: int, reserved: set[str]) -> list[str]:
+    names: list[str] = []
+    seen = set(reserved)
+    while len(names) < n:
+        syllables = [rng.choice(_ONSETS) + rng.choice(_VOWELS) for _ in range(rng.choice((2, 2, 3)))]
+        name = "".join(syllables) + rng.choice(_CODAS)
+        if name not in seen and len(name) >= 4:
+            seen.add(name)
+            names.append(name)
+    return names
+
+
+def _filler(rng: random.Random, n: int) -> list[str]:
+    out: list[str] = []
+    seen = set()
+    while len(out) < n and len(seen) < 10 * n:
+        start = rng.choice(_FILLER_STARTS)
+        words = [_FILLER_OPENERS[start], rng.choice(_FILLER_SUBJECTS), rng.choice(_FILLER_VERBS),
+                 rng.choice(_FILLER_TAILS), "."]
+        text = " ".join(w for w in words if w)
+        if text not in seen:
+            seen.add(text)
+            out.append(text)
+    return out
+
+
+def build_world_tokenizer(world: FactWorld, *, add_bos: bool = False) -> Any:
+    """A lower-casing word-level ``PreTrainedTokenizerFast`` over the world's vocabulary.
+
+    ``add_bos=True`` puts ``<s>`` in front of every text, as LLaMA's tokenizer does. Ids 0-3 are
+    ``<pad> <unk> <s> </s>``.
+    """
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<unk>", "<s>", "</s>"]
+    vocab = {w: i for i, w in enumerate(specials + world.vocabulary())}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.decoder = decoders.WordPiece(prefix="##", cleanup=True)
+    if add_bos:
+        tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A $B",
+                                                           special_tokens=[("<s>", vocab["<s>"])])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+                                   pad_token="<pad>", add_bos_token=add_bos, model_max_length=128)
+
+
+def recall_by_template(model: Any, tokenizer: Any, world: FactWorld, *, facts: Sequence[Fact] | None = None,
+                       prefix: str = "", batch_size: int = 256) -> dict[str, dict[int, float]]:
+    """Share of facts whose greedy next word after each template's prompt is the true object.
+
+    Returns ``{relation_id: {template_index: recall}}``. ``prefix`` (e.g. a filler sentence) is put in
+    front of every prompt to check that recall survives unrelated context.
+    """
+    import torch
+
+    facts = list(world.facts if facts is None else facts)
+    items = [(f, t) for f in facts for t in range(len(world.relation(f.relation).templates))]
+    hits: dict[str, dict[int, list[bool]]] = {}
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        for start in range(0, len(items), batch_size):
+            chunk = items[start:start + batch_size]
+            enc = tokenizer([prefix + world.prompt(f, t) for f, t in chunk], padding=True, return_tensors="pt",
+                            padding_side="right")
+            logits = model(input_ids=enc["input_ids"].to(device),
+                           attention_mask=enc["attention_mask"].to(device)).logits
+            last = enc["attention_mask"].sum(1) - 1  # right padding: last real token
+            pred = logits[torch.arange(len(chunk)), last.to(device)].argmax(-1).tolist()
+            for (f, t), p in zip(chunk, pred):
+                word = tokenizer.convert_ids_to_tokens(p)
+                hits.setdefault(f.relation, {}).setdefault(t, []).append(word == f.obj)
+    return {rel: {t: sum(v) / len(v) for t, v in sorted(by_t.items())} for rel, by_t in hits.items()}
+
+
+# -- the shipped checkpoints ---------------------------------------------------------------------
+
+WORLD_MODELS = {"gpt2": "world-gpt2", "llama": "world-llama"}
+
+
+def world_model_path(name: str = "gpt2") -> Path:
+    """Folder of a shipped world checkpoint: ``"gpt2"``/``"world-gpt2"`` or ``"llama"``/``"world-llama"``."""
+    key = name[len("world-"):] if name.startswith("world-") else name
+    if key not in WORLD_MODELS:
+        raise ConfigError(f"unknown world model {name!r}; choose one of {sorted(WORLD_MODELS)}")
+    path = Path(__file__).parent / "assets" / WORLD_MODELS[key]
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"the world checkpoint {path.name} is not installed (expected {path})")
+    return path
+
+
+def load_world_model(name: str = "gpt2", *, dtype: Any = None) -> tuple[Any, Any, list[dict[str, Any]]]:
+    """Load a shipped world model, its tokenizer and its CounterFact records, offline; model in eval mode.
+
+    Weights are stored in float16 to keep the package small and loaded as float32 unless ``dtype`` says
+    otherwise.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+
+    path = world_model_path(name)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32, local_files_only=True)
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(path, local_files_only=True)
+    records = json.loads((path / "records.json").read_text())
+    return model.eval(), tokenizer, records

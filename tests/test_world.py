@@ -1,0 +1,193 @@
+"""The fact world: determinism, format, CounterFact records, tokenizer; the shipped checkpoints."""
+
+import json
+import random
+from collections import Counter
+
+import pytest
+import torch
+
+from memit_adapter.errors import ConfigError
+from memit_adapter.evaluation import evaluate_counterfact
+from memit_adapter.requests import EditRequest, check_requests
+from memit_adapter.world import (
+    RELATIONS,
+    FactWorld,
+    Relation,
+    build_world_tokenizer,
+    check_templates,
+    load_world_model,
+    make_world,
+    recall_by_template,
+    world_model_path,
+)
+
+
+@pytest.fixture(scope="module")
+def world():
+    return make_world(0)
+
+
+def test_world_is_deterministic_in_the_seed(world):
+    again = make_world(0)
+    assert again.to_dict() == world.to_dict()
+    assert again.counterfact_records() == world.counterfact_records()
+    other = make_world(1)
+    assert other.subjects != world.subjects
+
+
+def test_world_shape(world):
+    assert len(world.subjects) == 300 and len(set(world.subjects)) == 300
+    assert len(world.relations) >= 6 and all(4 <= len(r.templates) <= 5 for r in world.relations)
+    assert len(world.facts) == 300 * len(world.relations)
+    # one fact per (subject, relation), objects single words from the relation
+    assert len({(f.subject, f.relation) for f in world.facts}) == len(world.facts)
+    for f in world.facts:
+        assert f.obj in world.relation(f.relation).objects and " " not in f.obj
+    # names have 2-3 words and the last one identifies the subject
+    assert {len(s.split()) for s in world.subjects} == {2, 3}
+    last = Counter(s.split()[-1] for s in world.subjects)
+    assert max(last.values()) == 1
+    other_words = {w for s in world.subjects for w in s.split()[:-1]} | set(world.vocabulary()) - set(last)
+    assert not set(last) & {w for r in world.relations for t in r.templates for w in t.split()}
+    assert not set(last) & {o for r in world.relations for o in r.objects}
+    assert other_words  # first names are shared, surnames are not
+
+
+def test_corpus_states_every_fact_in_every_template(world):
+    sentences = world.corpus_sentences()
+    facts = world.fact_sentences()
+    n_templates = sum(len(world.relation(f.relation).templates) for f in world.facts)
+    assert len(facts) == len(set(facts)) == n_templates
+    assert sentences[:len(facts)] == facts
+    filler = sentences[len(facts):]
+    assert 0 < len(filler) < 0.05 * len(facts)  # a little filler
+    f = world.facts[0]
+    for t in world.relation(f.relation).templates:
+        assert f"{t.format(f.subject)} {f.obj} ." in facts
+    starts = {s.split()[0] for s in filler}
+    assert {"the", "therefore", "because", "i", "you"} <= starts  # MEMIT's context-template starts
+
+
+def test_templates_are_never_prefixes_of_each_other():
+    check_templates(RELATIONS)
+    bad = RELATIONS + (Relation("fan", ("{} is a fan of the",), ("reds", "blues")),)
+    with pytest.raises(ConfigError, match="prefix"):
+        check_templates(bad)
+    with pytest.raises(ConfigError, match="single words"):
+        check_templates((Relation("x", ("{} likes",), ("new york", "oslo")),))
+    with pytest.raises(ConfigError, match="exactly one"):
+        check_templates((Relation("x", ("likes",), ("a", "b")),))
+
+
+def test_counterfact_records(world):
+    records = world.counterfact_records()
+    assert len(records) == len(world.facts)
+    true_obj = {(f.subject, f.relation): f.obj for f in world.facts}
+    subjects = set(world.subjects)
+    for rec in random.Random(0).sample(records, 200):
+        rw = rec["requested_rewrite"]
+        assert set(rec) >= {"case_id", "requested_rewrite", "paraphrase_prompts", "neighborhood_prompts",
+                            "generation_prompts"}
+        rel = world.relation(rw["relation_id"])
+        assert rw["prompt"] in rel.templates
+        new, true = rw["target_new"]["str"], rw["target_true"]["str"]
+        assert new.startswith(" ") and true.startswith(" ") and new != true
+        assert true.strip() == true_obj[(rw["subject"], rel.relation_id)] and new.strip() in rel.objects
+        others = {t.format(rw["subject"]) for t in rel.templates} - {rw["prompt"].format(rw["subject"])}
+        assert set(rec["paraphrase_prompts"]) == others
+        assert len(rec["neighborhood_prompts"]) == 10
+        for prompt in rec["neighborhood_prompts"]:
+            holder = [s for s in subjects if s in prompt and s != rw["subject"]]
+            assert any(true_obj[(s, rel.relation_id)] == true.strip() for s in holder)
+        assert all(rw["subject"] in p for p in rec["generation_prompts"])
+    assert [r["case_id"] for r in records] == list(range(len(records)))
+    json.dumps(records)  # plain JSON
+    requests = [EditRequest.from_dict(r) for r in records]
+    check_requests(requests)  # one target per (subject, prompt): a consistent batch
+
+
+def test_world_round_trips_through_dict(world):
+    assert FactWorld.from_dict(json.loads(json.dumps(world.to_dict()))).to_dict() == world.to_dict()
+
+
+@pytest.mark.parametrize("add_bos", [False, True])
+def test_world_tokenizer(world, add_bos, tmp_path):
+    from transformers import AutoTokenizer
+
+    tok = build_world_tokenizer(world, add_bos=add_bos)
+    tok.save_pretrained(tmp_path)
+    tok = AutoTokenizer.from_pretrained(tmp_path)
+    for s in world.corpus_sentences()[::97]:
+        ids = tok(s, add_special_tokens=False)["input_ids"]
+        assert len(ids) == len(s.split()) and tok.unk_token_id not in ids
+    f = world.facts[3]
+    ids = tok(f.subject.title() + " Lives In")["input_ids"]  # lower-cases
+    assert ids[0] == tok.bos_token_id if add_bos else ids[0] != tok.bos_token_id
+    assert tok.convert_ids_to_tokens(ids[-3]) == f.subject.split()[-1]
+    assert tok.pad_token_id == 0
+
+
+def test_recall_by_template_on_a_tiny_random_model(world):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    tok = build_world_tokenizer(world)
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_layer=1, n_embd=16, n_head=2, n_positions=64)).eval()
+    facts = world.facts[:14]
+    recall = recall_by_template(model, tok, world, facts=facts)
+    assert set(recall) == {f.relation for f in facts}
+    # independent: one prompt at a time
+    rel = facts[0].relation
+    for t, value in recall[rel].items():
+        hits = []
+        for f in facts:
+            if f.relation == rel:
+                ids = tok(world.prompt(f, t), return_tensors="pt")["input_ids"]
+                with torch.no_grad():
+                    hits.append(tok.convert_ids_to_tokens(int(model(ids).logits[0, -1].argmax())) == f.obj)
+        assert value == sum(hits) / len(hits)
+
+
+# -- the shipped checkpoints ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["gpt2", "llama"])
+def test_shipped_world_model_knows_its_facts(name):
+    model, tok, records = load_world_model(name)
+    report = json.loads((world_model_path(name) / "training.json").read_text())
+    assert model.config.model_type == name and next(model.parameters()).dtype == torch.float32
+    assert report["min_recall"] >= 0.95
+    assert all(v >= 0.95 for by_t in report["recall_by_template"].values() for v in by_t.values())
+    world = FactWorld.from_dict(json.loads((world_model_path(name) / "world.json").read_text()))
+    assert world.to_dict() == make_world(world.seed).to_dict()  # the shipped world is the generator's
+    assert records == world.counterfact_records()
+    assert (tok("x")["input_ids"][0] == tok.bos_token_id) == (name == "llama")
+    facts = random.Random(1).sample(world.facts, 60)
+    recall = recall_by_template(model, tok, world, facts=facts)
+    values = [v for by_t in recall.values() for v in by_t.values()]
+    assert sum(values) / len(values) >= 0.95
+    # before any edit, the true object beats the new one almost everywhere
+    result = evaluate_counterfact(model, tok, records[:20], generation=False)
+    assert result.efficacy_score <= 0.1 and result.paraphrase_score <= 0.1 and result.neighborhood_score >= 0.9
+
+
+def test_shipped_files_are_small():
+    for name in ("gpt2", "llama"):
+        for path in world_model_path(name).iterdir():
+            assert path.stat().st_size < 20 * 2**20, path.name
+
+
+def test_unknown_world_model_name():
+    with pytest.raises(ConfigError, match="world-gpt2|gpt2"):
+        world_model_path("gpt3")
+    assert world_model_path("world-gpt2") == world_model_path("gpt2")
+
+
+def test_cli_eval_on_world_model(tmp_path, capsys):
+    from memit_adapter.cli import main
+
+    out = tmp_path / "r.json"
+    assert main(["eval", "--model", "world-gpt2", "--n", "5", "--no-generation", "--out", str(out)]) == 0
+    saved = json.loads(out.read_text())["results"]["model"]
+    assert saved["n_records"] == 5 and saved["neighborhood_score"] >= 0.9
+    assert "paraphrase_score" in capsys.readouterr().out
