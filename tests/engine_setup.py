@@ -1,0 +1,37 @@
+"""Shared set-up of the engine tests: editable tiny models, a corpus, requests with the subject last.
+
+Random tiny models barely route the subject's state to the last token through attention, so these
+requests put the subject at the end of the prompt; the trained world models test the general case.
+"""
+
+from __future__ import annotations
+
+import random
+
+from tiny import WORDS, make_tokenizer, tiny_model
+
+from memit_adapter import EditRequest, MemitConfig
+
+PAIRS = [("michael jordan", " tennis"), ("lebron james", " golf"), ("toko yuki", " hockey"),
+         ("danielle darrieux", " rome"), ("alpha beta", " paris")]
+
+
+def corpus(n: int = 200, length: int = 30, seed: int = 0) -> list[str]:
+    rng = random.Random(seed)
+    words = [w for w in WORDS if w.isalpha()]
+    return [" ".join(rng.choice(words) for _ in range(length)) for _ in range(n)]
+
+
+def requests(prompt: str = "the sport played by {}") -> list[EditRequest]:
+    return [EditRequest(prompt, s, t) for s, t in PAIRS]
+
+
+def config(**kw) -> MemitConfig:
+    base = dict(layers=[1, 2], mom2_update_weight=10.0, context_templates=["{}", "the man said . {}"],
+                clamp_norm_factor=4.0, v_weight_decay=1e-3, v_num_grad_steps=40, mom2_n_samples=200)
+    base.update(kw)
+    return MemitConfig(**base)
+
+
+def model_and_tokenizer(arch: str = "gpt2", **kw):
+    return tiny_model(arch, initializer_range=0.1, **kw), make_tokenizer(add_bos=arch != "gpt2")

@@ -1,0 +1,113 @@
+import json
+
+import pytest
+import torch
+from engine_setup import corpus, model_and_tokenizer
+
+from memit_adapter import StatisticsError
+from memit_adapter.arch import get_arch_spec
+from memit_adapter.stats import StatsCache, collect_stats, load_corpus
+
+
+def _independent_mom2(model, tok, texts, layer):
+    """E[k kᵀ] from the model's own hidden states, text by text, unpadded, in float64."""
+    spec = get_arch_spec(model)
+    keys = []
+    handle = spec.mlp_out_module(model, layer).register_forward_pre_hook(lambda m, a: keys.append(a[0][0].double()))
+    try:
+        with torch.no_grad():
+            for t in texts:
+                model(torch.tensor([tok(t)["input_ids"]]))
+    finally:
+        handle.remove()
+    k = torch.cat(keys)
+    return k.T @ k / k.shape[0], k.shape[0]
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_one_pass_equals_independent_per_layer_computation(arch):
+    model, tok = model_and_tokenizer(arch)
+    texts = [t[: 20 + 7 * i] for i, t in enumerate(corpus(12))]  # different lengths: padding must be masked
+    stats = collect_stats(model, tok, texts, [0, 2, 3], batch_size=5, progress=False)
+    assert sorted(stats) == [0, 2, 3]
+    for layer, stat in stats.items():
+        expected, count = _independent_mom2(model, tok, texts, layer)
+        assert stat.count == count and stat.mom2.dtype == torch.float32
+        torch.testing.assert_close(stat.mom2.double(), expected, rtol=1e-4, atol=1e-6)
+
+
+def test_cache_hit_runs_no_forward_pass(tmp_path):
+    model, tok = model_and_tokenizer("gpt2")
+    texts = corpus(30)
+    first = collect_stats(model, tok, texts, [1, 2], cache=tmp_path, progress=False)
+    files = sorted(p.name for p in tmp_path.iterdir())
+    assert len(files) == 2 and all(f.startswith("mom2_layer") and f.endswith(".safetensors") for f in files)
+    calls = []
+    handle = model.register_forward_pre_hook(lambda *a: calls.append(1))
+    try:
+        again = collect_stats(model, tok, texts, [1, 2], cache=tmp_path, progress=False)
+        without_corpus = collect_stats(model, tok, None, [2], cache=tmp_path, progress=False)
+        assert not calls
+        collect_stats(model, tok, texts, [1, 2, 3], cache=tmp_path, progress=False)  # only layer 3 is new
+        assert len(calls) == 4  # ceil(30 texts / 8 per batch)
+    finally:
+        handle.remove()
+    for layer in (1, 2):
+        assert torch.equal(first[layer].mom2, again[layer].mom2) and first[layer].count == again[layer].count
+    assert torch.equal(without_corpus[2].mom2, first[2].mom2)
+    # another corpus or sample count is another key
+    collect_stats(model, tok, texts[:10], [1], cache=tmp_path, progress=False)
+    assert len(list(tmp_path.glob("mom2_layer1_*"))) == 2
+    assert not list(tmp_path.glob(".tmp-*"))
+
+
+def test_changed_weights_miss_the_cache(tmp_path):
+    model, tok = model_and_tokenizer("gpt2")
+    collect_stats(model, tok, corpus(10), [1], cache=tmp_path, progress=False)
+    with torch.no_grad():
+        model.transformer.h[0].mlp.c_fc.weight.mul_(2)
+    collect_stats(model, tok, corpus(10), [1], cache=tmp_path, progress=False)
+    assert len(list(tmp_path.iterdir())) == 2
+
+
+def test_corpus_files_and_dataset(tmp_path):
+    texts = corpus(6)
+    (tmp_path / "c.txt").write_text("\n".join(texts) + "\n\n")
+    (tmp_path / "c.jsonl").write_text("\n".join(json.dumps({"text": t}) for t in texts))
+    a, id_a = load_corpus(tmp_path / "c.txt", 100)
+    b, id_b = load_corpus(str(tmp_path / "c.jsonl"), 100)
+    c, id_c = load_corpus(texts, 4)
+    assert a == b == texts and id_a == id_b and c == texts[:4] and id_c != id_a
+    datasets = pytest.importorskip("datasets")
+    d, id_d = load_corpus(datasets.Dataset.from_dict({"text": texts}), 100)
+    assert d == texts and id_d == id_a
+    (tmp_path / "bad.jsonl").write_text('{"txt": 1}\n')
+    with pytest.raises(StatisticsError, match="text"):
+        load_corpus(tmp_path / "bad.jsonl", 10)
+    with pytest.raises(StatisticsError, match="does not exist"):
+        load_corpus(tmp_path / "missing.txt", 10)
+    with pytest.raises(StatisticsError):
+        load_corpus(42, 10)
+
+
+def test_no_corpus_and_no_cache_says_how_to_provide_one(tmp_path):
+    model, tok = model_and_tokenizer("gpt2")
+    with pytest.raises(StatisticsError, match="corpus=.*never downloads"):
+        collect_stats(model, tok, None, [1], cache=tmp_path, progress=False)
+
+
+def test_corrupted_cache_file_is_reported(tmp_path):
+    model, tok = model_and_tokenizer("gpt2")
+    collect_stats(model, tok, corpus(5), [1], cache=tmp_path, progress=False)
+    (path,) = tmp_path.iterdir()
+    path.write_bytes(path.read_bytes()[:50])
+    with pytest.raises(StatisticsError, match="unreadable"):
+        collect_stats(model, tok, corpus(5), [1], cache=StatsCache(tmp_path), progress=False)
+
+
+def test_half_precision_model_accumulates_in_float32():
+    model, tok = model_and_tokenizer("gpt2", dtype=torch.bfloat16)
+    stats = collect_stats(model, tok, corpus(8), [1], progress=False)
+    assert stats[1].mom2.dtype == torch.float32 and torch.isfinite(stats[1].mom2).all()
+    stats64 = collect_stats(model, tok, corpus(8), [1], dtype="float64", progress=False)
+    assert stats64[1].mom2.dtype == torch.float64

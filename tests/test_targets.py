@@ -1,0 +1,41 @@
+import pytest
+import torch
+from engine_setup import config, model_and_tokenizer, requests
+
+from memit_adapter.arch import get_arch_spec
+from memit_adapter.targets import compute_targets, context_templates
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_batched_targets_equal_one_at_a_time(arch):
+    model, tok = model_and_tokenizer(arch)
+    spec = get_arch_spec(model)
+    reqs = requests()
+    # a threshold that some rows reach before the last step exercises the per-row early stop
+    cfg = config(v_num_grad_steps=15, v_loss_threshold=2.9)
+    templates = ["{}", "the man said . {}", "he said that {}"]
+    z_all, h_all = compute_targets(model, spec, tok, reqs, templates, cfg, 2, progress=False)
+    z_one, h_one = compute_targets(model, spec, tok, reqs, templates, cfg, 2, batch_size=1, progress=False)
+    torch.testing.assert_close(h_all, h_one, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(z_all, z_one, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(z_all, h_all)
+
+
+def test_targets_respect_norm_clamp():
+    model, tok = model_and_tokenizer("gpt2")
+    cfg = config(clamp_norm_factor=0.1)
+    z, h = compute_targets(model, get_arch_spec(model), tok, requests(), ["{}"], cfg, 1, progress=False)
+    ratio = (z - h).norm(dim=-1) / h.norm(dim=-1)
+    assert (ratio <= 0.1 + 1e-4).all() and (ratio > 0.09).all()
+
+
+def test_context_templates_are_seeded_and_well_formed():
+    model, tok = model_and_tokenizer("gpt2")
+    cfg = config(context_templates=None, context_template_length=4,
+                 context_template_starts=["the", "therefore", "because", "i", "you"])
+    a, b = context_templates(model, tok, cfg), context_templates(model, tok, cfg)
+    other = context_templates(model, tok, cfg.replace(seed=1))
+    assert a == b and a != other
+    assert a[0] == "{}" and len(a) == 1 + len(cfg.context_template_starts)
+    assert all(t.count("{}") == 1 and t.endswith(". {}") for t in a[1:])
+    assert [t.split()[0] for t in a[1:]] == cfg.context_template_starts

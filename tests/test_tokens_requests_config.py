@@ -1,0 +1,92 @@
+import json
+
+import pytest
+import torch
+from engine_setup import config, corpus, model_and_tokenizer
+from tiny import make_tokenizer, tiny_model
+
+from memit_adapter import ConfigError, EditRequest, InvalidRequestError, MemitConfig
+from memit_adapter.engine import compute_edits
+from memit_adapter.requests import find_conflicts
+from memit_adapter.tokens import encode_fact
+
+
+@pytest.mark.parametrize("add_bos", [False, True])
+@pytest.mark.parametrize("padding_side", ["left", "right"])
+def test_subject_lookup_and_targets(add_bos, padding_side):
+    tok = make_tokenizer(add_bos=add_bos, padding_side=padding_side)
+    fact = encode_fact(tok, "the man said . {} plays the sport of", "michael jordan", " tennis golf")
+    tokens = tok.convert_ids_to_tokens(fact.ids)
+    assert tokens[fact.lookup] == "jordan" and tokens[fact.lookup - 1] == "michael"
+    assert (tokens[0] == "<s>") == add_bos
+    assert tok.convert_ids_to_tokens(fact.target_ids) == ["tennis", "golf"]
+    assert fact.target_positions == [len(fact.ids) - 3, len(fact.ids) - 2]
+    assert tokens[fact.n_prompt - 1] == "of"
+
+
+def test_padding_side_does_not_change_the_edit():
+    """A tokenizer that pads on the left gives the same deltas as one that pads on the right."""
+    model = tiny_model("llama", initializer_range=0.1)
+    packs = [compute_edits(model, make_tokenizer(add_bos=True, padding_side=side),
+                           [EditRequest("{} plays the sport of", "michael jordan", " golf"),
+                            EditRequest("the famous player for the team of {}", "lebron james", " rome")],
+                           config(v_num_grad_steps=5), corpus=corpus(20), progress=False)
+             for side in ("left", "right")]
+    for name in packs[0].deltas:
+        assert torch.equal(packs[0].deltas[name].weight_delta(), packs[1].deltas[name].weight_delta())
+
+
+def test_request_from_counterfact_and_memit_dicts():
+    cf = {"case_id": 7, "requested_rewrite": {"prompt": "{} plays the sport of", "subject": "Michael Jordan",
+                                              "relation_id": "P641", "target_new": {"str": "baseball"},
+                                              "target_true": {"str": "basketball", "id": "Q5372"}}}
+    memit = {"prompt": "{} plays the sport of", "subject": "Michael Jordan", "target_new": {"str": "baseball"}}
+    a, b = EditRequest.from_dict(cf), EditRequest.from_dict(memit)
+    assert a == EditRequest("{} plays the sport of", "Michael Jordan", "baseball", "basketball", 7)
+    assert (b.prompt, b.subject, b.target_new, b.target_true) == (a.prompt, a.subject, a.target_new, None)
+    assert EditRequest.from_dict(a.to_dict()) == a
+    assert a.text == "Michael Jordan plays the sport of"
+    with pytest.raises(InvalidRequestError, match="target_new"):
+        EditRequest.from_dict({"prompt": "{} x", "subject": "s"})
+    with pytest.raises(InvalidRequestError):
+        EditRequest.from_dict({"prompt": "{} x", "subject": "s", "target_new": {"id": 3}})
+
+
+def test_conflicts_found_and_duplicates_allowed():
+    a = EditRequest("{} plays", "x", " golf")
+    assert find_conflicts([a, EditRequest("{} plays", "x", "golf"), EditRequest("{} lives in", "x", " rome")]) == []
+    assert find_conflicts([a, EditRequest("{} plays", "x", " tennis")]) == [(a, EditRequest("{} plays", "x", " tennis"))]
+
+
+def test_config_json_round_trip_and_validation():
+    cfg = MemitConfig(layers=[1, 2], mom2_update_weight=300.0, context_templates=["{}", "a . {}"])
+    assert MemitConfig.from_json(cfg.to_json()) == cfg
+    assert json.loads(cfg.to_json())["mom2_update_weight"] == 300.0
+    for bad in [dict(layers=[]), dict(layers=[2, 1]), dict(layers=[1, 1]), dict(layers=[-1]),
+                dict(mom2_update_weight=0), dict(v_lr=float("nan")), dict(kl_factor=-1), dict(mom2_dtype="float16"),
+                dict(v_batch_size=0), dict(context_templates=["no placeholder"]), dict(layers=[True])]:
+        with pytest.raises(ConfigError):
+            MemitConfig(**bad)
+    with pytest.raises(ConfigError, match="unknown"):
+        MemitConfig.from_dict({"layerz": [1]})
+
+
+class _Shell(torch.nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+
+
+def test_for_model_presets_and_scaled_defaults():
+    from transformers import GPT2Config, GPTJConfig, LlamaConfig
+    xl = MemitConfig.for_model(_Shell(GPT2Config(n_layer=48, n_embd=1600)))
+    assert xl.layers == [13, 14, 15, 16, 17] and xl.mom2_update_weight == 20000 and xl.v_num_grad_steps == 20
+    gptj = MemitConfig.for_model(_Shell(GPTJConfig(n_layer=28, n_embd=4096)))
+    assert gptj.layers == [3, 4, 5, 6, 7, 8] and gptj.mom2_update_weight == 15000
+    llama = MemitConfig.for_model(_Shell(LlamaConfig(num_hidden_layers=32, hidden_size=4096)))
+    assert llama.layers == [4, 5, 6, 7, 8] and llama.clamp_norm_factor == 4 and llama.v_weight_decay == 1e-3
+    small = MemitConfig.for_model(_Shell(GPT2Config(n_layer=6, n_embd=256, n_inner=1024)))
+    assert small.layers == [0, 1, 2] and small.mom2_update_weight == 256
+    assert MemitConfig.for_model(_Shell(GPT2Config(n_layer=6)), layers=[4]).layers == [4]
+    model, _ = model_and_tokenizer("gpt2")
+    assert max(MemitConfig.for_model(model).layers) < 4
