@@ -55,7 +55,8 @@ def test_request_from_counterfact_and_memit_dicts():
 def test_conflicts_found_and_duplicates_allowed():
     a = EditRequest("{} plays", "x", " golf")
     assert find_conflicts([a, EditRequest("{} plays", "x", "golf"), EditRequest("{} lives in", "x", " rome")]) == []
-    assert find_conflicts([a, EditRequest("{} plays", "x", " tennis")]) == [(a, EditRequest("{} plays", "x", " tennis"))]
+    b = EditRequest("{} plays", "x", " tennis")
+    assert find_conflicts([a, b]) == [(a, b)]
 
 
 def test_config_json_round_trip_and_validation():
