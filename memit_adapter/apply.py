@@ -28,6 +28,7 @@ import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 
 import torch
 from torch import nn
@@ -55,7 +56,6 @@ class _Merged:
     pack: EditPack
     pack_id: str
     restores: dict[str, _Restore]
-    fingerprint_before: str
 
 
 @dataclass
@@ -122,11 +122,9 @@ def check_fits(pack: EditPack, model: nn.Module, *, force: bool = False) -> str:
     state = model_edits(model)
     check_compatible([p for _, p in state.active()] + [pack])
     current = weights_fingerprint(model, pack.module_names)
-    if force or pack.fingerprint is None:
-        return current
-    accepted = {current} | {m.fingerprint_before for m in state.merged
-                            if set(m.pack.module_names) == set(pack.module_names)}
-    if pack.fingerprint not in accepted:
+    if force or pack.fingerprint is None or pack.fingerprint == current:
+        return current  # a pack computed on the model as it is now (sequential editing) fits
+    if pack.fingerprint != _base_fingerprint(model, state, pack.module_names):
         raise FingerprintMismatchError(
             f"the pack was computed on other weights of {pack.module_names[:3]}... than this model's "
             f"(pack fingerprint {pack.fingerprint[:19]}..., model {current[:19]}...; base model recorded: "
@@ -149,7 +147,7 @@ def merge(pack: EditPack, model: nn.Module, *, force: bool = False, loss_warn_th
     if any(m.pack_id == pid for m in state.merged) or pid in state.attached:
         warnings.warn("this pack is already merged into or attached to the model; nothing done", stacklevel=2)
         return None
-    fingerprint_before = check_fits(pack, model, force=force)
+    check_fits(pack, model, force=force)
     new_weights, restores, errors = {}, {}, {}
     for name, d in pack.deltas.items():
         w = model.get_submodule(name).weight
@@ -157,7 +155,7 @@ def merge(pack: EditPack, model: nn.Module, *, force: bool = False, loss_warn_th
     with torch.no_grad():
         for name, new in new_weights.items():
             model.get_submodule(name).weight.copy_(new)
-    state.merged.append(_Merged(pack, pid, restores, fingerprint_before))
+    state.merged.append(_Merged(pack, pid, restores))
     report = _report(model, pack, restores, errors)
     if report.delta_rel_error > loss_warn_threshold:
         warnings.warn(
@@ -185,16 +183,41 @@ def unmerge(pack: EditPack, model: nn.Module) -> None:
 
 
 def _restore(model: nn.Module, merged: _Merged) -> None:
+    for name, d in merged.pack.deltas.items():
+        _restore_weight(model.get_submodule(name).weight, d, merged.restores[name], merged.pack.fan_in_fan_out, name)
+
+
+def _restore_weight(w: torch.Tensor, d: LayerDelta, r: _Restore, transposed: bool, name: str) -> None:
     with torch.no_grad():
-        for name, d in merged.pack.deltas.items():
-            w = model.get_submodule(name).weight
-            r = merged.restores[name]
-            for rows, delta in _delta_blocks(d, w, merged.pack.fan_in_fan_out):
-                w[rows] = (w[rows].to(delta.dtype) - delta).to(w.dtype)
-            w.view(-1)[r.index.long()] = r.values
-            if _checksum(w) != r.checksum:
-                raise PackError(f"{name}: the restored weight differs from the original bits; the delta was "
-                                "recomputed differently than at merge time (device or library changed?)")
+        for rows, delta in _delta_blocks(d, w, transposed):
+            w[rows] = (w[rows].to(delta.dtype) - delta).to(w.dtype)
+        w.view(-1)[r.index.long()] = r.values
+    if _checksum(w) != r.checksum:
+        raise PackError(f"{name}: the restored weight differs from the original bits; the delta was "
+                        "recomputed differently than at merge time (device or library changed?)")
+
+
+def _base_fingerprint(model: nn.Module, state: _ModelEdits, names: list[str]) -> str:
+    """Fingerprint of ``names`` with every merged pack taken off, computed on copies: packs computed
+    independently on the same base may be merged one after the other."""
+    base = {}
+    for name in names:
+        w = model.get_submodule(name).weight.detach().clone()
+        for m in reversed(state.merged):
+            if name in m.restores:
+                _restore_weight(w, m.pack.deltas[name], m.restores[name], m.pack.fan_in_fan_out, name)
+        base[name] = w
+    return weights_fingerprint(_Weights(base), names)
+
+
+class _Weights:
+    """Duck-types ``model.get_submodule(name).weight`` over a dict of tensors, for ``weights_fingerprint``."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor]) -> None:
+        self.tensors = tensors
+
+    def get_submodule(self, name: str) -> SimpleNamespace:
+        return SimpleNamespace(weight=self.tensors[name])
 
 
 def _merged_weight(w: torch.Tensor, d: LayerDelta, transposed: bool, name: str
@@ -261,16 +284,17 @@ def _report(model: nn.Module, pack: EditPack, restores: dict[str, _Restore],
 
 
 # -- toggling with forward hooks --------------------------------------------------------------------
-def attach(pack: EditPack, model: nn.Module, *, force: bool = False) -> None:
+def attach(pack: EditPack, model: nn.Module, *, force: bool = False) -> bool:
     """Add ``pack``'s deltas to the edited modules' outputs with forward hooks: ``y = W x + B (A x)``.
 
-    Works with ``generate()`` and batches (the hook acts on every token). Warns and returns if already active.
+    Works with ``generate()`` and batches (the hook acts on every token). Warns and returns False if the
+    pack is already active; True when it was attached.
     """
     state = model_edits(model)
     pid = pack.pack_id
     if pid in state.attached or any(m.pack_id == pid for m in state.merged):
         warnings.warn("this pack is already attached to or merged into the model; nothing done", stacklevel=2)
-        return
+        return False
     check_fits(pack, model, force=force)
     handles = []
     try:
@@ -282,6 +306,7 @@ def attach(pack: EditPack, model: nn.Module, *, force: bool = False) -> None:
             h.remove()
         raise
     state.attached[pid] = _Attached(pack, pid, handles)
+    return True
 
 
 def detach(pack: EditPack, model: nn.Module) -> None:
@@ -297,11 +322,12 @@ def detach(pack: EditPack, model: nn.Module) -> None:
 @contextmanager
 def applied(pack: EditPack, model: nn.Module, *, force: bool = False) -> Iterator[nn.Module]:
     """``with applied(pack, model): model.generate(...)`` -- the pack is active inside the block only."""
-    attach(pack, model, force=force)
+    attached = attach(pack, model, force=force)
     try:
         yield model
     finally:
-        detach(pack, model)
+        if attached:
+            detach(pack, model)
 
 
 def _delta_hook(d: LayerDelta, weight: torch.Tensor) -> Callable:

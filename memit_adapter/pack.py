@@ -232,8 +232,11 @@ class EditPack:
         """One pack whose delta is the sum of ``packs``' deltas (factors concatenated, so exact).
 
         Raises :class:`ConflictingRequestsError` naming the facts when two packs give the same subject
-        and relation prompt different targets, and :class:`FingerprintMismatchError` when the packs
-        were computed on different base weights (``force=True`` skips that check).
+        and relation prompt different targets, and :class:`FingerprintMismatchError` when packs on the
+        same modules were computed on different base weights (``force=True`` skips that check). The
+        result keeps the base fingerprint when the root packs (those not computed on top of another
+        one in the list) all cover the same modules; otherwise it has none (the check is skipped).
+        ``parents`` are the parents of the inputs that are not inputs themselves.
         """
         packs = list(packs)
         if not packs or not all(isinstance(p, EditPack) for p in packs):
@@ -245,12 +248,17 @@ class EditPack:
                 deltas[name] = d if name not in deltas else _add(deltas[name], d)
         ids = [p.pack_id for p in packs]
         roots = [p for p in packs if not set(p.parents) & set(ids)]
-        fingerprints = {p.fingerprint for p in roots if p.fingerprint is not None}
-        if len(fingerprints) > 1 and not force:
+        by_modules: dict[frozenset, set] = {}  # fingerprints are comparable over the same modules only
+        for p in roots:
+            if p.fingerprint is not None:
+                by_modules.setdefault(frozenset(p.deltas), set()).add(p.fingerprint)
+        clash = [sorted(fps) for fps in by_modules.values() if len(fps) > 1]
+        if clash and not force:
             raise FingerprintMismatchError(
-                f"the packs were computed on different base weights ({sorted(fingerprints)}); "
-                "pass force=True to stack them anyway"
+                f"the packs were computed on different base weights ({clash[0]}); pass force=True to stack them anyway"
             )
+        whole = by_modules.get(frozenset(deltas), set())
+        fingerprints = whole if len(by_modules) == 1 else set()
         parents = [pid for p in packs for pid in p.parents if pid not in ids]
         first = packs[0]
         return cls(deltas=deltas, requests=[r for p in packs for r in p.requests], config=first.config,
@@ -272,11 +280,11 @@ class EditPack:
 
         unmerge(self, model)
 
-    def attach(self, model: nn.Module, *, force: bool = False) -> None:
-        """Add the deltas in the forward pass (forward hooks) without touching the weights."""
+    def attach(self, model: nn.Module, *, force: bool = False) -> bool:
+        """Add the deltas in the forward pass (forward hooks) without touching the weights; False if already active."""
         from .apply import attach
 
-        attach(self, model, force=force)
+        return attach(self, model, force=force)
 
     def detach(self, model: nn.Module) -> None:
         """Remove the hooks of :meth:`attach`; outputs are the original ones again."""
@@ -287,11 +295,10 @@ class EditPack:
     @contextmanager
     def applied(self, model: nn.Module, *, force: bool = False) -> Iterator[nn.Module]:
         """``with pack.applied(model): ...`` -- attached inside the block, detached on exit (also on error)."""
-        self.attach(model, force=force)
-        try:
+        from .apply import applied
+
+        with applied(self, model, force=force):
             yield model
-        finally:
-            self.detach(model)
 
     # -- files and Hub (see memit_adapter.persistence, memit_adapter.hub) --------------------------------
     def save_pretrained(self, save_directory: str, *, dense_file: bool = False, card: bool = True) -> None:

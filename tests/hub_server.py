@@ -176,7 +176,7 @@ def _handler_for(hub: LocalHub) -> type[BaseHTTPRequestHandler]:
             if parts == ["api", "repos", "create"]:
                 data = json.loads(body or b"{}")
                 repo_id = f"{data['organization']}/{data['name']}" if data.get("organization") else data["name"]
-                if hub.create(repo_id, bool(data.get("private"))):
+                if hub.create(repo_id, bool(data.get("private")) or data.get("visibility") == "private"):
                     return self._json(200, {"url": f"{hub.endpoint}/{repo_id}", "name": repo_id})
                 return self._json(409, {"error": "You already created this model repo",
                                         "url": f"{hub.endpoint}/{repo_id}"})
