@@ -32,7 +32,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .arch import ArchSpec, get_arch_spec
-from .errors import InvalidRequestError, UnsupportedArchitectureError
+from .errors import ConfigError, InvalidRequestError, UnsupportedArchitectureError
 from .hooks import capture_outputs, edit_output
 from .requests import EditRequest
 from .tokens import fill
@@ -250,13 +250,12 @@ class _Runner:
         n_subject = fact.subject[1] - fact.subject[0]
         return cls(model, fact, _noise(opts.samples, n_subject, d_model, std, seed), opts.arch)
 
-    def baseline(self, *, keep_corrupt: Sequence[str] = ()) -> tuple[float, torch.Tensor]:
-        """Clean and corrupted runs in one batch; stores clean states of all modules and corrupted ones of
-        ``keep_corrupt``. Returns ``(P clean, P corrupted per sample)``."""
+    def baseline(self, keep_clean: Sequence[str], keep_corrupt: Sequence[str] = ()) -> tuple[float, torch.Tensor]:
+        """Clean and corrupted runs in one batch; stores the clean states of the modules ``keep_clean`` and
+        the corrupted ones of ``keep_corrupt``. Returns ``(P clean, P corrupted per sample)``."""
         rows = [_Row(-1)] + [_Row(s) for s in range(len(self.noise))]
-        names = [n for kind in KINDS for n in self.names[kind]]
-        probs, seen = self._forward(rows, capture=names)
-        self.clean = {n: seen[n][0] for n in names}
+        probs, seen = self._forward(rows, capture=sorted({*keep_clean, *keep_corrupt}))
+        self.clean = {n: seen[n][0] for n in keep_clean}
         self.corrupt = {n: seen[n][1:] for n in keep_corrupt}
         return probs[0].item(), probs[1:]
 
@@ -297,9 +296,10 @@ class _Runner:
         fns = {}
         for name, entries in wanted.items():
             r, t, c = (torch.tensor(x, device=self.device) for x in zip(*entries))
-            values = torch.empty(len(entries), self.clean[name].shape[-1], dtype=self.clean[name].dtype,
-                                 device=self.device)
-            values[c] = self.clean[name][t[c]]
+            ref = self.clean[name] if name in self.clean else self.corrupt[name]
+            values = ref.new_empty(len(entries), ref.shape[-1])  # (entries, d_model)
+            if c.any():
+                values[c] = self.clean[name][t[c]]
             if not c.all():
                 values[~c] = self.corrupt[name][samples[r[~c]], t[~c]]
             fns[name] = _overwrite(r, t, values)
@@ -345,16 +345,27 @@ class _Options:
     batch_size: int = 256
     arch: ArchSpec | None = None
 
+    def __post_init__(self) -> None:
+        for name in ("samples", "batch_size") + (("window",) if self.window is not None else ()):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{name} must be an int >= 1, got {value!r}")
+        for name in ("noise_factor",) + (("embed_std",) if self.embed_std is not None else ()):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not value >= 0:
+                raise ConfigError(f"{name} must be a number >= 0, got {value!r}")
+
 
 _Triple = tuple[str, str, str | None]  # (prompt, subject, object or None)
 
 
 def _prepare(model, tokenizer, facts: Sequence[_Triple], opts: _Options) -> tuple[list[_Fact], float]:
     """Tokenise the facts (object None: the model's top prediction) and fix the noise std."""
+    encoded = [_encode_fact(tokenizer, p, s, t, model) for p, s, t in facts]
     std = opts.embed_std
     if std is None:
         std = embedding_std(model, tokenizer, list(opts.corpus or [s for _, s, _ in facts]), arch=opts.arch)
-    return [_encode_fact(tokenizer, p, s, t, model) for p, s, t in facts], opts.noise_factor * std
+    return encoded, opts.noise_factor * std
 
 
 def _triples(facts) -> list[_Triple]:
@@ -374,18 +385,16 @@ def _triples(facts) -> list[_Triple]:
 
 
 def _trace_one(model, fact: _Fact, std: float, kind: str, opts: _Options, seed: int) -> TraceResult:
-    if kind not in KINDS:
-        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     s0, s1 = fact.subject
     runner = _Runner.build(model, fact, std, opts, seed)
     n_layers = runner.n_layers
     window = 1 if kind == "hidden" else (opts.window or default_window(n_layers))
-    high, lows = runner.baseline()
+    names = runner.names[kind]
+    high, lows = runner.baseline(names)
     low = lows.mean().item()
     n_tok = len(fact.prompt_ids)
     # Tokens before the subject never see the noise (causal attention): restoring them is the identity.
     cells = [(t, l) for t in range(s0, n_tok) for l in range(n_layers)]
-    names = runner.names[kind]
     rows = [_Row(s, tuple((names[k], t, True) for k in _window(l, window, n_layers)))
             for t, l in cells for s in range(opts.samples)]
     probs = runner.run(rows, opts.batch_size).view(len(cells), opts.samples).mean(1)
@@ -415,6 +424,8 @@ def trace_facts(model: nn.Module, tokenizer, facts: Sequence[EditRequest], *, ki
                 progress: bool = True, **options) -> list[TraceResult]:
     """:func:`trace_fact` over many facts (``EditRequest.target_true`` is the object; when absent, the
     model's top prediction). Options as in :func:`trace_fact`; one noise std for all facts."""
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     facts = _triples(facts)
     opts = _Options(**options)
     with _inference(model):
@@ -481,7 +492,7 @@ def _severed_one(model, fact: _Fact, std: float, modes: Sequence[str], opts: _Op
     runner = _Runner.build(model, fact, std, opts, seed)
     n_layers, last = runner.n_layers, fact.last_subject
     frozen = {m: runner.names[m] for m in modes if m != "none"}
-    high, lows = runner.baseline(keep_corrupt=[n for names in frozen.values() for n in names])
+    high, lows = runner.baseline(runner.names["hidden"], [n for names in frozen.values() for n in names])
     rows = []
     for mode in modes:
         freeze = tuple((n, last, False) for n in frozen.get(mode, ()))

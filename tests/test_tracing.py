@@ -8,6 +8,7 @@ import pytest
 import torch
 from tiny import ARCHS, make_tokenizer, tiny_model
 
+from memit_adapter.errors import ConfigError, InvalidRequestError
 from memit_adapter.requests import EditRequest
 from memit_adapter.tracing import (
     _encode_fact,
@@ -64,7 +65,7 @@ def test_restoring_a_clean_run_is_the_identity():
     fact = _encode_fact(tok, PROMPT, SUBJECT, " basketball", model)
     runner = _Runner(model, fact, _noise(2, 2, 32, 1.0, seed=0), None)
     with torch.no_grad():
-        high, _ = runner.baseline()
+        high, _ = runner.baseline(runner.names["hidden"])
         every_state = tuple((n, t, True) for n in runner.names["hidden"] for t in range(len(fact.input_ids)))
         probs = runner.run([_Row(-1), _Row(-1, every_state), _Row(0, every_state)], batch_size=8)
     assert probs.tolist() == pytest.approx([high] * 3, rel=1e-6)
@@ -135,6 +136,20 @@ def test_every_architecture_traces_and_plots(arch, tmp_path):
     for name in ("hidden.png", "all.png", "severed.png"):
         data = (tmp_path / name).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
+
+
+def test_bad_options_and_facts_are_rejected():
+    model, tok = tiny_model("gpt2"), make_tokenizer()
+    with pytest.raises(ConfigError, match="samples"):
+        trace_fact(model, tok, PROMPT, SUBJECT, samples=0)
+    with pytest.raises(ConfigError, match="window"):
+        trace_fact(model, tok, PROMPT, SUBJECT, kind="mlp", window=0)
+    with pytest.raises(ValueError, match="kind"):
+        trace_fact(model, tok, PROMPT, SUBJECT, kind="mlps")
+    with pytest.raises(InvalidRequestError, match="no token"):
+        trace_fact(model, tok, "{} plays", "", " golf")
+    with pytest.raises(InvalidRequestError):
+        suggest_layers(model, tok, [])
 
 
 def test_average_traces_by_token_category():
