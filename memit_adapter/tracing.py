@@ -547,8 +547,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     src.add_argument("--subject")
     src.add_argument("--object", help="expected object; default: the model's top prediction")
     src.add_argument("--data", type=Path, help="JSON list of CounterFact records (target_true is traced)")
-    src.add_argument("--limit", type=int, default=None, help="trace only the first N records of --data")
-    parser.add_argument("--model", required=True, help="model id or directory (AutoModelForCausalLM)")
+    src.add_argument("--limit", type=int, default=None, help="trace only the first N records")
+    parser.add_argument("--model", required=True,
+                        help="model id or directory (AutoModelForCausalLM), or world-gpt2 / world-llama (shipped; "
+                             "their records are traced unless facts are given)")
     parser.add_argument("--out", type=Path, required=True, help="directory for the PNGs and trace.json")
     parser.add_argument("--kinds", nargs="+", choices=KINDS, default=list(KINDS))
     parser.add_argument("--samples", type=int, default=10, help="noise samples per fact (default 10)")
@@ -564,8 +566,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run_cli(args: argparse.Namespace) -> int:
     from . import plots
 
-    facts = _cli_facts(args)
-    model, tokenizer = _load(args.model, args.device)
+    model, tokenizer, shipped = _load(args.model, args.device)
+    facts = _cli_facts(args, shipped)
     opts = dict(samples=args.samples, embed_std=args.embed_std, noise_factor=args.noise_factor, seed=args.seed,
                 batch_size=args.batch_size)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -588,11 +590,12 @@ def run_cli(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cli_facts(args: argparse.Namespace) -> list[_Triple]:
-    if args.data is not None:
+def _cli_facts(args: argparse.Namespace, shipped: list[dict] | None) -> list[_Triple]:
+    """The facts to trace: ``--data``, or ``--prompt/--subject``, or the records shipped with a world model."""
+    if args.data is not None or (shipped and not args.prompt):
         if args.prompt or args.subject:
             raise SystemExit("give either --data or --prompt/--subject, not both")
-        records = json.loads(args.data.read_text())
+        records = json.loads(args.data.read_text()) if args.data is not None else shipped
         records = records[: args.limit] if args.limit else records
         return [(r.prompt, r.subject, r.target_true) for r in map(EditRequest.from_dict, records)]
     if not (args.prompt and args.subject):
@@ -604,17 +607,18 @@ def _cli_facts(args: argparse.Namespace) -> list[_Triple]:
 
 
 def _load(name: str, device: str | None):
-    """A model id or folder; ``world-gpt2``/``world-llama`` load the shipped world checkpoints offline."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
+    """``(model, tokenizer, records or None)`` of a model id or folder; ``world-gpt2``/``world-llama`` load
+    a shipped world checkpoint and its CounterFact records, offline."""
     if name.startswith("world-") and not Path(name).exists():
         from .world import load_world_model
 
-        model, tokenizer, _ = load_world_model(name)
-        return model.to(device or "cpu").eval(), tokenizer
-    model = AutoModelForCausalLM.from_pretrained(name)
-    tokenizer = AutoTokenizer.from_pretrained(name)
-    return model.to(device or "cpu").eval(), tokenizer
+        model, tokenizer, records = load_world_model(name)
+    else:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        model, tokenizer = AutoModelForCausalLM.from_pretrained(name), AutoTokenizer.from_pretrained(name)
+        records = None
+    return model.to(device or "cpu").eval(), tokenizer, records
 
 
 __all__ = ["CATEGORIES", "KINDS", "SEVER_MODES", "TRACE_MODULES", "SeveredTrace", "TraceResult", "average_traces",

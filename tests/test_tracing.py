@@ -246,3 +246,13 @@ def test_world_suggested_layers_in_the_first_two_thirds(world_traces):
     n_layers = model.config.n_layer
     assert layers == list(range(layers[0], layers[-1] + 1))
     assert layers[-1] < 2 * n_layers / 3, layers
+
+
+def test_world_cli_traces_the_shipped_records(tmp_path):
+    _world()
+    from memit_adapter.cli import main
+
+    assert main(["trace", "--model", "world-gpt2", "--limit", "3", "--kinds", "hidden", "--samples", "2",
+                 "--out", str(tmp_path), "--quiet"]) == 0
+    report = json.loads((tmp_path / "trace.json").read_text())
+    assert report["n_facts"] == 3 and (tmp_path / "severed.png").is_file()
