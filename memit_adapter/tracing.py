@@ -2,8 +2,9 @@
 
 The subject tokens' embeddings are corrupted with Gaussian noise (std ``noise_factor`` x the std of
 embeddings); then one state at a time is restored to its clean value and the recovered probability of
-the object is measured. Every noise sample and every restored state of one fact is one row of a batch,
-so a fact costs a few batched forward passes.
+the object is measured. P(object) is the product of its tokens' probabilities (teacher-forced), i.e. the
+paper's probability of the answer token when the object is one token. Every noise sample and every
+restored state of one fact is one row of a batch, so a fact costs a few batched forward passes.
 
 Usage::
 
