@@ -5,6 +5,7 @@ Importing this package reads no file and touches no network.
 
 from .arch import ARCHITECTURES, ArchSpec, get_arch_spec, register_architecture
 from .config import MemitConfig
+from .engine import compute_edits
 from .errors import (
     ConfigError,
     ConflictingRequestsError,
@@ -17,6 +18,7 @@ from .errors import (
 )
 from .pack import EditPack, LayerDelta
 from .requests import EditRequest
+from .stats import SecondMoment, StatsCache, collect_stats
 
 __version__ = "0.1.0"
 
@@ -33,8 +35,12 @@ __all__ = [
     "MemitConfig",
     "MemitError",
     "PackError",
+    "SecondMoment",
     "StatisticsError",
+    "StatsCache",
     "UnsupportedArchitectureError",
+    "collect_stats",
+    "compute_edits",
     "get_arch_spec",
     "register_architecture",
 ]

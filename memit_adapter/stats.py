@@ -237,7 +237,7 @@ def _find_any(cache: StatsCache, model, layer: int, dtype: str) -> SecondMoment 
 
 
 @torch.no_grad()
-def _accumulate(model, tokenizer, texts, layers, spec, max_length, batch_size, acc_dtype, progress):
+def _accumulate(model, tokenizer, texts, layers, spec, max_length, batch_size, acc_dtype, progress, stop_early=True):
     device = next(model.parameters()).device
     max_length = max_length or 1024
     sums: dict[int, torch.Tensor] = {}
@@ -252,7 +252,7 @@ def _accumulate(model, tokenizer, texts, layers, spec, max_length, batch_size, a
                 sums[layer] = torch.zeros(k.shape[1], k.shape[1], dtype=acc_dtype, device=k.device)
             sums[layer].addmm_(k.T, k)
             counts[layer] += k.shape[0]
-            if layer == deepest:
+            if stop_early and layer == deepest:
                 raise _StopForward
         return hook
 
