@@ -11,10 +11,12 @@ Usage::
 Exact restore. Subtracting the delta again is not exact (``(W + Δ) − Δ ≠ W`` after rounding), so
 ``merge`` recomputes ``(W' − Δ)`` right away and keeps the original value of every element where
 that would not give ``W`` back: an int32 index plus the value, ``4 + itemsize`` bytes per such
-element. Measured on random deltas with ``‖Δ‖/‖W‖ = 1e-2`` that is 2.3% of the elements in fp32,
-1.1% in fp16 and 1.3% in bf16, i.e. 0.05-0.2 bytes per weight element instead of a full copy
-(2-4 bytes). Deltas are formed in float64, one block of rows at a time, so that ``unmerge``
-recomputes exactly what ``merge`` computed; a checksum of the original bits confirms the restore.
+element, or a plain copy of the weight when that is smaller (deltas as large as the weight itself).
+Measured on random deltas with ``‖Δ‖/‖W‖ = 1e-2`` that is 2.3% of the elements in fp32, 1.1% in fp16
+and 1.3% in bf16, i.e. 0.05-0.2 bytes per weight element instead of a full copy (2-4 bytes); the
+cost is never more than one copy of the edited weights. Deltas are formed in float64, one block of
+rows at a time, so that ``unmerge`` recomputes exactly what ``merge`` computed; a checksum of the
+original bits confirms the restore.
 
 State lives on the model (attribute ``_memit_adapter_edits``), like PEFT's per-layer ``merged``
 flags: which packs are merged (in order) and which are attached.
@@ -49,6 +51,11 @@ class _Restore:
     index: torch.Tensor  # (n_fix,) flat positions where (W' - Δ) does not give W back
     values: torch.Tensor  # (n_fix,) the original values there
     checksum: int  # sum of the original bits, checked after the restore
+    full: torch.Tensor | None = None  # the whole original weight, when that is smaller than index + values
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.index, self.values, self.full) if t is not None)
 
 
 @dataclass
@@ -189,9 +196,12 @@ def _restore(model: nn.Module, merged: _Merged) -> None:
 
 def _restore_weight(w: torch.Tensor, d: LayerDelta, r: _Restore, transposed: bool, name: str) -> None:
     with torch.no_grad():
-        for rows, delta in _delta_blocks(d, w, transposed):
-            w[rows] = (w[rows].to(delta.dtype) - delta).to(w.dtype)
-        w.view(-1)[r.index.long()] = r.values
+        if r.full is not None:
+            w.copy_(r.full)
+        else:
+            for rows, delta in _delta_blocks(d, w, transposed):
+                w[rows] = (w[rows].to(delta.dtype) - delta).to(w.dtype)
+            w.view(-1)[r.index.long()] = r.values
     if _checksum(w) != r.checksum:
         raise PackError(f"{name}: the restored weight differs from the original bits; the delta was "
                         "recomputed differently than at merge time (device or library changed?)")
@@ -244,6 +254,10 @@ def _merged_weight(w: torch.Tensor, d: LayerDelta, transposed: bool, name: str
             new[rows] = merged
     index = torch.cat(fixes_idx)
     index = index.to(torch.int32) if w.numel() < 2**31 else index
+    if index.numel() * (index.element_size() + w.element_size()) >= w.numel() * w.element_size():
+        # large deltas (‖Δ‖ ≳ ‖W‖) leave few elements exactly recoverable: a plain copy is smaller
+        empty = index[:0]
+        return new, _Restore(empty, empty.to(w.dtype), _checksum(w), full=w.detach().clone()), (lost2, norm2)
     return new, _Restore(index, torch.cat(fixes_val), _checksum(w)), (lost2, norm2)
 
 
@@ -270,13 +284,12 @@ def _checksum(w: torch.Tensor) -> int:
 def _report(model: nn.Module, pack: EditPack, restores: dict[str, _Restore],
             errors: dict[str, tuple[float, float]]) -> MergeReport:
     weights = [model.get_submodule(n).weight for n in pack.module_names]
-    n_fix = sum(r.index.numel() for r in restores.values())
+    n_fix = sum(r.index.numel() if r.full is None else r.full.numel() for r in restores.values())
     lost2, norm2 = sum(e[0] for e in errors.values()), sum(e[1] for e in errors.values())
     return MergeReport(
         dtype=weights[0].dtype,
         delta_rel_error=math.sqrt(lost2 / norm2) if norm2 > 0 else 0.0,
-        restore_bytes=sum(r.index.numel() * r.index.element_size() + r.values.numel() * r.values.element_size()
-                          for r in restores.values()),
+        restore_bytes=sum(r.nbytes for r in restores.values()),
         restore_fraction=n_fix / sum(w.numel() for w in weights),
         weight_bytes=sum(w.numel() * w.element_size() for w in weights),
         per_module={n: math.sqrt(e[0] / e[1]) if e[1] > 0 else 0.0 for n, e in errors.items()},

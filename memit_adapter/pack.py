@@ -198,7 +198,7 @@ class EditPack:
             for t in (d.B, d.A, d.dense):
                 if t is not None:
                     h.update(f"{tuple(t.shape)}|".encode())
-                    h.update(tensor_bytes(t))
+                    h.update(tensor_bytes(t.detach().clone(memory_format=torch.contiguous_format)))
         h.update(json.dumps([r.to_dict() for r in self.requests], sort_keys=True).encode())
         return "sha256:" + h.hexdigest()
 

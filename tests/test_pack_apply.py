@@ -40,6 +40,29 @@ def test_unmerge_restores_every_weight_bit_for_bit(arch, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_large_delta_restore_costs_at_most_one_copy(dtype):
+    model = tiny_model("gptj", dtype=dtype)
+    pack = random_pack(model, rank=4, rel=3.0)  # ‖Δ‖ > ‖W‖: most elements are not recoverable by subtraction
+    before = weights(model)
+    report = pack.merge(model)
+    assert report.restore_bytes <= report.weight_bytes
+    pack.unmerge(model)
+    assert same_weights(before, weights(model))
+
+
+def test_factors_with_odd_strides():
+    model = tiny_model("gpt2")
+    pack = random_pack(model, rank=1)
+    for d in pack.deltas.values():  # (d_out, 1) and (1, d_in) views with non-unit strides, as an engine may return
+        d.B, d.A = d.B.T.contiguous().T, d.A.T.contiguous().T
+    assert pack.pack_id == random_pack(model, rank=1).pack_id
+    before = weights(model)
+    pack.merge(model)
+    pack.unmerge(model)
+    assert same_weights(before, weights(model))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_merged_logits_equal_hooked_logits(dtype):
     model = tiny_model("gpt2", dtype=dtype)
     pack = random_pack(model, rank=2, rel=1.0)
