@@ -76,6 +76,7 @@ class _Attached:
 class _ModelEdits:
     merged: list[_Merged] = field(default_factory=list)
     attached: dict[str, _Attached] = field(default_factory=dict)
+    verified: set[str] = field(default_factory=set)  # packs whose fingerprint matched since the last (un)merge
 
     def active(self) -> list[tuple[str, EditPack]]:
         return [(m.pack_id, m.pack) for m in self.merged] + [(a.pack_id, a.pack) for a in self.attached.values()]
@@ -109,12 +110,12 @@ def active_packs(model: nn.Module) -> list[EditPack]:
 
 
 # -- checks -----------------------------------------------------------------------------------------
-def check_fits(pack: EditPack, model: nn.Module, *, force: bool = False) -> str:
+def check_fits(pack: EditPack, model: nn.Module, *, force: bool = False) -> None:
     """Raise :class:`PackError` if a module is missing or has another shape, and
     :class:`FingerprintMismatchError` if the pack was computed on other weights (unless ``force``).
 
-    Also refuses a pack that contradicts one already active on the model. Returns the fingerprint of
-    the model's current weights of the pack's modules.
+    Also refuses a pack that contradicts one already active on the model. A pack that passed is not
+    hashed again until a pack is merged or unmerged (weights changed by other means are not noticed).
     """
     for name, d in pack.deltas.items():
         try:
@@ -128,17 +129,21 @@ def check_fits(pack: EditPack, model: nn.Module, *, force: bool = False) -> str:
                             f"{tuple(w.shape)} (fan_in_fan_out={pack.fan_in_fan_out})")
     state = model_edits(model)
     check_compatible([p for _, p in state.active()] + [pack])
+    pid = pack.pack_id
+    if force or pack.fingerprint is None or pid in state.verified:
+        return
     current = weights_fingerprint(model, pack.module_names)
-    if force or pack.fingerprint is None or pack.fingerprint == current:
-        return current  # a pack computed on the model as it is now (sequential editing) fits
-    if pack.fingerprint != _base_fingerprint(model, state, pack.module_names):
-        raise FingerprintMismatchError(
-            f"the pack was computed on other weights of {pack.module_names[:3]}... than this model's "
-            f"(pack fingerprint {pack.fingerprint[:19]}..., model {current[:19]}...; base model recorded: "
-            f"{pack.base_model!r} @ {pack.revision!r}). Load the base model the pack was made for, in the same "
-            "dtype (the fingerprint covers the dtype), or pass force=True."
-        )
-    return current
+    # fits: computed on the model as it is now (sequential editing), or on it with the merged packs taken off
+    if pack.fingerprint == current or (state.merged and pack.fingerprint == _base_fingerprint(
+            model, state, pack.module_names)):
+        state.verified.add(pid)  # hashing the weights on every toggle would copy them each time
+        return
+    raise FingerprintMismatchError(
+        f"the pack was computed on other weights of {pack.module_names[:3]}... than this model's "
+        f"(pack fingerprint {pack.fingerprint[:19]}..., model {current[:19]}...; base model recorded: "
+        f"{pack.base_model!r} @ {pack.revision!r}). Load the base model the pack was made for, in the same "
+        "dtype (the fingerprint covers the dtype), or pass force=True."
+    )
 
 
 # -- merge / unmerge --------------------------------------------------------------------------------
@@ -162,6 +167,7 @@ def merge(pack: EditPack, model: nn.Module, *, force: bool = False, loss_warn_th
     with torch.no_grad():
         for name, new in new_weights.items():
             model.get_submodule(name).weight.copy_(new)
+    state.verified.clear()
     state.merged.append(_Merged(pack, pid, restores))
     report = _report(model, pack, restores, errors)
     if report.delta_rel_error > loss_warn_threshold:
@@ -185,6 +191,7 @@ def unmerge(pack: EditPack, model: nn.Module) -> None:
         _restore(model, m)
         state.merged.remove(m)
     _restore(model, state.merged.pop(pos))
+    state.verified.clear()
     for m in later:
         merge(m.pack, model, force=True, loss_warn_threshold=math.inf)
 

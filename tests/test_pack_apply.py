@@ -256,3 +256,23 @@ def test_pack_for_other_shapes_is_refused():
         pack.merge(tiny_model("llama"))
     with pytest.raises(PackError, match="does not fit"):
         pack.attach(tiny_model("gpt2", n_embd=64), force=True)
+
+
+def test_fingerprint_is_checked_once_per_weight_state(monkeypatch):
+    from memit_adapter import apply
+
+    model = tiny_model("gpt2")
+    pack = random_pack(model)
+    calls = []
+    real = apply.weights_fingerprint
+    monkeypatch.setattr(apply, "weights_fingerprint", lambda *a: calls.append(1) or real(*a))
+    for _ in range(3):  # a service toggling per request hashes the weights once
+        with pack.applied(model):
+            pass
+    assert len(calls) == 1
+    other = random_pack(model, seed=5, offset=7)
+    other.merge(model)  # weights changed: check again
+    with pack.applied(model):
+        pass
+    assert len(calls) == 4  # other: 1; pack: the current weights, then with other taken off
+    other.unmerge(model)
