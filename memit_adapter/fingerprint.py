@@ -11,8 +11,11 @@ from torch import nn
 
 def tensor_bytes(t: torch.Tensor) -> bytes:
     """Raw bytes of a tensor in its own dtype (bf16 included), on CPU, contiguous."""
-    t = t.detach().cpu().contiguous()
-    return t.view(torch.uint8).numpy().tobytes() if t.numel() else b""
+    if not t.numel():
+        return b""
+    # clone(contiguous_format) + flatten: a (n, 1) tensor may count as contiguous with strides view() rejects
+    flat = t.detach().cpu().clone(memory_format=torch.contiguous_format).reshape(-1)
+    return flat.view(torch.uint8).numpy().tobytes()
 
 
 def weights_fingerprint(model: nn.Module, module_names: Iterable[str]) -> str:

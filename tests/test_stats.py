@@ -111,3 +111,12 @@ def test_half_precision_model_accumulates_in_float32():
     assert stats[1].mom2.dtype == torch.float32 and torch.isfinite(stats[1].mom2).all()
     stats64 = collect_stats(model, tok, corpus(8), [1], dtype="float64", progress=False)
     assert stats64[1].mom2.dtype == torch.float64
+
+
+def test_tensor_bytes_of_odd_strided_and_half_tensors():
+    from memit_adapter.fingerprint import tensor_bytes
+
+    col = torch.arange(6.0).reshape(1, 6).T  # (6, 1), strides (1, 6)
+    assert tensor_bytes(col) == tensor_bytes(torch.arange(6.0).reshape(6, 1).clone())
+    bf = torch.arange(4.0).to(torch.bfloat16)
+    assert len(tensor_bytes(bf)) == 8 and tensor_bytes(torch.empty(0)) == b""
