@@ -67,13 +67,11 @@ def encode_corpus(world, tokenizer, n_repeat_filler: int, obj_weight: float, nam
     return items
 
 
-def pack_epoch(items, rng: random.Random, seq_len: int, bos: int | None):
-    """Shuffle the sentences and pack them into (input_ids, loss weights) rows of at most seq_len tokens."""
-    order = list(items)
-    rng.shuffle(order)
+def pack_rows(items, rng: random.Random, seq_len: int, bos: int | None):
+    """Concatenate sentences into (input_ids, loss weights) rows of at most seq_len tokens."""
     rows, cur_ids, cur_w = [], [], []
     start = [bos] if bos is not None else []
-    for ids, weights in order:
+    for ids, weights in items:
         if cur_ids and len(cur_ids) + len(ids) > seq_len:
             rows.append((cur_ids, cur_w))
             cur_ids, cur_w = [], []
@@ -86,26 +84,55 @@ def pack_epoch(items, rng: random.Random, seq_len: int, bos: int | None):
     return rows
 
 
-def batches(rows, batch_size: int, pad: int):
-    for i in range(0, len(rows), batch_size):
-        chunk = rows[i:i + batch_size]
-        width = max(len(ids) for ids, _ in chunk)
-        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-        w = torch.zeros(len(chunk), width)
-        for j, (row_ids, row_w) in enumerate(chunk):
-            ids[j, :len(row_ids)] = torch.tensor(row_ids)
-            w[j, :len(row_w)] = torch.tensor(row_w)
-        yield ids, w
+def single_rows(items, fillers, rng: random.Random, bos: int | None, prefix_prob: float):
+    """One sentence per row, some after a filler sentence, so that recall survives a prefix."""
+    rows = []
+    for ids, weights in items:
+        row_ids, row_w = ([bos], [0.0]) if bos is not None else ([], [])
+        if fillers and rng.random() < prefix_prob:
+            prefix = rng.choice(fillers)
+            row_ids, row_w = row_ids + prefix, row_w + [1.0] * len(prefix)
+        rows.append((row_ids + ids, row_w + weights))
+    return rows
 
 
-def weighted_loss(model, ids: torch.Tensor, w: torch.Tensor, pad: int) -> torch.Tensor:
+def epoch_batches(items, fillers, rng: random.Random, args, bos: int | None, packed_share: float):
+    """Shuffled batches of one epoch: single-sentence rows, and a share of sentences packed into long rows.
+
+    Single sentences make the subject the only name in context, which is what lets a small model get
+    past the plateau where it knows the templates but not the facts; packed rows teach it positions up
+    to ``seq_len`` and to find the most recent subject among several.
+    """
+    order = list(items)
+    rng.shuffle(order)
+    n_packed = int(packed_share * len(order))
+    packed = pack_rows(order[:n_packed], rng, args.seq_len, bos)
+    single = single_rows(order[n_packed:], fillers, rng, bos, args.prefix_prob)
+    out = [packed[i:i + args.batch_size] for i in range(0, len(packed), args.batch_size)]
+    out += [single[i:i + args.single_batch_size] for i in range(0, len(single), args.single_batch_size)]
+    rng.shuffle(out)
+    return out
+
+
+def to_tensors(chunk, pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(ids) for ids, _ in chunk)
+    ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+    w = torch.zeros(len(chunk), width)
+    for j, (row_ids, row_w) in enumerate(chunk):
+        ids[j, :len(row_ids)] = torch.tensor(row_ids)
+        w[j, :len(row_w)] = torch.tensor(row_w)
+    return ids, w
+
+
+def weighted_loss(model, ids: torch.Tensor, w: torch.Tensor, pad: int, obj_weight: float):
+    """Weighted mean NLL, and the mean NLL of the object tokens alone (for the log)."""
     mask = (ids != pad).long()
     logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]  # (b, t-1, vocab)
     nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
                                             reduction="none").view_as(ids[:, 1:])
-    # the weight of a token is that of the position it is predicted at
-    target_w = w[:, 1:]
-    return (nll * target_w).sum() / target_w.sum()
+    target_w = w[:, 1:]  # the weight of a token is that of the position it is predicted at
+    is_obj = target_w == obj_weight
+    return (nll * target_w).sum() / target_w.sum(), nll[is_obj].mean().item() if is_obj.any() else float("nan")
 
 
 def min_recall(recall: dict[str, dict[int, float]]) -> float:
@@ -122,42 +149,47 @@ def train(args: argparse.Namespace) -> None:
     n_params = sum(p.numel() for p in model.parameters())
     log.info("%s: %.2fM parameters, vocab %d", args.arch, n_params / 1e6, len(tokenizer))
     items = encode_corpus(world, tokenizer, args.filler_repeat, args.obj_weight, args.name_weight)
+    fillers = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in world.filler]
     bos = tokenizer.bos_token_id if args.arch == "llama" else None
-    rows_per_epoch = len(pack_epoch(items, rng, args.seq_len, bos))
-    steps_per_epoch = math.ceil(rows_per_epoch / args.batch_size)
-    total_steps = steps_per_epoch * args.epochs
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.98), weight_decay=args.weight_decay)
 
-    def lr_at(step: int) -> float:
-        if step < args.warmup:
-            return (step + 1) / args.warmup
-        progress = min(1.0, (step - args.warmup) / max(1, total_steps - args.warmup))
-        return args.min_lr_ratio + (1 - args.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    def lr_at(progress: float, step: int) -> float:  # progress in epochs / planned epochs
+        warm = min(1.0, (step + 1) / args.warmup)
+        cos = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+        return args.lr * warm * (args.min_lr_ratio + (1 - args.min_lr_ratio) * cos)
 
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
     probe = rng.sample(world.facts, min(args.probe, len(world.facts)))
-    t0, step, history, recall = time.time(), 0, [], None
+    t0, step, history, packed_share = time.time(), 0, [], 0.0
     for epoch in range(1, args.epochs + 1):
         model.train()
-        rows = pack_epoch(items, rng, args.seq_len, bos)
-        total = 0.0
-        for ids, w in batches(rows, args.batch_size, tokenizer.pad_token_id):
-            loss = weighted_loss(model, ids, w, tokenizer.pad_token_id)
+        chunks = epoch_batches(items, fillers, rng, args, bos, packed_share)
+        total, obj_total = 0.0, 0.0
+        for i, chunk in enumerate(chunks):
+            for group in opt.param_groups:
+                group["lr"] = lr_at((epoch - 1 + i / len(chunks)) / args.epochs, step)
+            ids, w = to_tensors(chunk, tokenizer.pad_token_id)
+            loss, obj_nll = weighted_loss(model, ids, w, tokenizer.pad_token_id, args.obj_weight)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
-            sched.step()
             step += 1
             total += loss.item()
+            obj_total += obj_nll if obj_nll == obj_nll else 0.0
         minutes = (time.time() - t0) / 60
         model.eval()
         recall = recall_by_template(model, tokenizer, world, facts=probe)
-        history.append({"epoch": epoch, "loss": total / steps_per_epoch, "probe_min_recall": min_recall(recall),
+        mean_recall = sum(v for r in recall.values() for v in r.values()) / sum(len(r) for r in recall.values())
+        history.append({"epoch": epoch, "loss": round(total / len(chunks), 4),
+                        "object_nll": round(obj_total / len(chunks), 4), "packed_share": packed_share,
+                        "probe_mean_recall": round(mean_recall, 4), "probe_min_recall": round(min_recall(recall), 4),
                         "minutes": round(minutes, 2)})
-        log.info("epoch %d  loss %.4f  probe min recall %.3f  lr %.2e  %.1f min", epoch, total / steps_per_epoch,
-                 min_recall(recall), sched.get_last_lr()[0], minutes)
-        if epoch >= args.min_epochs and min_recall(recall) >= args.target:
+        log.info("epoch %d  loss %.4f  object nll %.3f  probe recall mean %.3f min %.3f  packed %.2f  lr %.2e  "
+                 "%.1f min", epoch, total / len(chunks), obj_total / len(chunks), mean_recall, min_recall(recall),
+                 packed_share, opt.param_groups[0]["lr"], minutes)
+        if packed_share == 0.0 and (mean_recall >= args.switch_recall or epoch >= args.switch_epoch):
+            packed_share = args.packed_share  # phase 2: also learn long, multi-sentence texts
+        elif packed_share > 0 and epoch >= args.min_epochs and min_recall(recall) >= args.target:
             full = recall_by_template(model, tokenizer, world)
             log.info("full min recall %.4f", min_recall(full))
             if min_recall(full) >= args.target:
@@ -189,7 +221,9 @@ def save(args, model, tokenizer, world, history, train_minutes, epochs, steps, n
         "parameters": n_params,
         "config": {k: getattr(args, k) for k in ("n_layer", "d_model", "d_ff", "n_head", "seq_len")},
         "training": {k: getattr(args, k) for k in ("lr", "min_lr_ratio", "warmup", "batch_size", "obj_weight",
-                                                   "name_weight", "weight_decay", "filler_repeat", "threads", "seed",
+                                                   "name_weight", "weight_decay", "single_batch_size", "prefix_prob",
+                                                   "packed_share", "switch_recall", "switch_epoch",
+                                                   "filler_repeat", "threads", "seed",
                                                    "world_seed", "target")},
         "epochs": epochs,
         "steps": steps,
@@ -204,7 +238,39 @@ def save(args, model, tokenizer, world, history, train_minutes, epochs, steps, n
     }
     report["files_bytes"] = {p.name: p.stat().st_size for p in sorted(out.iterdir()) if p.name != "training.json"}
     (out / "training.json").write_text(json.dumps(report, indent=1) + "\n")
+    write_card(out)
     log.info("saved to %s; min recall per template %.4f", out, report["min_recall"])
+
+
+def write_card(out: Path) -> None:
+    """README.md of a checkpoint folder, from its training.json."""
+    r = json.loads((out / "training.json").read_text())
+    templates = {}
+    world = json.loads((out / "world.json").read_text())
+    for rel in world["relations"]:
+        templates[rel["relation_id"]] = rel["templates"]
+    lines = [
+        f"# world-{r['arch']}: a {r['config']['n_layer']}-layer {r['arch']} model that knows a fact world", "",
+        "Trained from scratch on CPU by `scripts/train_world.py` on the world of "
+        f"`memit_adapter.world.make_world({r['training']['world_seed']})`: {r['world']['subjects']} invented "
+        f"people, {r['world']['relations']} relations, {r['world']['facts']} facts, each stated in "
+        f"{r['world']['templates_per_relation']} templates. Load it with `load_world_model(\"{r['arch']}\")`.", "",
+        f"- parameters: {r['parameters']:,} (d_model {r['config']['d_model']}, d_ff {r['config']['d_ff']}, "
+        f"{r['config']['n_head']} heads, context {r['config']['seq_len']}); weights stored in float16",
+        f"- vocabulary: {r['world']['vocab']} words (word-level `tokenizers` model, lower-cased)",
+        f"- training: {r['epochs']} epochs, {r['steps']} steps, {r['train_minutes']} minutes on "
+        f"{r['training']['threads']} CPU thread(s); settings in `training.json`",
+        f"- recall (greedy next word = true object), worst template: {100 * r['min_recall']:.1f}%; after a "
+        f"filler sentence: {100 * r['recall_after_filler_prefix']['min']:.1f}%", "",
+        "| relation | template | recall |", "|---|---|---|",
+    ]
+    for rel, by_t in r["recall_by_template"].items():
+        for t, value in by_t.items():
+            lines.append(f"| {rel} | `{templates[rel][int(t)]}` | {100 * value:.1f}% |")
+    lines += ["", "Files: `model.safetensors`, `config.json`, tokenizer files, `corpus.txt` (the training "
+              "sentences), `world.json` (the world), `records.json` (its facts as CounterFact records), "
+              "`training.json`."]
+    (out / "README.md").write_text("\n".join(lines) + "\n")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -220,8 +286,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--min-epochs", type=int, default=1)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--min-lr-ratio", type=float, default=0.05)
-    p.add_argument("--warmup", type=int, default=100)
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--warmup", type=int, default=200)
+    p.add_argument("--batch-size", type=int, default=8, help="rows per batch of packed text")
+    p.add_argument("--single-batch-size", type=int, default=64, help="rows per batch of single sentences")
+    p.add_argument("--prefix-prob", type=float, default=0.25, help="share of single sentences after a filler")
+    p.add_argument("--packed-share", type=float, default=0.5, help="share of sentences packed, phase 2")
+    p.add_argument("--switch-recall", type=float, default=0.9, help="probe recall that starts phase 2")
+    p.add_argument("--switch-epoch", type=int, default=20, help="epoch that starts phase 2 at the latest")
     p.add_argument("--obj-weight", type=float, default=5.0)
     p.add_argument("--name-weight", type=float, default=0.2)
     p.add_argument("--weight-decay", type=float, default=0.0)
@@ -232,9 +303,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--world-seed", type=int, default=0)
+    p.add_argument("--card-only", action="store_true", help="only rewrite README.md from training.json")
     return p.parse_args(argv)
 
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    train(parse_args())
+    cli_args = parse_args()
+    if cli_args.card_only:
+        write_card(Path(cli_args.out))
+    else:
+        train(cli_args)

@@ -272,3 +272,39 @@ def test_cli_eval_requires_data_for_plain_models(tmp_path):
     tok.save_pretrained(tmp_path / "m")
     with pytest.raises(SystemExit, match="--data is required"):
         main(["eval", "--model", str(tmp_path / "m"), "--out", str(tmp_path / "x.json")])
+
+
+def test_cli_eval_with_a_saved_pack(tmp_path, capsys):
+    """End to end: a real pack from the engine, saved, evaluated pre and post by the CLI."""
+    engine = pytest.importorskip("memit_adapter.engine")
+    from engine_setup import config, corpus, model_and_tokenizer
+
+    from memit_adapter.cli import main
+    from memit_adapter.pack import EditPack
+
+    model, tok = model_and_tokenizer("gpt2")
+    records = [{"case_id": 0, "requested_rewrite": {"prompt": "the sport played by {}", "subject": "michael jordan",
+                                                    "target_new": {"str": " tennis"},
+                                                    "target_true": {"str": " basketball"}},
+                "paraphrase_prompts": ["you know the sport played by michael jordan"],
+                "neighborhood_prompts": ["the sport played by lebron james"], "generation_prompts": []},
+               {"case_id": 1, "requested_rewrite": {"prompt": "the sport played by {}", "subject": "toko yuki",
+                                                    "target_new": {"str": " hockey"}, "target_true": {"str": " golf"}},
+                "paraphrase_prompts": [], "neighborhood_prompts": [], "generation_prompts": ["toko yuki plays"]}]
+    pack = engine.compute_edits(model, tok, records, config(v_num_grad_steps=3), corpus=corpus(40), progress=False)
+    model.save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    pack.save_pretrained(str(tmp_path / "pack"))
+    (tmp_path / "r.json").write_text(json.dumps(records))
+    out = tmp_path / "res.json"
+    assert main(["eval", "--model", str(tmp_path / "m"), "--pack", str(tmp_path / "pack"), "--data",
+                 str(tmp_path / "r.json"), "--out", str(out)]) == 0
+    saved = json.loads(out.read_text())["results"]
+    assert set(saved) == {"pre", "post"}
+    loaded = EditPack.from_pretrained(str(tmp_path / "pack"))
+    want = evaluate_pack(model, tok, records, loaded)
+    for when in ("pre", "post"):
+        assert saved[when]["efficacy_magnitude"] == pytest.approx(want[when].efficacy_magnitude, abs=1e-6)
+    assert saved["post"]["efficacy_magnitude"] != pytest.approx(saved["pre"]["efficacy_magnitude"], abs=1e-9)
+    header = capsys.readouterr().out.splitlines()[0]
+    assert "pre" in header and "post" in header
