@@ -30,7 +30,7 @@ FACTS = [EditRequest("{} plays the sport of", "michael jordan", " baseball", tar
          EditRequest("{} works for", "toko yuki", " google")]  # no target_true: the model's own prediction
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture(autouse=True, scope="module")
 def _one_thread():
     """Tiny models gain nothing from intra-op threads, and on a shared CPU they make each matmul ~100x slower."""
     n = torch.get_num_threads()
@@ -220,7 +220,7 @@ def _world():
 @pytest.fixture(scope="module")
 def world_traces():
     model, tok, facts = _world()
-    facts = facts[::37][:16]  # a spread of subjects and relations
+    facts = facts[::53][:12]  # a spread of subjects and relations
     results = trace_facts(model, tok, facts, samples=5, progress=False)
     return model, tok, facts, results
 
