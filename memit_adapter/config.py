@@ -39,6 +39,7 @@ class MemitConfig:
         context_template_length, context_template_starts, context_template_top_k: how to sample them.
         mom2_n_samples: corpus texts used for the statistics; mom2_dtype: accumulation dtype.
         mom2_max_length: truncation of corpus texts in tokens; None = the model's context length (max 1024).
+        mom2_max_tokens: stop the statistics pass once this many key vectors are seen; None = no limit.
         stats_batch_size: texts per forward pass of the statistics pass.
         seed: seeds template sampling and anything else random, so a run is reproducible.
     """
@@ -59,6 +60,7 @@ class MemitConfig:
     mom2_n_samples: int = 100_000
     mom2_dtype: str = "float32"
     mom2_max_length: int | None = None
+    mom2_max_tokens: int | None = None
     stats_batch_size: int = 8
     seed: int = 0
 
@@ -73,8 +75,10 @@ class MemitConfig:
         _non_negative(self, "v_num_grad_steps", "v_loss_threshold", "kl_factor", "v_weight_decay")
         if self.v_batch_size is not None and self.v_batch_size < 1:
             raise ConfigError(f"v_batch_size must be None or >= 1, got {self.v_batch_size}")
-        if self.mom2_max_length is not None and self.mom2_max_length < 1:
-            raise ConfigError(f"mom2_max_length must be None or >= 1, got {self.mom2_max_length}")
+        for name in ("mom2_max_length", "mom2_max_tokens"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ConfigError(f"{name} must be None or an int >= 1, got {value!r}")
         if self.mom2_dtype not in _DTYPES:
             raise ConfigError(f"mom2_dtype must be one of {_DTYPES}, got {self.mom2_dtype!r}")
         if self.context_templates is not None:
@@ -123,6 +127,9 @@ class MemitConfig:
         * lambda: weighs the corpus second moment against the n new keys, whose scale grows with
           the MLP width; we use ``max(50, 0.25 * d_ff)`` (256 for d_ff = 1,024). A 6-layer model with
           d_ff = 1,024 is left unchanged by lambda = 20,000, while the low hundreds work.
+        * statistics: at most ``20 * d_ff`` key vectors (``mom2_max_tokens``), 32 texts a batch. The cost
+          of the pass is ``tokens x d_ff²`` per layer; about 10·d_ff keys keep over 95% of the quality
+          of the full 100,000 documents (Gupta et al. 2025).
         * LLaMA-style models (gated MLP, RMSNorm) keep clamp 4 and weight decay 1e-3 from EasyEdit.
 
         Any keyword in ``overrides`` replaces the chosen value. Use :func:`suggest_layers` to find
@@ -149,7 +156,8 @@ class MemitConfig:
             start = math.floor(0.1 * n_layer)
             stop = max(start + 1, math.ceil(0.35 * n_layer))
             preset = dict(layers=list(range(start, min(stop, n_layer))),
-                          mom2_update_weight=float(max(50.0, 0.25 * d_ff)), v_num_grad_steps=25)
+                          mom2_update_weight=float(max(50.0, 0.25 * d_ff)), v_num_grad_steps=25,
+                          mom2_max_tokens=20 * d_ff, stats_batch_size=32)
             if llama_like:
                 preset.update(clamp_norm_factor=4.0, v_weight_decay=1e-3)
         max_pos = _first_attr(cfg, "n_positions", "max_position_embeddings", default=1024)

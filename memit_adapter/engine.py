@@ -69,7 +69,8 @@ def compute_edits(
     with _eval_mode(model):
         if stats is None:
             stats = collect_stats(model, tokenizer, corpus, config.layers, n_samples=config.mom2_n_samples,
-                                  max_length=config.mom2_max_length, batch_size=config.stats_batch_size,
+                                  max_length=config.mom2_max_length, max_tokens=config.mom2_max_tokens,
+                                  batch_size=config.stats_batch_size,
                                   dtype=config.mom2_dtype, cache=StatsCache(cache_dir) if cache_dir else None,
                                   arch=spec, progress=progress)
         _check_stats(stats, config.layers)

@@ -168,6 +168,7 @@ def collect_stats(
     *,
     n_samples: int = 100_000,
     max_length: int | None = None,
+    max_tokens: int | None = None,
     batch_size: int = 8,
     dtype: str = "float32",
     cache: StatsCache | str | os.PathLike | None = None,
@@ -177,16 +178,18 @@ def collect_stats(
     """Second moments of the edited modules' inputs at ``layers`` from ONE forward pass over ``corpus``.
 
     Accumulates ``Σ k kᵀ`` in ``dtype`` (float32 or float64) over non-padding tokens, texts truncated to
-    ``max_length`` tokens. With ``cache``, layers already cached are loaded and only the others computed;
-    new results are written back. Raises :class:`StatisticsError` when a layer is neither cached nor
-    computable (no corpus) or comes out non-finite.
+    ``max_length`` tokens, stopping after the batch that reaches ``max_tokens`` keys. With ``cache``,
+    layers already cached are loaded and only the others computed; new results are written back.
+    Raises :class:`StatisticsError` when a layer is neither cached nor computable (no corpus) or comes
+    out non-finite.
     """
     spec = get_arch_spec(model, arch)
     layers = sorted(set(layers))
     if isinstance(cache, (str, os.PathLike)):
         cache = StatsCache(cache)
     texts, corpus_id = load_corpus(corpus, n_samples) if corpus is not None else (None, None)
-    keys = _cache_keys(model, layers, corpus, corpus_id, len(texts) if texts else n_samples, dtype, max_length)
+    keys = _cache_keys(model, layers, corpus, corpus_id, len(texts) if texts else n_samples, dtype, max_length,
+                       max_tokens)
 
     out: dict[int, SecondMoment] = {}
     if cache is not None:
@@ -203,7 +206,7 @@ def collect_stats(
                 "directory that holds them (see collect_stats). memit_adapter never downloads a corpus itself."
             )
         fresh = _accumulate(model, tokenizer, texts, missing, spec, max_length, batch_size,
-                            getattr(torch, dtype), progress)
+                            getattr(torch, dtype), progress, max_tokens=max_tokens)
         for layer, stat in fresh.items():
             stat.check_finite(layer)
             if cache is not None:
@@ -214,12 +217,13 @@ def collect_stats(
     return {layer: out[layer] for layer in layers}
 
 
-def _cache_keys(model, layers, corpus, corpus_id, n, dtype, max_length) -> dict[int, dict[str, Any] | None]:
+def _cache_keys(model, layers, corpus, corpus_id, n, dtype, max_length, max_tokens
+                ) -> dict[int, dict[str, Any] | None]:
     if corpus is None:
         return {layer: None for layer in layers}
     mid = model_id(model)
     return {layer: {"model": mid, "layer": layer, "corpus": corpus_id, "n_samples": n, "dtype": dtype,
-                    "max_length": max_length} for layer in layers}
+                    "max_length": max_length, "max_tokens": max_tokens} for layer in layers}
 
 
 def _find_any(cache: StatsCache, model, layer: int, dtype: str) -> SecondMoment | None:
@@ -237,7 +241,8 @@ def _find_any(cache: StatsCache, model, layer: int, dtype: str) -> SecondMoment 
 
 
 @torch.no_grad()
-def _accumulate(model, tokenizer, texts, layers, spec, max_length, batch_size, acc_dtype, progress, stop_early=True):
+def _accumulate(model, tokenizer, texts, layers, spec, max_length, batch_size, acc_dtype, progress, stop_early=True,
+                max_tokens=None):
     device = next(model.parameters()).device
     max_length = max_length or 1024
     sums: dict[int, torch.Tensor] = {}
@@ -272,6 +277,8 @@ def _accumulate(model, tokenizer, texts, layers, spec, max_length, batch_size, a
                 model(input_ids=ids, attention_mask=mask, use_cache=False)
             except _StopForward:
                 pass
+            if max_tokens is not None and counts[deepest] >= max_tokens:
+                break
     finally:
         for h in handles:
             h.remove()

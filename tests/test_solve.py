@@ -21,7 +21,22 @@ def test_layer_update_matches_dense_least_squares(d_in, d_out, n, lam):
     torch.testing.assert_close(B @ A, expected, rtol=1e-4, atol=1e-5)
 
 
-def test_layer_update_rejects_singular_system():
-    K = torch.zeros(8, 2)
-    with pytest.raises(StatisticsError, match="singular"):
-        layer_update(K, torch.ones(4, 2), torch.zeros(8, 8), 1.0)
+def test_dead_inputs_get_no_update_and_the_rest_is_exact():
+    """Inputs that never fire (zero rows of C and K) make λC + KKᵀ singular: their update is zero, and the
+    live inputs get the solution of the reduced system."""
+    g = torch.Generator().manual_seed(1)
+    X = torch.randn(100, 12, generator=g, dtype=torch.float64)
+    X[:, [3, 7]] = 0
+    K = torch.randn(12, 4, generator=g, dtype=torch.float64)
+    K[[3, 7]] = 0
+    R = torch.randn(6, 4, generator=g, dtype=torch.float64)
+    B, A = layer_update(K, R, X.T @ X / 100, 2.0)
+    assert torch.isfinite(A).all() and A[:, [3, 7]].abs().max() < 1e-12
+    live = [i for i in range(12) if i not in (3, 7)]
+    _, A_live = layer_update(K[live], R, (X.T @ X / 100)[live][:, live], 2.0)
+    torch.testing.assert_close(A[:, live], A_live, rtol=1e-6, atol=1e-9)
+
+
+def test_layer_update_rejects_non_finite_system():
+    with pytest.raises(StatisticsError, match="positive definite"):
+        layer_update(torch.ones(8, 2), torch.ones(4, 2), torch.full((8, 8), float("nan")), 1.0)

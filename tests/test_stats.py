@@ -120,3 +120,14 @@ def test_tensor_bytes_of_odd_strided_and_half_tensors():
     assert tensor_bytes(col) == tensor_bytes(torch.arange(6.0).reshape(6, 1).clone())
     bf = torch.arange(4.0).to(torch.bfloat16)
     assert len(tensor_bytes(bf)) == 8 and tensor_bytes(torch.empty(0)) == b""
+
+
+def test_token_budget_stops_the_pass_and_keys_the_cache(tmp_path):
+    model, tok = model_and_tokenizer("gpt2")
+    texts = corpus(40)  # 30 tokens each
+    full = collect_stats(model, tok, texts, [1], batch_size=4, cache=tmp_path, progress=False)
+    part = collect_stats(model, tok, texts, [1], batch_size=4, max_tokens=200, cache=tmp_path, progress=False)
+    assert full[1].count == 1200 and part[1].count == 240  # two batches of 4 x 30 reach 200
+    expected, _ = _independent_mom2(model, tok, texts[:8], 1)
+    torch.testing.assert_close(part[1].mom2.double(), expected, rtol=1e-4, atol=1e-6)
+    assert len(list(tmp_path.iterdir())) == 2

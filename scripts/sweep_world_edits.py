@@ -1,0 +1,81 @@
+"""Sweep MEMIT settings on a shipped world model: ES/PS/NS/entropy for batches of edits.
+
+    python scripts/sweep_world_edits.py --model gpt2 --n-edits 100 --lam 50 256 1000 --layers 0-2 1-3
+    python scripts/sweep_world_edits.py --model gpt2 --n-edits 1000 --json sweep.json
+
+Each setting computes one pack on the same seeded sample of records and evaluates it with the pack
+hooked in (the model is never changed). Prints one line per setting; --json keeps them all.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import random
+import time
+
+import torch
+
+from memit_adapter import EditRequest, MemitConfig, collect_stats, compute_edits
+from memit_adapter.evaluation import evaluate_counterfact
+from memit_adapter.world import load_world_model, world_model_path
+
+
+def parse_layers(text: str) -> list[int]:
+    a, _, b = text.partition("-")
+    return list(range(int(a), int(b or a) + 1))
+
+
+def line(r) -> str:
+    ent = "-" if r.generation_entropy is None else f"{r.generation_entropy:.3f}"
+    return (f"ES {r.efficacy_score:.3f} PS {r.paraphrase_score:.3f} NS {r.neighborhood_score:.3f} "
+            f"score {r.score:.3f} entropy {ent}")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="gpt2")
+    p.add_argument("--n-edits", type=int, default=100)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--lam", type=float, nargs="*", default=None, help="λ values (default: for_model's)")
+    p.add_argument("--layers", nargs="*", default=None, help="ranges like 0-2 (default: for_model's)")
+    p.add_argument("--clamp", type=float, nargs="*", default=None)
+    p.add_argument("--kl", type=float, nargs="*", default=None)
+    p.add_argument("--steps", type=int, nargs="*", default=None)
+    p.add_argument("--entropy", type=int, default=0, help="records whose generations give the entropy (0: skip)")
+    p.add_argument("--json", default=None)
+    args = p.parse_args()
+
+    model, tok, records = load_world_model(args.model)
+    chosen = random.Random(args.seed).sample(records, min(args.n_edits, len(records)))
+    requests = [EditRequest.from_dict(r) for r in chosen]
+    base = MemitConfig.for_model(model)
+    grid = itertools.product(args.lam or [base.mom2_update_weight],
+                             [parse_layers(x) for x in args.layers] if args.layers else [base.layers],
+                             args.clamp or [base.clamp_norm_factor], args.kl or [base.kl_factor],
+                             args.steps or [base.v_num_grad_steps])
+    n_layers = model.config.num_hidden_layers
+    stats = collect_stats(model, tok, world_model_path(args.model) / "corpus.txt", range(n_layers), progress=False)
+    gen = dict(generation=bool(args.entropy), max_generation_records=args.entropy or None)
+    pre = evaluate_counterfact(model, tok, chosen, **gen)
+    rows = [{"setting": "unedited", **pre.to_dict()}]
+    print(f"unedited: {line(pre)}", flush=True)
+    for lam, layers, clamp, kl, steps in grid:
+        cfg = base.replace(mom2_update_weight=lam, layers=layers, clamp_norm_factor=clamp, kl_factor=kl,
+                           v_num_grad_steps=steps)
+        t0 = time.perf_counter()
+        pack = compute_edits(model, tok, requests, cfg, stats=stats, progress=False)
+        secs = time.perf_counter() - t0
+        with pack.applied(model), torch.no_grad():
+            post = evaluate_counterfact(model, tok, chosen, **gen)
+        setting = dict(lam=lam, layers=layers, clamp=clamp, kl=kl, steps=steps, seconds=round(secs, 1))
+        rows.append({"setting": setting, **post.to_dict()})
+        print(f"{setting}: {line(post)}", flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
