@@ -1,10 +1,22 @@
 """memit_adapter: mass-edit the facts of a transformer LM with MEMIT and ship the edits as an adapter.
 
+Usage::
+
+    from memit_adapter import EditRequest, MemitConfig, compute_edits
+
+    pack = compute_edits(model, tokenizer, [EditRequest("{} plays the sport of", "Michael Jordan", " baseball")],
+                         MemitConfig.for_model(model), corpus="wiki_sample.txt", cache_dir="stats-cache")
+    with pack.applied(model):          # toggled in the forward pass, weights untouched
+        ...
+    pack.save_pretrained("jordan-baseball")   # a PEFT LoRA folder: stock model.load_adapter() reads it
+
 Importing this package reads no file and touches no network.
 """
 
+from .apply import MergeReport, active_packs
 from .arch import ARCHITECTURES, ArchSpec, get_arch_spec, register_architecture
 from .config import MemitConfig
+from .counterfact import load_counterfact
 from .engine import compute_edits
 from .errors import (
     ConfigError,
@@ -16,9 +28,12 @@ from .errors import (
     StatisticsError,
     UnsupportedArchitectureError,
 )
+from .evaluation import CounterFactResult, evaluate_counterfact, evaluate_pack
 from .pack import EditPack, LayerDelta
 from .requests import EditRequest
 from .stats import SecondMoment, StatsCache, collect_stats
+from .tracing import suggest_layers, trace_fact, trace_facts, trace_severed
+from .world import load_world_model, make_world
 
 __version__ = "0.1.0"
 
@@ -27,6 +42,7 @@ __all__ = [
     "ArchSpec",
     "ConfigError",
     "ConflictingRequestsError",
+    "CounterFactResult",
     "EditPack",
     "EditRequest",
     "FingerprintMismatchError",
@@ -34,13 +50,24 @@ __all__ = [
     "LayerDelta",
     "MemitConfig",
     "MemitError",
+    "MergeReport",
     "PackError",
     "SecondMoment",
     "StatisticsError",
     "StatsCache",
     "UnsupportedArchitectureError",
+    "active_packs",
     "collect_stats",
     "compute_edits",
+    "evaluate_counterfact",
+    "evaluate_pack",
     "get_arch_spec",
+    "load_counterfact",
+    "load_world_model",
+    "make_world",
     "register_architecture",
+    "suggest_layers",
+    "trace_fact",
+    "trace_facts",
+    "trace_severed",
 ]
