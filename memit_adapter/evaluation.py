@@ -391,7 +391,7 @@ def run_cli(args: argparse.Namespace) -> int:
 def _load_model(name: str) -> tuple[nn.Module, Any, list[dict[str, Any]] | None]:
     from .world import WORLD_MODELS, load_world_model
 
-    if name in {f"world-{k}" for k in WORLD_MODELS}:
+    if name in {f"world-{k}" for k in WORLD_MODELS} and not Path(name).exists():
         return load_world_model(name)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -26,8 +26,8 @@ from typing import Any
 
 from .errors import ConfigError
 
-__all__ = ["WORLD_MODELS", "Fact", "FactWorld", "Relation", "build_world_tokenizer", "load_world_model", "make_world",
-           "recall_by_template", "world_model_path"]
+__all__ = ["RELATIONS", "WORLD_MODELS", "Fact", "FactWorld", "Relation", "build_world_tokenizer", "check_templates",
+           "load_world_model", "make_world", "recall_by_template", "world_model_path"]
 
 
 @dataclass(frozen=True)
