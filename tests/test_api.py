@@ -13,7 +13,7 @@ def test_public_api_is_sorted_complete_and_import_is_light():
         "missing = [n for n in m.__all__ if not hasattr(m, n)]\n"
         "assert not missing, missing\n"
         "assert 'matplotlib' not in sys.modules and 'datasets' not in sys.modules\n"
-        "mine = [f for f in opened if 'memit_adapter' in f]\n"
+        "mine = [f for f in opened if 'memit_adapter' in f and not f.endswith('.py')]  # assets, cards\n"
         "assert not mine, mine\n"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
