@@ -11,7 +11,8 @@ and Adam is element-wise, so optimising them together gives the same ``δ`` as o
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -62,6 +63,22 @@ class _Batch:
     target_weight: torch.Tensor  # (m,) 1 / (n_templates * target_len) of its request
     n_requests: int
     n_rewrite_rows: int
+
+    def subset(self, requests: torch.Tensor) -> tuple[_Batch, torch.Tensor]:
+        """The rows of ``requests`` (ascending indices), trimmed to their longest row; and those rows' indices."""
+        keep = torch.isin(self.row_request, requests)
+        rows = keep.nonzero()[:, 0]  # rewrite rows first, then KL rows, as in self
+        new_row = torch.full_like(self.row_request, -1)
+        new_row[rows] = torch.arange(len(rows), device=rows.device)
+        new_req = torch.full((self.n_requests,), -1, dtype=torch.long, device=rows.device)
+        new_req[requests] = torch.arange(len(requests), device=rows.device)
+        t_keep = keep[self.target_rows]
+        width = int(self.attention_mask[rows].sum(1).max())
+        sub = _Batch(self.input_ids[rows, :width], self.attention_mask[rows, :width], new_req[self.row_request[rows]],
+                     self.lookup[rows], new_row[self.target_rows[t_keep]], self.target_pos[t_keep],
+                     self.target_ids[t_keep], self.target_weight[t_keep], len(requests),
+                     int((rows < self.n_rewrite_rows).sum()))
+        return sub, rows
 
 
 def _build_batch(tokenizer, requests: Sequence[EditRequest], templates: Sequence[str], device) -> _Batch:
@@ -119,6 +136,46 @@ def _forward(model, spec: ArchSpec, layer: int, batch: _Batch, delta: torch.Tens
     return final, seen[0][rows, batch.lookup]
 
 
+@contextmanager
+def _replayed_prefix(model: nn.Module, spec: ArchSpec, layer: int, output: Callable[[], torch.Tensor],
+                     as_tuple: bool) -> Iterator[None]:
+    """Blocks ``0..layer`` skip their computation: block ``layer`` returns ``output()``, earlier ones pass
+    their input on. Valid while nothing before block ``layer``'s output changes, as when only δ does."""
+    blocks = spec.blocks(model)
+
+    def wrap(h):
+        return (h, None) if as_tuple else h
+
+    def passthrough(hidden_states, *args, **kwargs):
+        return wrap(hidden_states)
+
+    def replay(*args, **kwargs):
+        return wrap(output())
+
+    for i in range(layer + 1):
+        blocks[i].forward = replay if i == layer else passthrough
+    try:
+        yield
+    finally:
+        for i in range(layer + 1):
+            del blocks[i].forward
+
+
+def _forward_replayed(model, spec: ArchSpec, layer: int, batch: _Batch, block_out: torch.Tensor,
+                      delta: torch.Tensor, as_tuple: bool) -> torch.Tensor:
+    """Final hidden states of ``batch`` when block ``layer`` outputs ``block_out`` plus ``delta[row_request]``
+    at each row's lookup; the blocks up to ``layer`` are not run again."""
+    rows = torch.arange(batch.input_ids.shape[0], device=block_out.device)
+
+    def output():
+        return block_out.index_put((rows, batch.lookup), delta[batch.row_request].to(block_out.dtype),
+                                   accumulate=True)
+
+    with _replayed_prefix(model, spec, layer, output, as_tuple):
+        out = model.base_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+    return out[0] if isinstance(out, tuple) else out.last_hidden_state
+
+
 def _losses(model, batch: _Batch, final, kl_init, delta, h_norm, config: MemitConfig):
     """Per-request loss ``(n,)``: NLL of the targets + kl_factor * KL + weight decay."""
     logp = torch.log_softmax(_logits_at(model, final[batch.target_rows, batch.target_pos]), dim=-1)
@@ -134,11 +191,22 @@ def _losses(model, batch: _Batch, final, kl_init, delta, h_norm, config: MemitCo
 
 def optimise_deltas(model, spec: ArchSpec, tokenizer, requests, templates, config: MemitConfig, layer: int,
                     progress: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """Optimise one δ row per request together; return ``(z, h)``, both ``(n, d_model)`` float32."""
+    """Optimise one δ row per request together; return ``(z, h)``, both ``(n, d_model)`` float32.
+
+    Blocks up to ``layer`` are run once (δ cannot change them) and each step runs only the requests
+    that have not yet reached ``v_loss_threshold``.
+    """
     device = next(model.parameters()).device
     batch = _build_batch(tokenizer, requests, templates, device)
-    with torch.no_grad():
-        final, at_lookup = _forward(model, spec, layer, batch, None)
+    block = spec.blocks(model)[layer]
+    with torch.no_grad(), capture_outputs(block) as seen_out:
+        as_tuple = []
+        handle = block.register_forward_hook(lambda _m, _a, out: as_tuple.append(isinstance(out, tuple)))
+        try:
+            final, at_lookup = _forward(model, spec, layer, batch, None)
+        finally:
+            handle.remove()
+        block_out = seen_out[0]  # (rows, seq, d_model)
         kl_rows = torch.arange(batch.n_rewrite_rows, final.shape[0], device=device)
         kl_init = torch.log_softmax(_logits_at(model, final[kl_rows, batch.lookup[kl_rows]]), dim=-1)
         # h_i: block output at the subject's last token of the bare prompt (templates[0] == "{}")
@@ -151,13 +219,17 @@ def optimise_deltas(model, spec: ArchSpec, tokenizer, requests, templates, confi
     bar = tqdm(range(config.v_num_grad_steps), desc="target vectors", unit="step", disable=not progress,
                leave=False)
     for step in bar:
-        final, _ = _forward(model, spec, layer, batch, delta)
-        loss, nll = _losses(model, batch, final, kl_init, delta, h_norm, config)
-        active &= loss.detach() >= config.v_loss_threshold
+        idx = active.nonzero()[:, 0]
+        sub, rows = batch.subset(idx)
+        final = _forward_replayed(model, spec, layer, sub, block_out[rows, : sub.input_ids.shape[1]], delta[idx],
+                                  as_tuple[0])
+        loss, _ = _losses(model, sub, final, kl_init[idx], delta[idx], h_norm[idx], config)
+        going = loss.detach() >= config.v_loss_threshold
+        active[idx[~going]] = False
         bar.set_postfix(loss=f"{loss.mean().item():.3f}", active=int(active.sum()))
         if not active.any() or step == config.v_num_grad_steps - 1:
             break
-        (grad,) = torch.autograd.grad(loss[active].sum(), [delta])
+        (grad,) = torch.autograd.grad(loss[going].sum(), [delta])
         before = delta.detach().clone()
         delta.grad = grad
         opt.step()

@@ -1,9 +1,11 @@
 import pytest
 import torch
 from engine_setup import config, model_and_tokenizer, requests
+from tiny import ARCHS
 
 from memit_adapter.arch import get_arch_spec
-from memit_adapter.targets import compute_targets, context_templates
+from memit_adapter.hooks import capture_outputs
+from memit_adapter.targets import _build_batch, _forward, _forward_replayed, compute_targets, context_templates
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
@@ -39,3 +41,24 @@ def test_context_templates_are_seeded_and_well_formed():
     assert a[0] == "{}" and len(a) == 1 + len(cfg.context_template_starts)
     assert all(t.count("{}") == 1 and t.endswith(". {}") for t in a[1:])
     assert [t.split()[0] for t in a[1:]] == cfg.context_template_starts
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_replayed_prefix_equals_full_forward(arch):
+    """Skipping blocks 0..L with their cached output gives the same final states as running them."""
+    model, tok = model_and_tokenizer(arch)
+    spec = get_arch_spec(model)
+    batch = _build_batch(tok, requests()[:3], ["{}", "the man said . {}"], "cpu")
+    delta = torch.randn(3, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), capture_outputs(spec.blocks(model)[1]) as seen:
+        as_tuple = []
+        handle = spec.blocks(model)[1].register_forward_hook(lambda m, a, o: as_tuple.append(isinstance(o, tuple)))
+        _forward(model, spec, 1, batch, None)
+        handle.remove()
+        full, _ = _forward(model, spec, 1, batch, delta)
+        sub, rows = batch.subset(torch.tensor([0, 2]))
+        replayed = _forward_replayed(model, spec, 1, sub, seen[0][rows, : sub.input_ids.shape[1]], delta[[0, 2]],
+                                     as_tuple[0])
+    mask = sub.attention_mask.bool()
+    torch.testing.assert_close(replayed[mask], full[rows, : sub.input_ids.shape[1]][mask], rtol=1e-4, atol=1e-5)
+    assert all("forward" not in vars(b) for b in spec.blocks(model))
