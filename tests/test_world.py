@@ -191,3 +191,26 @@ def test_cli_eval_on_world_model(tmp_path, capsys):
     saved = json.loads(out.read_text())["results"]["model"]
     assert saved["n_records"] == 5 and saved["neighborhood_score"] >= 0.9
     assert "paraphrase_score" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_training_script_writes_a_loadable_checkpoint(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    script = Path(__file__).parent.parent / "scripts" / "train_world.py"
+    out = tmp_path / "tiny-world"
+    subprocess.run([sys.executable, str(script), "--arch", "llama", "--out", str(out), "--n-layer", "1",
+                    "--d-model", "32", "--d-ff", "64", "--epochs", "2", "--switch-epoch", "1", "--probe", "20"],
+                   check=True, capture_output=True)
+    report = json.loads((out / "training.json").read_text())
+    assert report["epochs"] == 2 and report["history"][1]["packed_share"] == 0.5
+    assert set(report["recall_by_template"]) == {r.relation_id for r in RELATIONS}
+    assert "| relation | template | recall |" in (out / "README.md").read_text()
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert model.config.model_type == "llama" and model.config.intermediate_size == 64
+    assert AutoTokenizer.from_pretrained(out)("x")["input_ids"][0] == 2  # <s>
+    assert json.loads((out / "records.json").read_text()) == make_world(0).counterfact_records()
