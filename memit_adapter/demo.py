@@ -60,12 +60,15 @@ def run_demo(model_name: str = "gpt2", *, n_edits: int = 100, out: str | Path = 
          f"{pack.nbytes / 1e6:.2f} MB")
 
     with pack.applied(model):
-        _say("\nWith the edits applied (weights untouched, deltas hooked in):")
-        for rec, req in zip(chosen[:3], requests[:3]):
-            para = rec["paraphrase_prompts"][0]
-            neigh = rec["neighborhood_prompts"][0]
-            _say(f"  rewrite    {req.text!r:48} -> {_answer(model, tok, req.text)!r} "
-                 f"(asked: {req.target_new.strip()!r})")
+        answers = [_answer(model, tok, req.text) for req in requests]
+        took = [i for i, (a, req) in enumerate(zip(answers, requests)) if a == req.target_new.strip()]
+        _say(f"\nWith the edits applied (weights untouched, deltas hooked in), {len(took)} of {len(requests)} "
+             "rewrite prompts now give the new object as the top answer:")
+        shown = (took + [i for i in range(len(requests)) if i not in took])[:3]
+        for i in shown:
+            rec, req = chosen[i], requests[i]
+            para, neigh = rec["paraphrase_prompts"][0], rec["neighborhood_prompts"][0]
+            _say(f"  rewrite    {req.text!r:48} -> {answers[i]!r} (asked: {req.target_new.strip()!r})")
             _say(f"  paraphrase {para!r:48} -> {_answer(model, tok, para)!r}")
             _say(f"  neighbour  {neigh!r:48} -> {_answer(model, tok, neigh)!r} "
                  f"(true: {rec['requested_rewrite']['target_true']['str'].strip()!r})")
@@ -81,7 +84,7 @@ def run_demo(model_name: str = "gpt2", *, n_edits: int = 100, out: str | Path = 
 
     fresh, _, _ = load_world_model(model_name)
     fresh.load_adapter(str(out), adapter_name="edits")  # stock transformers + PEFT, no memit_adapter involved
-    req = requests[0]
+    req = requests[shown[0]]
     _say(f"\nA fresh model with stock model.load_adapter({str(out)!r}):")
     _say(f"  adapter on : {req.text!r} -> {_answer(fresh, tok, req.text)!r}")
     fresh.disable_adapters()
@@ -89,7 +92,7 @@ def run_demo(model_name: str = "gpt2", *, n_edits: int = 100, out: str | Path = 
     fresh.enable_adapters()
     _say(f"  adapter on : {req.text!r} -> {_answer(fresh, tok, req.text)!r}")
     _say(f"\nDone in {time.perf_counter() - t0:.0f} s.")
-    return {"pre": pre, "post": post, "pack_dir": out}
+    return {"pre": pre, "post": post, "pack_dir": out, "n_took": len(took)}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

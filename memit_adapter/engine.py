@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
@@ -82,8 +83,16 @@ def compute_edits(
 
     return EditPack(deltas={name: deltas[layer] for name, layer in zip(names, config.layers)},
                     requests=requests, config=config, model_type=model.config.model_type,
-                    fan_in_fan_out=spec.transposed, base_model=getattr(model.config, "_name_or_path", None) or None,
-                    fingerprint=fingerprint)
+                    fan_in_fan_out=spec.transposed, base_model=hub_model_id(model), fingerprint=fingerprint)
+
+
+def hub_model_id(model: nn.Module) -> str | None:
+    """``config._name_or_path`` when it reads as a Hub id (``org/name``), not a local folder; else None."""
+    name = getattr(model.config, "_name_or_path", "") or ""
+    local = name.startswith(".") or os.path.isabs(name) or os.path.exists(name)
+    if not name or local or not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", name):
+        return None
+    return name
 
 
 def _spread_over_layers(model, spec, tokenizer, requests, templates, config, zs, stats, progress

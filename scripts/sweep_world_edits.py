@@ -43,6 +43,7 @@ def main() -> None:
     p.add_argument("--clamp", type=float, nargs="*", default=None)
     p.add_argument("--kl", type=float, nargs="*", default=None)
     p.add_argument("--steps", type=int, nargs="*", default=None)
+    p.add_argument("--lr", type=float, nargs="*", default=None, help="v_lr values")
     p.add_argument("--entropy", type=int, default=0, help="records whose generations give the entropy (0: skip)")
     p.add_argument("--json", default=None)
     args = p.parse_args()
@@ -54,22 +55,23 @@ def main() -> None:
     grid = itertools.product(args.lam or [base.mom2_update_weight],
                              [parse_layers(x) for x in args.layers] if args.layers else [base.layers],
                              args.clamp or [base.clamp_norm_factor], args.kl or [base.kl_factor],
-                             args.steps or [base.v_num_grad_steps])
+                             args.steps or [base.v_num_grad_steps], args.lr or [base.v_lr])
     n_layers = model.config.num_hidden_layers
-    stats = collect_stats(model, tok, world_model_path(args.model) / "corpus.txt", range(n_layers), progress=False)
+    stats = collect_stats(model, tok, world_model_path(args.model) / "corpus.txt", range(n_layers),
+                          max_tokens=base.mom2_max_tokens, batch_size=base.stats_batch_size, progress=False)
     gen = dict(generation=bool(args.entropy), max_generation_records=args.entropy or None)
     pre = evaluate_counterfact(model, tok, chosen, **gen)
     rows = [{"setting": "unedited", **pre.to_dict()}]
     print(f"unedited: {line(pre)}", flush=True)
-    for lam, layers, clamp, kl, steps in grid:
+    for lam, layers, clamp, kl, steps, lr in grid:
         cfg = base.replace(mom2_update_weight=lam, layers=layers, clamp_norm_factor=clamp, kl_factor=kl,
-                           v_num_grad_steps=steps)
+                           v_num_grad_steps=steps, v_lr=lr)
         t0 = time.perf_counter()
         pack = compute_edits(model, tok, requests, cfg, stats=stats, progress=False)
         secs = time.perf_counter() - t0
         with pack.applied(model), torch.no_grad():
             post = evaluate_counterfact(model, tok, chosen, **gen)
-        setting = dict(lam=lam, layers=layers, clamp=clamp, kl=kl, steps=steps, seconds=round(secs, 1))
+        setting = dict(lam=lam, layers=layers, clamp=clamp, kl=kl, steps=steps, lr=lr, seconds=round(secs, 1))
         rows.append({"setting": setting, **post.to_dict()})
         print(f"{setting}: {line(post)}", flush=True)
     if args.json:

@@ -168,3 +168,13 @@ def test_non_finite_statistics_rejected():
     with pytest.raises(StatisticsError, match="not finite"):
         compute_edits(model, tok, requests(), config(), stats=stats, progress=False)
     _assert_untouched(model, snap)
+
+
+def test_base_model_is_recorded_only_as_a_hub_id(tmp_path):
+    from memit_adapter.engine import hub_model_id
+
+    model, _ = model_and_tokenizer("gpt2")
+    for name, expected in [("EleutherAI/gpt-j-6b", "EleutherAI/gpt-j-6b"), ("gpt2", "gpt2"), (str(tmp_path), None),
+                           ("./local", None), ("", None), ("a/b/c", None)]:
+        model.config._name_or_path = name
+        assert hub_model_id(model) == expected, name
