@@ -30,6 +30,9 @@ class MemitConfig:
         layers: edited layers R, ascending; the last one, L, carries the target vectors.
         mom2_update_weight: lambda, weight of the key second moment C against the new keys.
         v_lr, v_num_grad_steps: Adam learning rate and steps of the target-vector (delta) optimisation.
+        v_lr_relative: when True, ``v_lr`` is in units of each request's per-element RMS of ``h``
+            (Adam moves every element by about ``v_lr * ||h|| / sqrt(d_model)`` a step), so the step
+            fits models whose residual stream is large; the published presets use absolute steps.
         v_loss_threshold: a request stops once its loss is below this.
         clamp_norm_factor: ||delta_i|| <= factor * ||h_i|| after every step.
         kl_factor: weight of the KL term on "{subject} is a" that keeps the subject's essence.
@@ -47,6 +50,7 @@ class MemitConfig:
     layers: list[int] = field(default_factory=lambda: [3, 4, 5, 6, 7, 8])
     mom2_update_weight: float = 15000.0
     v_lr: float = 0.5
+    v_lr_relative: bool = False
     v_num_grad_steps: int = 25
     v_loss_threshold: float = 0.05
     clamp_norm_factor: float = 0.75
@@ -130,7 +134,11 @@ class MemitConfig:
         * statistics: at most ``20 * d_ff`` key vectors (``mom2_max_tokens``), 32 texts a batch. The cost
           of the pass is ``tokens x d_ff²`` per layer; about 10·d_ff keys keep over 95% of the quality
           of the full 100,000 documents (Gupta et al. 2025).
-        * LLaMA-style models (gated MLP, RMSNorm) keep clamp 4 and weight decay 1e-3 from EasyEdit.
+        * target vectors: steps relative to the hidden state (``v_lr=0.1, v_lr_relative=True``) and
+          clamp 4. Small models trained from scratch carry hidden norms in the hundreds at the subject
+          (about 585 on the shipped world model, 52 per element), where lr 0.5 moves δ by 1% of ``h`` a
+          step: 100 edits there reached ES 6% with the published z settings and 48% with these.
+        * LLaMA-style models (gated MLP, RMSNorm) keep weight decay 1e-3 from EasyEdit.
 
         Any keyword in ``overrides`` replaces the chosen value. Use :func:`suggest_layers` to find
         the layer range of a new architecture from causal tracing.
@@ -157,9 +165,10 @@ class MemitConfig:
             stop = max(start + 1, math.ceil(0.35 * n_layer))
             preset = dict(layers=list(range(start, min(stop, n_layer))),
                           mom2_update_weight=float(max(50.0, 0.25 * d_ff)), v_num_grad_steps=25,
+                          v_lr=0.1, v_lr_relative=True, clamp_norm_factor=4.0,
                           mom2_max_tokens=20 * d_ff, stats_batch_size=32)
             if llama_like:
-                preset.update(clamp_norm_factor=4.0, v_weight_decay=1e-3)
+                preset.update(v_weight_decay=1e-3)
         max_pos = _first_attr(cfg, "n_positions", "max_position_embeddings", default=1024)
         preset["mom2_max_length"] = min(int(max_pos), 1024)
         preset.update(overrides)

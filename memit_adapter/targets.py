@@ -213,12 +213,15 @@ def optimise_deltas(model, spec: ArchSpec, tokenizer, requests, templates, confi
         h = at_lookup[torch.arange(batch.n_requests, device=device) * len(templates)].float()
     h_norm = h.norm(dim=-1)
     max_norm = config.clamp_norm_factor * h_norm
-    delta = torch.zeros_like(h, requires_grad=True)
-    opt = torch.optim.Adam([delta], lr=config.v_lr)
+    # Adam moves each element by about lr a step: optimise δ / unit so that the step is lr * unit
+    unit = (h_norm / h.shape[1] ** 0.5)[:, None] if config.v_lr_relative else torch.ones_like(h_norm)[:, None]
+    param = torch.zeros_like(h, requires_grad=True)
+    opt = torch.optim.Adam([param], lr=config.v_lr)
     active = torch.ones(len(requests), dtype=torch.bool, device=device)
     bar = tqdm(range(config.v_num_grad_steps), desc="target vectors", unit="step", disable=not progress,
                leave=False)
     for step in bar:
+        delta = param * unit
         idx = active.nonzero()[:, 0]
         sub, rows = batch.subset(idx)
         final = _forward_replayed(model, spec, layer, sub, block_out[rows, : sub.input_ids.shape[1]], delta[idx],
@@ -229,17 +232,17 @@ def optimise_deltas(model, spec: ArchSpec, tokenizer, requests, templates, confi
         bar.set_postfix(loss=f"{loss.mean().item():.3f}", active=int(active.sum()))
         if not active.any() or step == config.v_num_grad_steps - 1:
             break
-        (grad,) = torch.autograd.grad(loss[going].sum(), [delta])
-        before = delta.detach().clone()
-        delta.grad = grad
+        (grad,) = torch.autograd.grad(loss[going].sum(), [param])
+        before = param.detach().clone()
+        param.grad = grad
         opt.step()
         with torch.no_grad():
-            delta[~active] = before[~active]  # finished rows keep their δ (Adam's momentum would move them)
-            norms = delta.norm(dim=-1)
+            param[~active] = before[~active]  # finished rows keep their δ (Adam's momentum would move them)
+            norms = (param * unit).norm(dim=-1)
             scale = torch.where(norms > max_norm, max_norm / norms.clamp_min(1e-12), torch.ones_like(norms))
-            delta.mul_(scale[:, None])
+            param.mul_(scale[:, None])
     bar.close()
-    return (h + delta.detach()), h
+    return (h + (param * unit).detach()), h
 
 
 def compute_targets(model, spec: ArchSpec, tokenizer, requests, templates, config: MemitConfig, layer: int,

@@ -43,7 +43,7 @@ def main() -> None:
     p.add_argument("--clamp", type=float, nargs="*", default=None)
     p.add_argument("--kl", type=float, nargs="*", default=None)
     p.add_argument("--steps", type=int, nargs="*", default=None)
-    p.add_argument("--lr", type=float, nargs="*", default=None, help="v_lr values")
+    p.add_argument("--lr", type=float, nargs="*", default=None, help="v_lr values (relative when for_model's are)")
     p.add_argument("--entropy", type=int, default=0, help="records whose generations give the entropy (0: skip)")
     p.add_argument("--json", default=None)
     args = p.parse_args()

@@ -62,3 +62,16 @@ def test_replayed_prefix_equals_full_forward(arch):
     mask = sub.attention_mask.bool()
     torch.testing.assert_close(replayed[mask], full[rows, : sub.input_ids.shape[1]][mask], rtol=1e-4, atol=1e-5)
     assert all("forward" not in vars(b) for b in spec.blocks(model))
+
+
+def test_relative_step_equals_absolute_step_times_hidden_rms():
+    model, tok = model_and_tokenizer("gpt2")
+    spec = get_arch_spec(model)
+    req = requests()[:1]
+    cfg = config(v_num_grad_steps=6, v_lr=0.2, v_lr_relative=True)
+    z_rel, h = compute_targets(model, spec, tok, req, ["{}"], cfg, 1, progress=False)
+    rms = (h.norm() / h.shape[1] ** 0.5).item()
+    z_abs, _ = compute_targets(model, spec, tok, req, ["{}"], cfg.replace(v_lr=0.2 * rms, v_lr_relative=False), 1,
+                               progress=False)
+    torch.testing.assert_close(z_rel, z_abs, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(z_rel, h)
