@@ -30,15 +30,6 @@ FACTS = [EditRequest("{} plays the sport of", "michael jordan", " baseball", tar
          EditRequest("{} works for", "toko yuki", " google")]  # no target_true: the model's own prediction
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a shared CPU they make each matmul ~100x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _snapshot(model):
     return {k: v.clone() for k, v in model.state_dict(keep_vars=False).items()}
 
