@@ -196,6 +196,25 @@ def optimise_deltas(model, spec: ArchSpec, tokenizer, requests, templates, confi
     Blocks up to ``layer`` are run once (δ cannot change them) and each step runs only the requests
     that have not yet reached ``v_loss_threshold``.
     """
+    with _no_param_grads(model):
+        return _optimise_deltas(model, spec, tokenizer, requests, templates, config, layer, progress)
+
+
+@contextmanager
+def _no_param_grads(model: nn.Module) -> Iterator[None]:
+    """Only δ needs gradients: with the weights' flags off, autograd does not keep the activations that
+    weight gradients would need (most of the memory of a step). The flags are restored on exit."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    for p, _ in flags:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
+def _optimise_deltas(model, spec, tokenizer, requests, templates, config, layer, progress):
     device = next(model.parameters()).device
     batch = _build_batch(tokenizer, requests, templates, device)
     block = spec.blocks(model)[layer]

@@ -27,6 +27,7 @@ def _assert_untouched(model, snap):
         assert torch.equal(v, snap[k]), k
     for mod in model.modules():
         assert not mod._forward_hooks and not mod._forward_pre_hooks
+    assert all(p.requires_grad for p in model.parameters())
 
 
 def _top(model, tok, text):
