@@ -68,8 +68,12 @@ def _timed(fn):
 
 
 def run_benchmark(*, size: str = "small", n_requests: int = 100, z_steps: int = 2, n_texts: int = 64,
-                  text_length: int = 128, device: str | None = None, progress: bool = True) -> dict[str, Any]:
-    """Run the three measurements; return a dict of figures (seconds, ratios, MB)."""
+                  text_length: int = 128, chunk: int | None = None, device: str | None = None,
+                  progress: bool = True) -> dict[str, Any]:
+    """Run the three measurements; return a dict of figures (seconds, ratios, MB).
+
+    ``chunk`` is the batched run's ``v_batch_size`` (None: all requests in one batch).
+    """
     model, tok = bench_model(size)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device)
@@ -84,12 +88,12 @@ def run_benchmark(*, size: str = "small", n_requests: int = 100, z_steps: int = 
     last = max(cfg.layers)
     compute_targets(model, spec, tok, requests[:2], templates, cfg.replace(v_num_grad_steps=1), last,
                     progress=False)  # warm-up: first-call allocations would count against the batched run
-    out: dict[str, Any] = {"size": size, "device": device, "n_requests": n_requests, "z_steps": z_steps,
+    out: dict[str, Any] = {"size": size, "device": device, "n_requests": n_requests, "z_steps": z_steps, "chunk": chunk,
                            "edited_layers": cfg.layers, "n_texts": n_texts, "text_length": text_length,
                            "threads": torch.get_num_threads()}
 
     (z_b, _), out["z_batched_s"] = _timed(lambda: compute_targets(model, spec, tok, requests, templates, cfg, last,
-                                                                  progress=progress))
+                                                                  batch_size=chunk, progress=progress))
     out["peak_mb_after_z_batched"] = _peak_mb()
     (z_s, _), out["z_serial_s"] = _timed(lambda: compute_targets(model, spec, tok, requests, templates, cfg, last,
                                                                  batch_size=1, progress=progress))
@@ -116,7 +120,8 @@ def format_report(r: dict[str, Any]) -> str:
     return "\n".join([
         f"memit-adapter bench: GPT-2 '{r['size']}' random model on {r['device']} ({r['threads']} threads), "
         f"edited layers {r['edited_layers']}",
-        f"z vectors, {r['n_requests']} requests x {r['z_steps']} steps: batched {r['z_batched_s']:.1f} s, "
+        f"z vectors, {r['n_requests']} requests x {r['z_steps']} steps: batched "
+        f"({r['chunk'] or 'all'} per batch) {r['z_batched_s']:.1f} s, "
         f"one at a time {r['z_serial_s']:.1f} s -> {r['z_speedup']:.1f}x ({ok(r['z_speedup'] >= 10)} the 10x target;"
         f" max |dz| {r['z_max_abs_diff']:.2e})",
         f"statistics, {r['n_texts']} texts x {r['text_length']} tokens: one pass {r['stats_one_pass_s']:.1f} s, "
@@ -134,6 +139,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--z-steps", type=int, default=2, help="optimisation steps per z (the method uses 20-25)")
     parser.add_argument("--texts", type=int, default=64, help="corpus texts for the statistics pass")
     parser.add_argument("--text-length", type=int, default=128)
+    parser.add_argument("--chunk", type=int, default=None, help="requests per batch in the batched run (default all)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--json", default=None, help="also write the figures to this JSON file")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -141,7 +147,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_cli(args: argparse.Namespace) -> int:
     report = run_benchmark(size=args.size, n_requests=args.n_requests, z_steps=args.z_steps, n_texts=args.texts,
-                           text_length=args.text_length, device=args.device, progress=not args.quiet)
+                           text_length=args.text_length, chunk=args.chunk, device=args.device,
+                           progress=not args.quiet)
     print(format_report(report))
     if args.json:
         with open(args.json, "w") as f:
