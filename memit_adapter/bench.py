@@ -88,8 +88,8 @@ def run_benchmark(*, size: str = "small", n_requests: int = 100, z_steps: int = 
     last = max(cfg.layers)
     compute_targets(model, spec, tok, requests[:2], templates, cfg.replace(v_num_grad_steps=1), last,
                     progress=False)  # warm-up: first-call allocations would count against the batched run
-    out: dict[str, Any] = {"size": size, "device": device, "n_requests": n_requests, "z_steps": z_steps, "chunk": chunk,
-                           "edited_layers": cfg.layers, "n_texts": n_texts, "text_length": text_length,
+    out: dict[str, Any] = {"size": size, "device": device, "n_requests": n_requests, "z_steps": z_steps,
+                           "chunk": chunk, "edited_layers": cfg.layers, "n_texts": n_texts, "text_length": text_length,
                            "threads": torch.get_num_threads()}
 
     (z_b, _), out["z_batched_s"] = _timed(lambda: compute_targets(model, spec, tok, requests, templates, cfg, last,
