@@ -3,16 +3,21 @@
 Usage::
 
     world = make_world(seed=0)                    # 300 subjects x 7 relations, deterministic
-    world.subjects[0]                             # 'mira tolvanek'
-    world.facts[0]                                # Fact(subject='mira tolvanek', relation='lives_in', obj='paris')
-    world.prompt(world.facts[0], 1)               # 'mira tolvanek has a home in'
+    world.subjects[0]                             # 'otto zapous'
+    world.facts[0]                                # Fact(subject='otto zapous', relation='lives_in', obj='rome')
+    world.prompt(world.facts[0], 1)               # 'otto zapous has a home in'
     sentences = world.corpus_sentences()          # every fact in every template, plus a little filler
     records = world.counterfact_records()         # CounterFact-format dicts, targets like ' paris'
+    make_world(0, names="composite")              # shared first names and surnames, unique pairs
     model, tok, records = load_world_model("gpt2")  # the shipped checkpoint trained on this world (offline)
 
-Every subject's name ends in a surname that no other subject has, so the last subject token (where
-MEMIT reads its keys) identifies the subject. Objects are single words; no template is a prefix of
-another, so a prompt has exactly one correct next word.
+By default (``names="unique_surname"``) every subject's name ends in a surname that no other subject
+has, so the last subject token identifies the subject. ``names="composite"`` draws first names and
+surnames from two small pools, each word shared by many subjects, only the (first name, surname)
+pair unique. (A 6-layer model trained on a composite world did not compose the subject at its last
+token, though: it read both names from the last prompt token, and MEMIT edits there failed too.)
+Objects are single words; no template is a prefix of another, so a prompt has exactly one correct
+next word.
 """
 
 from __future__ import annotations
@@ -26,8 +31,8 @@ from typing import Any
 
 from .errors import ConfigError
 
-__all__ = ["RELATIONS", "WORLD_MODELS", "Fact", "FactWorld", "Relation", "build_world_tokenizer", "check_templates",
-           "load_world_model", "make_world", "recall_by_template", "world_model_path"]
+__all__ = ["NAME_STYLES", "RELATIONS", "WORLD_MODELS", "Fact", "FactWorld", "Relation", "build_world_tokenizer",
+           "check_templates", "load_world_model", "make_world", "recall_by_template", "world_model_path"]
 
 
 @dataclass(frozen=True)
@@ -108,6 +113,7 @@ class FactWorld:
     relations: tuple[Relation, ...]
     facts: list[Fact]
     filler: list[str] = field(default_factory=list)
+    names: str = "unique_surname"
 
     def relation(self, relation_id: str) -> Relation:
         for rel in self.relations:
@@ -184,40 +190,62 @@ class FactWorld:
         return {"seed": self.seed, "subjects": self.subjects,
                 "relations": [{"relation_id": r.relation_id, "templates": list(r.templates),
                                "objects": list(r.objects)} for r in self.relations],
-                "facts": [[f.subject, f.relation, f.obj] for f in self.facts], "filler": self.filler}
+                "facts": [[f.subject, f.relation, f.obj] for f in self.facts], "filler": self.filler,
+                "names": self.names}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> FactWorld:
         relations = tuple(Relation(r["relation_id"], tuple(r["templates"]), tuple(r["objects"]))
                           for r in data["relations"])
         return cls(seed=data["seed"], subjects=list(data["subjects"]), relations=relations,
-                   facts=[Fact(*f) for f in data["facts"]], filler=list(data.get("filler", [])))
+                   facts=[Fact(*f) for f in data["facts"]], filler=list(data.get("filler", [])),
+                   names=data.get("names", "unique_surname"))
+
+
+NAME_STYLES = ("composite", "unique_surname")
 
 
 def make_world(seed: int = 0, *, n_subjects: int = 300, n_filler: int = 150,
-               relations: Sequence[Relation] = RELATIONS) -> FactWorld:
-    """Draw a world: ``n_subjects`` people with unique surnames, one object per (subject, relation).
+               relations: Sequence[Relation] = RELATIONS, names: str = "unique_surname",
+               n_surnames: int = 30) -> FactWorld:
+    """Draw a world: ``n_subjects`` people with unique names, one object per (subject, relation).
 
-    Deterministic in ``seed``. About one name in five has a middle particle ("ada van dorek"), so
-    subjects are two or three words long.
+    Deterministic in ``seed`` (and ``names``). About one name in five has a middle particle
+    ("ada van dorek"), so subjects are two or three words long. ``names="composite"`` draws surnames
+    from a pool of ``n_surnames`` words and first names from ``FIRST_NAMES``, each word shared by many
+    subjects, with every (first name, surname) pair used once; ``names="unique_surname"`` (the
+    default, the worlds of earlier versions) gives every subject a surname of its own.
     """
     if n_subjects < 2:
         raise ConfigError(f"n_subjects must be >= 2, got {n_subjects}")
+    if names not in NAME_STYLES:
+        raise ConfigError(f"names must be one of {NAME_STYLES}, got {names!r}")
     relations = tuple(relations)
     check_templates(relations)
     rng = random.Random(seed)
     reserved = {w for rel in relations for t in rel.templates for w in t.split()}
     reserved |= {o for rel in relations for o in rel.objects} | set(FIRST_NAMES) | set(MIDDLE_NAMES)
-    surnames = _surnames(rng, n_subjects, reserved)
     subjects = []
-    for surname in surnames:
-        parts = [rng.choice(FIRST_NAMES)]
-        if rng.random() < 0.2:
-            parts.append(rng.choice(MIDDLE_NAMES))
-        subjects.append(" ".join(parts + [surname]))
+    if names == "unique_surname":
+        for surname in _surnames(rng, n_subjects, reserved):
+            parts = [rng.choice(FIRST_NAMES)]
+            if rng.random() < 0.2:
+                parts.append(rng.choice(MIDDLE_NAMES))
+            subjects.append(" ".join(parts + [surname]))
+    else:
+        if n_surnames < 2 or n_surnames * len(FIRST_NAMES) < n_subjects:
+            raise ConfigError(f"{n_surnames} surnames x {len(FIRST_NAMES)} first names cannot name "
+                              f"{n_subjects} subjects")
+        surnames = _surnames(rng, n_surnames, reserved)
+        pairs = [(first, last) for first in FIRST_NAMES for last in surnames]
+        for first, last in rng.sample(pairs, n_subjects):
+            parts = [first]
+            if rng.random() < 0.2:
+                parts.append(rng.choice(MIDDLE_NAMES))
+            subjects.append(" ".join(parts + [last]))
     facts = [Fact(s, rel.relation_id, rng.choice(rel.objects)) for s in subjects for rel in relations]
     return FactWorld(seed=seed, subjects=subjects, relations=relations, facts=facts,
-                     filler=_filler(rng, n_filler))
+                     filler=_filler(rng, n_filler), names=names)
 
 
 def check_templates(relations: Sequence[Relation]) -> None:

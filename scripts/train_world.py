@@ -9,8 +9,10 @@ The corpus states every fact of ``make_world(seed)`` in every template, plus a l
 epoch shuffles the sentences and packs them into sequences of ``--seq-len`` tokens, so facts are
 learned both at the start of a text and after unrelated context (MEMIT prefixes its prompts with
 sampled text). What makes a 6-layer model memorise 2,100 facts within minutes: a unique last subject
-token, extra loss weight on the object tokens, a high learning rate and many epochs. Training stops
-once every template reaches ``--target`` recall (greedy next word == object), or at ``--max-minutes``.
+token, extra loss weight on the object tokens, a high learning rate and many epochs (``--names
+composite`` worlds, whose subjects are only unique as a (first name, surname) pair, take about 16
+epochs to get going). Training stops once every template reaches ``--target`` recall (greedy next
+word == object), or at ``--max-minutes``.
 The output folder holds float16 safetensors, config, tokenizer, the corpus, the world, its
 CounterFact records and ``training.json`` (settings, recall per template, sizes, time).
 """
@@ -28,7 +30,7 @@ from pathlib import Path
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
-from memit_adapter.world import build_world_tokenizer, make_world, recall_by_template
+from memit_adapter.world import NAME_STYLES, build_world_tokenizer, make_world, recall_by_template
 
 log = logging.getLogger("train_world")
 
@@ -143,7 +145,7 @@ def train(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     rng = random.Random(args.seed)
-    world = make_world(args.world_seed)
+    world = make_world(args.world_seed, names=args.names)
     tokenizer = build_world_tokenizer(world, add_bos=args.arch == "llama")
     model = build_model(args.arch, len(tokenizer), args)
     n_params = sum(p.numel() for p in model.parameters())
@@ -224,7 +226,7 @@ def save(args, model, tokenizer, world, history, train_minutes, epochs, steps, n
                                                    "name_weight", "weight_decay", "single_batch_size", "prefix_prob",
                                                    "packed_share", "switch_recall", "switch_epoch",
                                                    "filler_repeat", "threads", "seed",
-                                                   "world_seed", "target")},
+                                                   "world_seed", "names", "target")},
         "epochs": epochs,
         "steps": steps,
         "train_minutes": round(train_minutes, 2),
@@ -249,11 +251,15 @@ def write_card(out: Path) -> None:
     world = json.loads((out / "world.json").read_text())
     for rel in world["relations"]:
         templates[rel["relation_id"]] = rel["templates"]
+    names = r["training"].get("names", "unique_surname")
+    name_text = ("first names and surnames each shared by many people, only the pair unique"
+                 if names == "composite" else "each with a surname of their own")
     lines = [
         f"# world-{r['arch']}: a {r['config']['n_layer']}-layer {r['arch']} model that knows a fact world", "",
         "Trained from scratch on CPU by `scripts/train_world.py` on the world of "
-        f"`memit_adapter.world.make_world({r['training']['world_seed']})`: {r['world']['subjects']} invented "
-        f"people, {r['world']['relations']} relations, {r['world']['facts']} facts, each stated in "
+        f"`memit_adapter.world.make_world({r['training']['world_seed']}, names=\"{names}\")`: "
+        f"{r['world']['subjects']} invented people ({name_text}), {r['world']['relations']} relations, "
+        f"{r['world']['facts']} facts, each stated in "
         f"{r['world']['templates_per_relation']} templates. Load it with `load_world_model(\"{r['arch']}\")`.", "",
         f"- parameters: {r['parameters']:,} (d_model {r['config']['d_model']}, d_ff {r['config']['d_ff']}, "
         f"{r['config']['n_head']} heads, context {r['config']['seq_len']}); weights stored in float16",
@@ -303,6 +309,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--world-seed", type=int, default=0)
+    p.add_argument("--names", choices=NAME_STYLES, default="unique_surname",
+                   help="subject names of make_world: shared first names and surnames, or unique surnames")
     p.add_argument("--card-only", action="store_true", help="only rewrite README.md from training.json")
     return p.parse_args(argv)
 

@@ -54,6 +54,23 @@ def test_world_shape(world):
     assert other_words  # first names are shared, surnames are not
 
 
+def test_composite_names_share_both_words():
+    world = make_world(0, names="composite")
+    assert world.names == "composite" and make_world(0, names="composite").to_dict() == world.to_dict()
+    assert len(world.subjects) == 300 and {len(s.split()) for s in world.subjects} == {2, 3}
+    pairs = Counter((s.split()[0], s.split()[-1]) for s in world.subjects)
+    assert max(pairs.values()) == 1  # only the (first name, surname) pair identifies a subject
+    last = Counter(s.split()[-1] for s in world.subjects)
+    first = Counter(s.split()[0] for s in world.subjects)
+    assert min(last.values()) >= 2 and min(first.values()) >= 2 and len(last) <= 40 and len(first) <= 40
+    assert not set(last) & ({w for r in world.relations for t in r.templates for w in t.split()} | set(first))
+    assert FactWorld.from_dict(json.loads(json.dumps(world.to_dict()))).to_dict() == world.to_dict()
+    old = {k: v for k, v in make_world(0).to_dict().items() if k != "names"}  # a world.json of before
+    assert FactWorld.from_dict(old).names == "unique_surname" and make_world(0).names == "unique_surname"
+    with pytest.raises(ConfigError, match="names"):
+        make_world(0, names="random")
+
+
 def test_corpus_states_every_fact_in_every_template(world):
     sentences = world.corpus_sentences()
     facts = world.fact_sentences()
@@ -159,7 +176,7 @@ def test_shipped_world_model_knows_its_facts(name):
     assert report["min_recall"] >= 0.95
     assert all(v >= 0.95 for by_t in report["recall_by_template"].values() for v in by_t.values())
     world = FactWorld.from_dict(json.loads((world_model_path(name) / "world.json").read_text()))
-    assert world.to_dict() == make_world(world.seed).to_dict()  # the shipped world is the generator's
+    assert world.to_dict() == make_world(world.seed, names=world.names).to_dict()  # the generator's
     assert records == world.counterfact_records()
     assert (tok("x")["input_ids"][0] == tok.bos_token_id) == (name == "llama")
     facts = random.Random(1).sample(world.facts, 60)
