@@ -224,7 +224,8 @@ def render_card(pack: EditPack) -> str:
 
     return template.substitute(
         front_matter="\n".join(front),
-        base_model=f"`{base}`" + (f" at revision `{pack.revision}`" if pack.revision else "") if base else "unknown",
+        base_model=(f"`{base}`" + (f" at revision `{pack.revision}`" if pack.revision else "") if base
+                    else "a base model with no recorded Hub id"),
         n_edits=len(pack.requests),
         layers=", ".join(sorted(pack.deltas)),
         edits_table="\n".join(rows),
