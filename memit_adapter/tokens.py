@@ -58,17 +58,26 @@ def encode_fact(tokenizer, template: str, subject: str, target: str = "") -> Enc
 
 
 def _prompt_ids_and_lookup(tokenizer, text: str, start: int, end: int) -> tuple[list[int], int]:
+    ids, (_, stop) = subject_span(tokenizer, text, start, end)
+    return ids, stop - 1
+
+
+def subject_span(tokenizer, text: str, start: int, end: int) -> tuple[list[int], tuple[int, int]]:
+    """Token ids of ``text`` and the ``[first, stop)`` positions of the characters ``text[start:end]``.
+
+    From the tokenizer's character offsets (special tokens such as BOS have empty spans and count as
+    positions); slow tokenizers: from the token counts of the text up to ``start`` and ``end``.
+    """
     if getattr(tokenizer, "is_fast", False):
         enc = tokenizer(text, return_offsets_mapping=True)
         hits = [i for i, (a, b) in enumerate(enc["offset_mapping"]) if b > a and a < end and b > start]
         if hits:
-            return enc["input_ids"], hits[-1]
-    else:  # slow tokenizer: the subject ends where the tokens of the text up to its end end
+            return list(enc["input_ids"]), (hits[0], hits[-1] + 1)
+    else:
         ids = tokenizer(text)["input_ids"]
-        n_before = len(tokenizer(text[:start])["input_ids"]) if start else len(tokenizer("")["input_ids"])
-        n_upto = len(tokenizer(text[:end])["input_ids"])
-        if n_upto > n_before:
-            return ids, n_upto - 1
+        first, stop = len(tokenizer(text[:start])["input_ids"]), len(tokenizer(text[:end])["input_ids"])
+        if stop > first:
+            return list(ids), (first, stop)
     raise InvalidRequestError(f"subject {text[start:end]!r} has no token of its own in {text!r}")
 
 

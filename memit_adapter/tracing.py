@@ -36,7 +36,7 @@ from .arch import ArchSpec, get_arch_spec
 from .errors import ConfigError, InvalidRequestError, UnsupportedArchitectureError
 from .hooks import capture_outputs, edit_output
 from .requests import EditRequest
-from .tokens import fill
+from .tokens import fill, subject_span
 
 logger = logging.getLogger(__name__)
 
@@ -146,18 +146,7 @@ def _encode_prompt(tokenizer, prompt: str, subject: str) -> tuple[list[int], tup
     if prompt.count("{}") != 1:
         raise InvalidRequestError(f"prompt must contain exactly one '{{}}' where the subject goes, got {prompt!r}")
     text, start = fill(prompt, subject)
-    end = start + len(subject.rstrip())
-    if getattr(tokenizer, "is_fast", False):
-        enc = tokenizer(text, return_offsets_mapping=True)
-        hits = [i for i, (a, b) in enumerate(enc["offset_mapping"]) if b > a and a < end and b > start]
-        if hits:
-            return list(enc["input_ids"]), (hits[0], hits[-1] + 1)
-    else:  # slow tokenizer: count the tokens of the text up to the subject's start and end
-        ids = tokenizer(text)["input_ids"]
-        first, stop = len(tokenizer(text[:start])["input_ids"]), len(tokenizer(text[:end])["input_ids"])
-        if stop > first:
-            return list(ids), (first, stop)
-    raise InvalidRequestError(f"subject {subject!r} has no token of its own in {text!r}")
+    return subject_span(tokenizer, text, start, start + len(subject.rstrip()))
 
 
 def _encode_fact(tokenizer, prompt: str, subject: str, target: str | None, model: nn.Module) -> _Fact:
