@@ -37,6 +37,7 @@ from torch import nn
 
 from .counterfact import load_counterfact, normalize_records
 from .errors import MemitError
+from .tokens import pad_id, pad_right
 
 __all__ = ["CounterFactResult", "evaluate_counterfact", "evaluate_pack", "format_table", "generation_entropy",
            "greedy_generate", "ngram_entropy", "target_nll"]
@@ -83,14 +84,14 @@ def target_nll(model: nn.Module, tokenizer: Any, prompts: Sequence[str], targets
         raise ValueError(f"{len(prompts)} prompts but {len(targets)} targets")
     pairs = _encode_pairs(tokenizer, prompts, targets)
     device = next(model.parameters()).device
-    pad = _pad_id(tokenizer)
+    pad = pad_id(tokenizer)
     out = torch.empty(len(pairs), dtype=torch.float64)
     order = sorted(range(len(pairs)), key=lambda i: len(pairs[i][0]) + len(pairs[i][1]))
     with torch.no_grad():
         for start in range(0, len(order), batch_size):
             idx = order[start:start + batch_size]
             seqs = [pairs[i][0] + pairs[i][1] for i in idx]
-            ids, mask = _right_pad(seqs, pad, device)
+            ids, mask = pad_right(seqs, pad, device)
             logits = model(input_ids=ids, attention_mask=mask).logits  # (b, t, vocab)
             rows, cols, tgt, owner = [], [], [], []
             for b, i in enumerate(idx):
@@ -138,23 +139,6 @@ def _leading_special_ids(tokenizer: Any) -> list[int]:
     return []
 
 
-def _pad_id(tokenizer: Any) -> int:
-    for pad in (tokenizer.pad_token_id, tokenizer.eos_token_id):
-        if pad is not None:
-            return int(pad)
-    return 0
-
-
-def _right_pad(seqs: list[list[int]], pad: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, :len(s)] = torch.tensor(s)
-        mask[i, :len(s)] = 1
-    return ids.to(device), mask.to(device)
-
-
 # -- fluency -------------------------------------------------------------------------------------
 
 def ngram_entropy(text: str, ns: Sequence[int] = (2, 3), weights: Sequence[float] = (2 / 3, 4 / 3)) -> float:
@@ -185,7 +169,7 @@ def greedy_generate(model: nn.Module, tokenizer: Any, prompts: Sequence[str], *,
     """
     device = next(model.parameters()).device
     lead = _leading_special_ids(tokenizer)
-    pad = _pad_id(tokenizer)
+    pad = pad_id(tokenizer)
     limit = _max_positions(model)
     encoded = [lead + ids for ids in tokenizer(list(prompts), add_special_tokens=False)["input_ids"]]
     texts: list[str] = [""] * len(prompts)
