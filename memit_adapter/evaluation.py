@@ -38,6 +38,7 @@ from torch import nn
 from .counterfact import load_counterfact, normalize_records
 from .errors import MemitError
 from .tokens import pad_id, pad_right
+from .world import load_model
 
 __all__ = ["CounterFactResult", "evaluate_counterfact", "evaluate_pack", "format_table", "generation_entropy",
            "greedy_generate", "ngram_entropy", "target_nll"]
@@ -350,7 +351,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_cli(args: argparse.Namespace) -> int:
-    model, tokenizer, world_records = _load_model(args.model)
+    model, tokenizer, world_records = load_model(args.model)
     if args.device:
         model.to(args.device)
     if args.data:
@@ -370,17 +371,6 @@ def run_cli(args: argparse.Namespace) -> int:
     Path(args.out).write_text(json.dumps(payload, indent=2) + "\n")
     print(f"wrote {args.out}")
     return 0
-
-
-def _load_model(name: str) -> tuple[nn.Module, Any, list[dict[str, Any]] | None]:
-    from .world import WORLD_MODELS, load_world_model
-
-    if name in {f"world-{k}" for k in WORLD_MODELS} and not Path(name).exists():
-        return load_world_model(name)
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    model = AutoModelForCausalLM.from_pretrained(name).eval()
-    return model, AutoTokenizer.from_pretrained(name), None
 
 
 def _load_pack(path: str) -> Any:

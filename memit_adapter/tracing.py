@@ -37,6 +37,7 @@ from .errors import ConfigError, InvalidRequestError, UnsupportedArchitectureErr
 from .hooks import capture_outputs, edit_output
 from .requests import EditRequest
 from .tokens import fill, subject_span
+from .world import load_model
 
 logger = logging.getLogger(__name__)
 
@@ -597,18 +598,8 @@ def _cli_facts(args: argparse.Namespace, shipped: list[dict] | None) -> list[_Tr
 
 
 def _load(name: str, device: str | None):
-    """``(model, tokenizer, records or None)`` of a model id or folder; ``world-gpt2``/``world-llama`` load
-    a shipped world checkpoint and its CounterFact records, offline."""
-    if name.startswith("world-") and not Path(name).exists():
-        from .world import load_world_model
-
-        model, tokenizer, records = load_world_model(name)
-    else:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        model, tokenizer = AutoModelForCausalLM.from_pretrained(name), AutoTokenizer.from_pretrained(name)
-        records = None
-    return model.to(device or "cpu").eval(), tokenizer, records
+    model, tokenizer, records = load_model(name)
+    return model.to(device or "cpu"), tokenizer, records
 
 
 __all__ = ["CATEGORIES", "KINDS", "SEVER_MODES", "TRACE_MODULES", "SeveredTrace", "TraceResult", "average_traces",

@@ -360,6 +360,16 @@ def world_model_path(name: str = "gpt2") -> Path:
     return path
 
 
+def load_model(name: str) -> tuple[Any, Any, list[dict[str, Any]] | None]:
+    """``(model, tokenizer, records or None)`` of a Hub id or local folder, in eval mode; ``world-gpt2`` and
+    ``world-llama`` (unless a folder of that name exists) load a shipped world model and its records, offline."""
+    if name.startswith("world-") and name[len("world-"):] in WORLD_MODELS and not Path(name).exists():
+        return load_world_model(name)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    return AutoModelForCausalLM.from_pretrained(name).eval(), AutoTokenizer.from_pretrained(name), None
+
+
 def load_world_model(name: str = "gpt2", *, dtype: Any = None) -> tuple[Any, Any, list[dict[str, Any]]]:
     """Load a shipped world model, its tokenizer and its CounterFact records, offline; model in eval mode.
 
