@@ -32,7 +32,7 @@ from typing import Any
 from .errors import ConfigError
 
 __all__ = ["NAME_STYLES", "RELATIONS", "WORLD_MODELS", "Fact", "FactWorld", "Relation", "build_world_tokenizer",
-           "check_templates", "load_world_model", "make_world", "recall_by_template", "world_model_path"]
+           "check_templates", "load_model", "load_world_model", "make_world", "recall_by_template", "world_model_path"]
 
 
 @dataclass(frozen=True)
