@@ -24,7 +24,9 @@ class ArchSpec:
     ``layers`` is the ``ModuleList`` of transformer blocks; ``mlp_out`` the edited projection inside
     one block (its input is the key ``k``, its output the value ``m``); ``embed`` the token
     embedding; ``final_norm`` the last normalisation; ``transposed`` is True when the weight is
-    stored ``(d_in, d_out)`` as GPT-2's ``Conv1D`` does (``nn.Linear`` stores ``(d_out, d_in)``).
+    stored ``(d_in, d_out)`` as GPT-2's ``Conv1D`` does (``nn.Linear`` stores ``(d_out, d_in)``);
+    ``attn`` and ``mlp`` are the attention and MLP submodules of one block (used by causal tracing;
+    guessed from the block's children when None).
     """
 
     layers: str
@@ -32,6 +34,8 @@ class ArchSpec:
     embed: str
     final_norm: str
     transposed: bool = False
+    attn: str | None = None
+    mlp: str | None = None
 
     def blocks(self, model: nn.Module) -> nn.ModuleList:
         return model.get_submodule(self.layers)
@@ -60,15 +64,15 @@ class ArchSpec:
 
 
 _LLAMA_LIKE = ArchSpec(layers="model.layers", mlp_out="mlp.down_proj", embed="model.embed_tokens",
-                       final_norm="model.norm")
+                       final_norm="model.norm", attn="self_attn", mlp="mlp")
 
 ARCHITECTURES: dict[str, ArchSpec] = {
     "gpt2": ArchSpec(layers="transformer.h", mlp_out="mlp.c_proj", embed="transformer.wte",
-                     final_norm="transformer.ln_f", transposed=True),
+                     final_norm="transformer.ln_f", transposed=True, attn="attn", mlp="mlp"),
     "gptj": ArchSpec(layers="transformer.h", mlp_out="mlp.fc_out", embed="transformer.wte",
-                     final_norm="transformer.ln_f"),
+                     final_norm="transformer.ln_f", attn="attn", mlp="mlp"),
     "gpt_neox": ArchSpec(layers="gpt_neox.layers", mlp_out="mlp.dense_4h_to_h", embed="gpt_neox.embed_in",
-                         final_norm="gpt_neox.final_layer_norm"),
+                         final_norm="gpt_neox.final_layer_norm", attn="attention", mlp="mlp"),
     **{name: _LLAMA_LIKE for name in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "olmo", "olmo2")},
 }
 

@@ -46,16 +46,6 @@ SEVER_MODES = ("none", "attn", "mlp")
 CATEGORIES = ("first subject token", "middle subject tokens", "last subject token", "first subsequent token",
               "further tokens", "last token")
 
-_LLAMA_LIKE = ("self_attn", "mlp")
-# (attention, MLP) submodule of one block, by config.model_type.
-TRACE_MODULES: dict[str, tuple[str, str]] = {
-    "gpt2": ("attn", "mlp"),
-    "gptj": ("attn", "mlp"),
-    "gpt_neox": ("attention", "mlp"),
-    **{name: _LLAMA_LIKE for name in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "olmo", "olmo2")},
-}
-
-
 # -- results ---------------------------------------------------------------------------------------
 @dataclass
 class TraceResult:
@@ -173,18 +163,20 @@ def _top_token(model: nn.Module, ids: list[int]) -> int:
 
 # -- model plumbing --------------------------------------------------------------------------------
 def trace_modules(model: nn.Module, arch: ArchSpec | None = None) -> tuple[str, str]:
-    """Names of the (attention, MLP) submodules inside one block of ``model``."""
+    """Names of the (attention, MLP) submodules inside one block of ``model``: the ``ArchSpec``'s, else
+    guessed from the block's children."""
+    spec = get_arch_spec(model, arch)
+    if spec.attn and spec.mlp:
+        return spec.attn, spec.mlp
     model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if model_type in TRACE_MODULES:
-        return TRACE_MODULES[model_type]
-    block = get_arch_spec(model, arch).blocks(model)[0]
+    block = spec.blocks(model)[0]
     names = dict(block.named_children())
     attn = next((n for n in ("self_attn", "attn", "attention") if n in names), None)
     mlp = next((n for n in ("mlp", "feed_forward") if n in names), None)
     if attn is None or mlp is None:
         raise UnsupportedArchitectureError(
             f"cannot find the attention and MLP submodules of model_type={model_type!r} (block children: "
-            f"{sorted(names)}); add an entry: memit_adapter.tracing.TRACE_MODULES[{model_type!r}] = (attn, mlp)")
+            f"{sorted(names)}); give them in the architecture entry: ArchSpec(..., attn=..., mlp=...)")
     return attn, mlp
 
 
@@ -602,6 +594,6 @@ def _load(name: str, device: str | None):
     return model.to(device or "cpu"), tokenizer, records
 
 
-__all__ = ["CATEGORIES", "KINDS", "SEVER_MODES", "TRACE_MODULES", "SeveredTrace", "TraceResult", "average_traces",
+__all__ = ["CATEGORIES", "KINDS", "SEVER_MODES", "SeveredTrace", "TraceResult", "average_traces",
            "best_range", "default_window", "embedding_std", "subject_token_range", "suggest_layers", "trace_fact",
            "trace_facts", "trace_modules", "trace_severed"]
