@@ -37,6 +37,9 @@ class MemitConfig:
         clamp_norm_factor: ||delta_i|| <= factor * ||h_i|| after every step.
         kl_factor: weight of the KL term on "{subject} is a" that keeps the subject's essence.
         v_weight_decay: weight of ||delta|| / ||h||^2.
+        share_subject_delta: requests about the same subject share one δ, optimised on the mean of their
+            losses (their keys coincide in a causal model, so separate δs would ask one key for several
+            values and the solve would average them away). Without shared subjects it changes nothing.
         v_batch_size: requests optimised together (the result does not depend on it: each request's δ is
             independent); bounds memory, which grows with it (GPT-2 small on CPU: 2.8 GB at 10, 11.5 GB at
             100). None = all at once.
@@ -58,6 +61,7 @@ class MemitConfig:
     clamp_norm_factor: float = 0.75
     kl_factor: float = 0.0625
     v_weight_decay: float = 0.5
+    share_subject_delta: bool = True
     v_batch_size: int | None = 32
     context_templates: list[str] | None = None
     context_template_length: int = 10

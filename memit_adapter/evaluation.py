@@ -15,6 +15,10 @@ over the target's tokens. Per record, the rewrite prompt counts as efficacy succ
 same true object) when ``P(true) > P(new)``; a record's rate is the mean over its prompts and a score
 the mean over records, as the published ``summarize.py`` computes it. Magnitudes are the means of
 ``P(new) - P(true)`` (``P(true) - P(new)`` for neighbours). Score is the harmonic mean of ES, PS and NS.
+A neighbourhood prompt that is itself the rewrite or a paraphrase prompt of a record in the same batch
+asks about a fact the batch rewrites, so it cannot measure specificity: it is left out of NS (and counted
+in ``neighbors_excluded``). This matters when a batch edits many facts of a small world (1,000 edits of
+2,100 facts); CounterFact's neighbours are other subjects and are rarely affected.
 Generation entropy is ``mean(2/3 * H2, 4/3 * H3)`` (bits) of the word bi- and tri-gram distributions
 of each greedy generation (prompt included), averaged per record and over records.
 """
@@ -63,6 +67,7 @@ class CounterFactResult:
     neighborhood_magnitude: float | None
     score: float | None
     generation_entropy: float | None = None
+    neighbors_excluded: int = 0
     per_record: list[dict[str, Any]] = field(default_factory=list, repr=False)
 
     def to_dict(self, *, per_record: bool = False) -> dict[str, Any]:
@@ -208,11 +213,14 @@ def _max_positions(model: nn.Module) -> int | None:
 
 def evaluate_counterfact(model: nn.Module, tokenizer: Any, records: Sequence[Mapping[str, Any]], *,
                          batch_size: int = 64, generation: bool = True, max_new_tokens: int = 100,
-                         max_generation_records: int | None = None, per_record: bool = False) -> CounterFactResult:
+                         max_generation_records: int | None = None, per_record: bool = False,
+                         exclude_edited_neighbors: bool = True) -> CounterFactResult:
     """CounterFact metrics of ``model`` on ``records`` (see the module docstring for the definitions).
 
     ``generation=False`` skips the (slow) greedy generations; ``max_generation_records`` limits them to
     the first records. ``per_record=True`` keeps each record's NLLs and rates in ``result.per_record``.
+    ``exclude_edited_neighbors`` leaves out of NS the neighbourhood prompts that are rewrite or
+    paraphrase prompts of records in ``records`` (facts the evaluated batch itself edits).
     """
     records = normalize_records(records)
     if not records:
@@ -220,20 +228,36 @@ def evaluate_counterfact(model: nn.Module, tokenizer: Any, records: Sequence[Map
     was_training = model.training
     model.eval()
     try:
-        per = _score_prompts(model, tokenizer, records, batch_size)
+        edited = edited_prompts(records) if exclude_edited_neighbors else set()
+        per = _score_prompts(model, tokenizer, records, batch_size, edited)
         if generation:
             _add_entropies(model, tokenizer, records, per, max_new_tokens, max_generation_records, batch_size)
     finally:
         model.train(was_training)
-    return _summarize(per, keep=per_record)
+    result = _summarize(per, keep=per_record)
+    result.neighbors_excluded = sum(" ".join(p.split()) in edited for rec in records
+                                    for p in rec["neighborhood_prompts"])
+    return result
 
 
-def _score_prompts(model, tokenizer, records, batch_size) -> list[dict[str, Any]]:
+def edited_prompts(records: Sequence[Mapping[str, Any]]) -> set[str]:
+    """The rewrite and paraphrase prompts of ``records``, whitespace-normalised: the prompts whose answer
+    the batch of these records changes."""
+    out = set()
+    for rec in records:
+        rw = rec["requested_rewrite"]
+        for prompt in [rw["prompt"].format(rw["subject"]), *rec["paraphrase_prompts"]]:
+            out.add(" ".join(prompt.split()))
+    return out
+
+
+def _score_prompts(model, tokenizer, records, batch_size, edited: set[str]) -> list[dict[str, Any]]:
     prompts, targets, where = [], [], []
     for r, rec in enumerate(records):
         rw = rec["requested_rewrite"]
+        neighbors = [p for p in rec["neighborhood_prompts"] if " ".join(p.split()) not in edited]
         groups = {"rewrite": [rw["prompt"].format(rw["subject"])], "paraphrase": rec["paraphrase_prompts"],
-                  "neighborhood": rec["neighborhood_prompts"]}
+                  "neighborhood": neighbors}
         for kind, group in groups.items():
             for j, prompt in enumerate(group):
                 for which in ("target_new", "target_true"):
@@ -331,6 +355,8 @@ def format_table(results: Mapping[str, CounterFactResult]) -> str:
             else:
                 cells.append(f"{100 * value:>10.1f}")
         lines.append(f"{metric:<24}" + "".join(cells))
+    if any(r.neighbors_excluded for r in results.values()):
+        lines.append(f"{'neighbors excluded':<24}" + "".join(f"{results[n].neighbors_excluded:>10}" for n in names))
     return "\n".join(lines)
 
 

@@ -5,8 +5,12 @@ Usage::
     templates = context_templates(model, tok, cfg)        # ["{}", "The ... . {}", ...], seeded
     zs, h = compute_targets(model, tok, requests, templates, cfg, layer=max(cfg.layers))   # (n, d_model) each
 
-The requests are independent: each has its own row of ``δ``, its own loss, norm clamp and early stop,
-and Adam is element-wise, so optimising them together gives the same ``δ`` as one at a time.
+Requests about different subjects are independent: each has its own row of ``δ``, its own loss, norm
+clamp and early stop, and Adam is element-wise, so optimising them together gives the same ``δ`` as one
+at a time. Requests about the same subject share one row (``config.share_subject_delta``): in a causal
+model their keys at the subject's last token are the same vector when the text before the subject is
+the same, so one key cannot be asked for two different ``z``; the shared ``δ`` minimises the mean of
+their losses instead, and then every one of them asks for the same change.
 """
 
 from __future__ import annotations
@@ -189,12 +193,22 @@ def _losses(model, batch: _Batch, final, kl_init, delta, h_norm, config: MemitCo
     return nll + config.kl_factor * kl + decay, nll
 
 
+def delta_groups(requests: Sequence[EditRequest], config: MemitConfig) -> list[int]:
+    """The δ row of each request: one per distinct subject when ``config.share_subject_delta``, else one
+    per request. Rows are numbered in order of first appearance."""
+    if not config.share_subject_delta:
+        return list(range(len(requests)))
+    rows: dict[str, int] = {}
+    return [rows.setdefault(r.subject, len(rows)) for r in requests]
+
+
 def optimise_deltas(model, spec: ArchSpec, tokenizer, requests, templates, config: MemitConfig, layer: int,
                     progress: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """Optimise one δ row per request together; return ``(z, h)``, both ``(n, d_model)`` float32.
+    """Optimise the δ rows of :func:`delta_groups` together; return ``(z, h)``, both ``(n, d_model)``
+    float32, with ``z_i = h_i + δ`` of request i's row.
 
-    Blocks up to ``layer`` are run once (δ cannot change them) and each step runs only the requests
-    that have not yet reached ``v_loss_threshold``.
+    Blocks up to ``layer`` are run once (δ cannot change them) and each step runs only the rows whose
+    loss has not yet reached ``v_loss_threshold``.
     """
     with _no_param_grads(model):
         return _optimise_deltas(model, spec, tokenizer, requests, templates, config, layer, progress)
@@ -230,25 +244,33 @@ def _optimise_deltas(model, spec, tokenizer, requests, templates, config, layer,
         kl_init = torch.log_softmax(_logits_at(model, final[kl_rows, batch.lookup[kl_rows]]), dim=-1)
         # h_i: block output at the subject's last token of the bare prompt (templates[0] == "{}")
         h = at_lookup[torch.arange(batch.n_requests, device=device) * len(templates)].float()
+    group = torch.tensor(delta_groups(requests, config), device=device)  # (n,) δ row of each request
+    n_groups = int(group.max()) + 1
+    size = torch.zeros(n_groups, device=device).index_add(0, group, torch.ones(len(requests), device=device))
     h_norm = h.norm(dim=-1)
-    max_norm = config.clamp_norm_factor * h_norm
+    g_norm = torch.zeros(n_groups, device=device).index_add(0, group, h_norm) / size  # mean |h| of a row
+    max_norm = config.clamp_norm_factor * g_norm
     # Adam moves each element by about lr a step: optimise δ / unit so that the step is lr * unit
-    unit = (h_norm / h.shape[1] ** 0.5)[:, None] if config.v_lr_relative else torch.ones_like(h_norm)[:, None]
-    param = torch.zeros_like(h, requires_grad=True)
+    unit = (g_norm / h.shape[1] ** 0.5)[:, None] if config.v_lr_relative else torch.ones_like(g_norm)[:, None]
+    param = torch.zeros(n_groups, h.shape[1], device=device, requires_grad=True)
     opt = torch.optim.Adam([param], lr=config.v_lr)
-    active = torch.ones(len(requests), dtype=torch.bool, device=device)
+    active = torch.ones(n_groups, dtype=torch.bool, device=device)
     bar = tqdm(range(config.v_num_grad_steps), desc="target vectors", unit="step", disable=not progress,
                leave=False)
     for step in bar:
         delta = param * unit
-        idx = active.nonzero()[:, 0]
+        idx = active[group].nonzero()[:, 0]  # requests of the rows still going
         sub, rows = batch.subset(idx)
-        final = _forward_replayed(model, spec, layer, sub, block_out[rows, : sub.input_ids.shape[1]], delta[idx],
+        d_req = delta[group[idx]]
+        final = _forward_replayed(model, spec, layer, sub, block_out[rows, : sub.input_ids.shape[1]], d_req,
                                   as_tuple[0])
-        loss, _ = _losses(model, sub, final, kl_init[idx], delta[idx], h_norm[idx], config)
-        going = loss.detach() >= config.v_loss_threshold
-        active[idx[~going]] = False
-        bar.set_postfix(loss=f"{loss.mean().item():.3f}", active=int(active.sum()))
+        req_loss, _ = _losses(model, sub, final, kl_init[idx], d_req, h_norm[idx], config)
+        loss = torch.zeros(n_groups, device=device).index_add(0, group[idx], req_loss) / size  # mean per row
+        g_idx = active.nonzero()[:, 0]
+        going = torch.zeros_like(active)
+        going[g_idx] = loss.detach()[g_idx] >= config.v_loss_threshold
+        active &= going
+        bar.set_postfix(loss=f"{loss[g_idx].mean().item():.3f}", active=int(active.sum()))
         if not active.any() or step == config.v_num_grad_steps - 1:
             break
         (grad,) = torch.autograd.grad(loss[going].sum(), [param])
@@ -261,17 +283,30 @@ def _optimise_deltas(model, spec, tokenizer, requests, templates, config, layer,
             scale = torch.where(norms > max_norm, max_norm / norms.clamp_min(1e-12), torch.ones_like(norms))
             param.mul_(scale[:, None])
     bar.close()
-    return (h + (param * unit).detach()), h
+    return (h + (param * unit).detach()[group]), h
 
 
 def compute_targets(model, spec: ArchSpec, tokenizer, requests, templates, config: MemitConfig, layer: int,
                     *, batch_size: int | None = None, progress: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`optimise_deltas` over chunks of ``batch_size`` requests (all at once when None)."""
+    """:func:`optimise_deltas` over chunks of about ``batch_size`` requests (all at once when None).
+
+    A chunk holds whole δ rows (all requests of a shared subject), so chunking never changes a result.
+    """
+    groups = delta_groups(requests, config)
+    members: dict[int, list[int]] = {}
+    for i, g in enumerate(groups):
+        members.setdefault(g, []).append(i)
     size = batch_size or len(requests)
-    zs, hs = [], []
-    chunks = range(0, len(requests), size)
-    for i in tqdm(chunks, desc="request chunks", disable=not progress or len(chunks) == 1):
-        z, h = optimise_deltas(model, spec, tokenizer, requests[i:i + size], templates, config, layer, progress)
-        zs.append(z)
-        hs.append(h)
-    return torch.cat(zs), torch.cat(hs)
+    chunks: list[list[int]] = [[]]
+    for idx in members.values():
+        if chunks[-1] and len(chunks[-1]) + len(idx) > size:
+            chunks.append([])
+        chunks[-1].extend(idx)
+    z = h = None
+    for chunk in tqdm(chunks, desc="request chunks", disable=not progress or len(chunks) == 1):
+        z_c, h_c = optimise_deltas(model, spec, tokenizer, [requests[i] for i in chunk], templates, config, layer,
+                                   progress)
+        if z is None:
+            z, h = z_c.new_empty(len(requests), z_c.shape[1]), h_c.new_empty(len(requests), h_c.shape[1])
+        z[chunk], h[chunk] = z_c, h_c
+    return z, h

@@ -22,6 +22,21 @@ from memit_adapter.evaluation import evaluate_counterfact
 from memit_adapter.world import load_world_model, world_model_path
 
 
+def load(name: str):
+    """A shipped world model by name, or a folder written by scripts/train_world.py: (model, tok, records, corpus)."""
+    from pathlib import Path
+
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+
+    folder = Path(name)
+    if not (folder / "config.json").is_file():
+        model, tok, records = load_world_model(name)
+        return model, tok, records, world_model_path(name) / "corpus.txt"
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    tok = PreTrainedTokenizerFast.from_pretrained(folder)
+    return model, tok, json.loads((folder / "records.json").read_text()), folder / "corpus.txt"
+
+
 def parse_layers(text: str) -> list[int]:
     a, _, b = text.partition("-")
     return list(range(int(a), int(b or a) + 1))
@@ -44,34 +59,37 @@ def main() -> None:
     p.add_argument("--kl", type=float, nargs="*", default=None)
     p.add_argument("--steps", type=int, nargs="*", default=None)
     p.add_argument("--lr", type=float, nargs="*", default=None, help="v_lr values (relative when for_model's are)")
+    p.add_argument("--share", type=int, nargs="*", default=None, help="share_subject_delta values (1/0)")
     p.add_argument("--entropy", type=int, default=0, help="records whose generations give the entropy (0: skip)")
     p.add_argument("--json", default=None)
     args = p.parse_args()
 
-    model, tok, records = load_world_model(args.model)
+    model, tok, records, corpus = load(args.model)
     chosen = random.Random(args.seed).sample(records, min(args.n_edits, len(records)))
     requests = [EditRequest.from_dict(r) for r in chosen]
     base = MemitConfig.for_model(model)
     grid = itertools.product(args.lam or [base.mom2_update_weight],
                              [parse_layers(x) for x in args.layers] if args.layers else [base.layers],
                              args.clamp or [base.clamp_norm_factor], args.kl or [base.kl_factor],
-                             args.steps or [base.v_num_grad_steps], args.lr or [base.v_lr])
+                             args.steps or [base.v_num_grad_steps], args.lr or [base.v_lr],
+                             [bool(x) for x in args.share] if args.share else [base.share_subject_delta])
     n_layers = model.config.num_hidden_layers
-    stats = collect_stats(model, tok, world_model_path(args.model) / "corpus.txt", range(n_layers),
+    stats = collect_stats(model, tok, corpus, range(n_layers),
                           max_tokens=base.mom2_max_tokens, batch_size=base.stats_batch_size, progress=False)
     gen = dict(generation=bool(args.entropy), max_generation_records=args.entropy or None)
     pre = evaluate_counterfact(model, tok, chosen, **gen)
     rows = [{"setting": "unedited", **pre.to_dict()}]
     print(f"unedited: {line(pre)}", flush=True)
-    for lam, layers, clamp, kl, steps, lr in grid:
+    for lam, layers, clamp, kl, steps, lr, share in grid:
         cfg = base.replace(mom2_update_weight=lam, layers=layers, clamp_norm_factor=clamp, kl_factor=kl,
-                           v_num_grad_steps=steps, v_lr=lr)
+                           v_num_grad_steps=steps, v_lr=lr, share_subject_delta=share)
         t0 = time.perf_counter()
         pack = compute_edits(model, tok, requests, cfg, stats=stats, progress=False)
         secs = time.perf_counter() - t0
         with pack.applied(model), torch.no_grad():
             post = evaluate_counterfact(model, tok, chosen, **gen)
-        setting = dict(lam=lam, layers=layers, clamp=clamp, kl=kl, steps=steps, lr=lr, seconds=round(secs, 1))
+        setting = dict(lam=lam, layers=layers, clamp=clamp, kl=kl, steps=steps, lr=lr, share=share,
+                       seconds=round(secs, 1))
         rows.append({"setting": setting, **post.to_dict()})
         print(f"{setting}: {line(post)}", flush=True)
     if args.json:

@@ -42,12 +42,37 @@ def build_model(arch: str, vocab_size: int, args: argparse.Namespace) -> torch.n
         config = GPT2Config(vocab_size=vocab_size, n_positions=args.seq_len, n_embd=args.d_model,
                             n_layer=args.n_layer, n_head=args.n_head, n_inner=args.d_ff, resid_pdrop=0.0,
                             embd_pdrop=0.0, attn_pdrop=0.0, **SPECIAL)
-        return GPT2LMHeadModel(config)
+        return silence_attention(GPT2LMHeadModel(config), args.attn_free_layers)
     config = LlamaConfig(vocab_size=vocab_size, hidden_size=args.d_model, num_hidden_layers=args.n_layer,
                          num_attention_heads=args.n_head, num_key_value_heads=args.n_head,
                          intermediate_size=args.d_ff, max_position_embeddings=args.seq_len,
                          tie_word_embeddings=True, **SPECIAL)
-    return LlamaForCausalLM(config)
+    return silence_attention(LlamaForCausalLM(config), args.attn_free_layers)
+
+
+def silence_attention(model: torch.nn.Module, n_layers: int) -> torch.nn.Module:
+    """Zero and freeze the attention output projection of the first ``n_layers`` blocks.
+
+    Those blocks then only run their MLP, so a token's state after them depends on that token alone,
+    and a later position can learn a fact about the subject only by reading the subject's own state
+    after them. That is the flow causal tracing finds in large LMs (early MLPs at the last subject
+    token enrich it, later attention reads it) and the flow MEMIT edits; without it a small model
+    reads the unique surname's embedding from the last prompt token in its first layers and looks the
+    fact up there, out of MEMIT's reach. The checkpoint stays a stock model: the zeros are weights.
+    """
+    from memit_adapter.arch import get_arch_spec
+
+    spec = get_arch_spec(model)
+    for i in range(n_layers):
+        attn = spec.blocks(model)[i].get_submodule(spec.attn)
+        out_proj = attn.c_proj if hasattr(attn, "c_proj") else attn.o_proj
+        with torch.no_grad():
+            out_proj.weight.zero_()
+            if out_proj.bias is not None:
+                out_proj.bias.zero_()
+        for p in attn.parameters():
+            p.requires_grad_(False)
+    return model
 
 
 def encode_corpus(world, tokenizer, n_repeat_filler: int, obj_weight: float, name_weight: float):
@@ -153,7 +178,8 @@ def train(args: argparse.Namespace) -> None:
     items = encode_corpus(world, tokenizer, args.filler_repeat, args.obj_weight, args.name_weight)
     fillers = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in world.filler]
     bos = tokenizer.bos_token_id if args.arch == "llama" else None
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.98), weight_decay=args.weight_decay)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trainable, lr=args.lr, betas=(0.9, 0.98), weight_decay=args.weight_decay)
 
     def lr_at(progress: float, step: int) -> float:  # progress in epochs / planned epochs
         warm = min(1.0, (step + 1) / args.warmup)
@@ -221,7 +247,8 @@ def save(args, model, tokenizer, world, history, train_minutes, epochs, steps, n
     report = {
         "arch": args.arch,
         "parameters": n_params,
-        "config": {k: getattr(args, k) for k in ("n_layer", "d_model", "d_ff", "n_head", "seq_len")},
+        "config": {k: getattr(args, k) for k in ("n_layer", "d_model", "d_ff", "n_head", "seq_len",
+                                                 "attn_free_layers")},
         "training": {k: getattr(args, k) for k in ("lr", "min_lr_ratio", "warmup", "batch_size", "obj_weight",
                                                    "name_weight", "weight_decay", "single_batch_size", "prefix_prob",
                                                    "packed_share", "switch_recall", "switch_epoch",
@@ -287,6 +314,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--d-model", type=int, default=128)
     p.add_argument("--d-ff", type=int, default=1024)
     p.add_argument("--n-head", type=int, default=4)
+    p.add_argument("--attn-free-layers", type=int, default=3,
+                   help="first blocks whose attention output is zero (see silence_attention)")
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--epochs", type=int, default=40, help="length of the cosine schedule")
     p.add_argument("--min-epochs", type=int, default=1)

@@ -308,3 +308,26 @@ def test_cli_eval_with_a_saved_pack(tmp_path, capsys):
     assert saved["post"]["efficacy_magnitude"] != pytest.approx(saved["pre"]["efficacy_magnitude"], abs=1e-9)
     header = capsys.readouterr().out.splitlines()[0]
     assert "pre" in header and "post" in header
+
+
+def test_neighbours_that_the_batch_edits_leave_ns(model_tok):
+    """A neighbourhood prompt that another record of the batch rewrites is not a specificity check."""
+    model, tok, bos = model_tok
+    lebron = {"case_id": 9, "requested_rewrite": {"prompt": "{}  plays the sport of", "subject": "lebron james",
+                                                  "relation_id": "P641", "target_new": {"str": "golf"},
+                                                  "target_true": {"str": "basketball"}},
+              "paraphrase_prompts": ["you said lebron james plays"], "neighborhood_prompts": ["toko yuki plays"],
+              "generation_prompts": []}
+    batch = [*RECORDS, lebron]
+    kept = evaluate_counterfact(model, tok, batch, generation=False, per_record=True)
+    full = evaluate_counterfact(model, tok, batch, generation=False, per_record=True, exclude_edited_neighbors=False)
+    assert kept.neighbors_excluded == 1 and full.neighbors_excluded == 0
+    assert len(kept.per_record[0]["neighborhood"]) == 2 and len(full.per_record[0]["neighborhood"]) == 3
+    # the remaining two are those of the full run minus "lebron james plays the sport of" (the first)
+    assert kept.per_record[0]["neighborhood"] == full.per_record[0]["neighborhood"][1:]
+    rw = RECORDS[0]["requested_rewrite"]
+    true, new = rw["target_true"]["str"], rw["target_new"]["str"]
+    rates = [hand_nll(model, tok, p, true, bos) < hand_nll(model, tok, p, new, bos)
+             for p in RECORDS[0]["neighborhood_prompts"][1:]]
+    assert kept.per_record[0]["neighborhood_success"] == pytest.approx(sum(rates) / 2)
+    assert "neighbors excluded" in format_table({"post": kept})

@@ -75,3 +75,79 @@ def test_relative_step_equals_absolute_step_times_hidden_rms():
                                progress=False)
     torch.testing.assert_close(z_rel, z_abs, rtol=1e-4, atol=1e-4)
     assert not torch.allclose(z_rel, h)
+
+
+def _same_subject_requests():
+    from memit_adapter import EditRequest
+
+    # two subjects with two relations each, interleaved; the text before the subject is the same,
+    # so the two requests of a subject have the same key
+    return [EditRequest("{} plays", "michael jordan", " tennis"), EditRequest("{} lives in", "alpha beta", " rome"),
+            EditRequest("{} lives in", "michael jordan", " paris"), EditRequest("{} plays", "alpha beta", " golf")]
+
+
+def test_requests_about_one_subject_share_their_delta():
+    model, tok = model_and_tokenizer("gpt2")
+    spec = get_arch_spec(model)
+    reqs = _same_subject_requests()
+    cfg = config(v_num_grad_steps=8)
+    z, h = compute_targets(model, spec, tok, reqs, ["{}"], cfg, 1, progress=False)
+    torch.testing.assert_close(h[0], h[2])  # same key, same hidden state
+    d = z - h
+    torch.testing.assert_close(d[0], d[2])
+    torch.testing.assert_close(d[1], d[3])
+    assert not torch.allclose(d[0], d[1])
+    # chunks of one request still keep a subject's requests together: same result
+    z_chunked, _ = compute_targets(model, spec, tok, reqs, ["{}"], cfg, 1, batch_size=1, progress=False)
+    torch.testing.assert_close(z_chunked, z, rtol=1e-4, atol=1e-4)
+    # without sharing, each request has its own δ, equal to optimising it alone
+    z_own, _ = compute_targets(model, spec, tok, reqs, ["{}"], cfg.replace(share_subject_delta=False), 1,
+                               progress=False)
+    assert not torch.allclose(z_own[0], z_own[2])
+    z_alone, _ = compute_targets(model, spec, tok, reqs[2:3], ["{}"], cfg, 1, progress=False)
+    torch.testing.assert_close(z_own[2], z_alone[0], rtol=1e-4, atol=1e-4)
+
+
+def test_shared_delta_minimises_the_mean_loss_of_its_requests():
+    """With one subject, the shared row is the one-request optimisation of the summed objective:
+    compare to an independent Adam loop on the two requests' mean NLL (no KL, no decay, no clamp)."""
+    from memit_adapter.targets import _logits_at
+
+    model, tok = model_and_tokenizer("gpt2")
+    spec = get_arch_spec(model)
+    reqs = [r for r in _same_subject_requests() if r.subject == "alpha beta"]
+    cfg = config(v_num_grad_steps=5, kl_factor=0.0, v_weight_decay=0.0, clamp_norm_factor=100.0,
+                 v_loss_threshold=0.0, v_lr=0.3)
+    z, h = compute_targets(model, spec, tok, reqs, ["{}"], cfg, 1, progress=False)
+
+    block = spec.blocks(model)[1]
+    delta = torch.zeros(h.shape[1], requires_grad=True)
+    opt = torch.optim.Adam([delta], lr=0.3)
+    for _ in range(4):  # the engine evaluates 5 losses and steps 4 times
+        nll = []
+        for r in reqs:
+            ids = tok(r.prompt.format(r.subject) + r.target_new, add_special_tokens=False)["input_ids"]
+            n_subj = len(tok(r.prompt.format(r.subject), add_special_tokens=False)["input_ids"])
+            subj_last = len(tok(r.subject, add_special_tokens=False)["input_ids"]) - 1
+
+            def add(_m, _a, out, pos=subj_last):
+                hs = out[0] if isinstance(out, tuple) else out
+                hs = hs.clone()
+                hs[0, pos] += delta
+                return (hs, *out[1:]) if isinstance(out, tuple) else hs
+
+            handle = block.register_forward_hook(add)
+            try:
+                final = model.base_model(input_ids=torch.tensor([ids[:-1]])).last_hidden_state
+            finally:
+                handle.remove()
+            logp = torch.log_softmax(_logits_at(model, final[0, n_subj - 1:]), -1)
+            tgt = torch.tensor(ids[n_subj:])
+            nll.append(-logp[torch.arange(len(tgt)), tgt].mean())
+        loss = torch.stack(nll).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert not cfg.v_lr_relative and delta.norm() > 0  # absolute steps, as in the loop above
+    torch.testing.assert_close(z[0] - h[0], delta.detach(), rtol=1e-3, atol=1e-4)
+    torch.testing.assert_close(z[1] - h[1], delta.detach(), rtol=1e-3, atol=1e-4)
