@@ -60,6 +60,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, nargs="*", default=None)
     p.add_argument("--lr", type=float, nargs="*", default=None, help="v_lr values (relative when for_model's are)")
     p.add_argument("--share", type=int, nargs="*", default=None, help="share_subject_delta values (1/0)")
+    p.add_argument("--set", default="{}", help='JSON of other MemitConfig fields for every setting, e.g. '
+                   '\'{"v_loss_threshold": 0.01}\'')
     p.add_argument("--entropy", type=int, default=0, help="records whose generations give the entropy (0: skip)")
     p.add_argument("--json", default=None)
     args = p.parse_args()
@@ -67,7 +69,7 @@ def main() -> None:
     model, tok, records, corpus = load(args.model)
     chosen = random.Random(args.seed).sample(records, min(args.n_edits, len(records)))
     requests = [EditRequest.from_dict(r) for r in chosen]
-    base = MemitConfig.for_model(model)
+    base = MemitConfig.for_model(model, **json.loads(args.set))
     grid = itertools.product(args.lam or [base.mom2_update_weight],
                              [parse_layers(x) for x in args.layers] if args.layers else [base.layers],
                              args.clamp or [base.clamp_norm_factor], args.kl or [base.kl_factor],

@@ -42,7 +42,12 @@ def build_model(arch: str, vocab_size: int, args: argparse.Namespace) -> torch.n
         config = GPT2Config(vocab_size=vocab_size, n_positions=args.seq_len, n_embd=args.d_model,
                             n_layer=args.n_layer, n_head=args.n_head, n_inner=args.d_ff, resid_pdrop=0.0,
                             embd_pdrop=0.0, attn_pdrop=0.0, **SPECIAL)
-        return silence_attention(GPT2LMHeadModel(config), args.attn_free_layers)
+        model = silence_attention(GPT2LMHeadModel(config), args.attn_free_layers)
+        if not args.position_embeddings:
+            with torch.no_grad():
+                model.transformer.wpe.weight.zero_()
+            model.transformer.wpe.weight.requires_grad_(False)
+        return model
     config = LlamaConfig(vocab_size=vocab_size, hidden_size=args.d_model, num_hidden_layers=args.n_layer,
                          num_attention_heads=args.n_head, num_key_value_heads=args.n_head,
                          intermediate_size=args.d_ff, max_position_embeddings=args.seq_len,
@@ -63,6 +68,9 @@ def silence_attention(model: torch.nn.Module, n_layers: int) -> torch.nn.Module:
     from memit_adapter.arch import get_arch_spec
 
     spec = get_arch_spec(model)
+    if not 0 <= n_layers < spec.num_layers(model):
+        raise ValueError(f"--attn-free-layers must be in 0..{spec.num_layers(model) - 1} (the model needs attention "
+                         f"somewhere), got {n_layers}")
     for i in range(n_layers):
         attn = spec.blocks(model)[i].get_submodule(spec.attn)
         out_proj = attn.c_proj if hasattr(attn, "c_proj") else attn.o_proj
@@ -73,6 +81,19 @@ def silence_attention(model: torch.nn.Module, n_layers: int) -> torch.nn.Module:
         for p in attn.parameters():
             p.requires_grad_(False)
     return model
+
+
+def freeze_rows(weight: torch.nn.Parameter, rows: list[int]) -> None:
+    """Keep ``rows`` of an embedding at their random initial values (their gradient is zeroed).
+
+    Frozen random name embeddings carry no facts, so the model has to store each subject's facts in the
+    MLPs that read them, and two subjects' keys are as different as two random vectors make them, not
+    as alike as their attributes (trained name embeddings end up coding the attributes, and the
+    subjects' keys then span only ~60-100 directions, too few to edit hundreds of subjects apart).
+    """
+    mask = torch.ones_like(weight)
+    mask[rows] = 0.0
+    weight.register_hook(lambda grad: grad * mask)
 
 
 def encode_corpus(world, tokenizer, n_repeat_filler: int, obj_weight: float, name_weight: float):
@@ -173,6 +194,13 @@ def train(args: argparse.Namespace) -> None:
     world = make_world(args.world_seed, names=args.names)
     tokenizer = build_world_tokenizer(world, add_bos=args.arch == "llama")
     model = build_model(args.arch, len(tokenizer), args)
+    if args.freeze_name_embeddings:
+        if args.weight_decay:
+            raise ValueError("frozen name embeddings need --weight-decay 0 (AdamW's decay would move them)")
+        rows = sorted({tokenizer.convert_tokens_to_ids(w) for s in world.subjects for w in s.split()})
+        with torch.no_grad():
+            model.get_input_embeddings().weight[rows] = torch.randn(len(rows), args.d_model) * args.name_std
+        freeze_rows(model.get_input_embeddings().weight, rows)
     n_params = sum(p.numel() for p in model.parameters())
     log.info("%s: %.2fM parameters, vocab %d", args.arch, n_params / 1e6, len(tokenizer))
     items = encode_corpus(world, tokenizer, args.filler_repeat, args.obj_weight, args.name_weight)
@@ -248,7 +276,8 @@ def save(args, model, tokenizer, world, history, train_minutes, epochs, steps, n
         "arch": args.arch,
         "parameters": n_params,
         "config": {k: getattr(args, k) for k in ("n_layer", "d_model", "d_ff", "n_head", "seq_len",
-                                                 "attn_free_layers")},
+                                                 "attn_free_layers", "position_embeddings",
+                                                 "freeze_name_embeddings", "name_std")},
         "training": {k: getattr(args, k) for k in ("lr", "min_lr_ratio", "warmup", "batch_size", "obj_weight",
                                                    "name_weight", "weight_decay", "single_batch_size", "prefix_prob",
                                                    "packed_share", "switch_recall", "switch_epoch",
@@ -314,6 +343,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--d-model", type=int, default=128)
     p.add_argument("--d-ff", type=int, default=1024)
     p.add_argument("--n-head", type=int, default=4)
+    p.add_argument("--no-position-embeddings", dest="position_embeddings", action="store_false",
+                   help="GPT-2: zero and freeze wpe (order then comes from the causal mask alone), so that "
+                        "a token's state after the attention-free blocks does not depend on its position")
+    p.add_argument("--no-freeze-name-embeddings", dest="freeze_name_embeddings", action="store_false",
+                   help="train the embeddings of name words too (see freeze_rows)")
+    p.add_argument("--name-std", type=float, default=0.1,
+                   help="std of the frozen random name embeddings; well above the position embeddings' "
+                        "(GPT-2 initialises them at 0.02), so that a name's key hardly depends on its position")
     p.add_argument("--attn-free-layers", type=int, default=3,
                    help="first blocks whose attention output is zero (see silence_attention)")
     p.add_argument("--seq-len", type=int, default=128)

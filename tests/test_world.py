@@ -221,7 +221,8 @@ def test_training_script_writes_a_loadable_checkpoint(tmp_path):
     script = Path(__file__).parent.parent / "scripts" / "train_world.py"
     out = tmp_path / "tiny-world"
     subprocess.run([sys.executable, str(script), "--arch", "llama", "--out", str(out), "--n-layer", "1",
-                    "--d-model", "32", "--d-ff", "64", "--epochs", "2", "--switch-epoch", "1", "--probe", "20"],
+                    "--d-model", "32", "--d-ff", "64", "--epochs", "2", "--switch-epoch", "1", "--probe", "20",
+                    "--attn-free-layers", "0"],
                    check=True, capture_output=True)
     report = json.loads((out / "training.json").read_text())
     assert report["epochs"] == 2 and report["history"][1]["packed_share"] == 0.5
@@ -231,3 +232,54 @@ def test_training_script_writes_a_loadable_checkpoint(tmp_path):
     assert model.config.model_type == "llama" and model.config.intermediate_size == 64
     assert AutoTokenizer.from_pretrained(out)("x")["input_ids"][0] == 2  # <s>
     assert json.loads((out / "records.json").read_text()) == make_world(0).counterfact_records()
+
+
+def _train_world_module():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).parent.parent / "scripts" / "train_world.py"
+    spec = importlib.util.spec_from_file_location("train_world", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_training_keeps_attention_free_blocks_and_frozen_names(arch):
+    """After optimiser steps, block 0's attention still outputs exactly zero, block 1's does not, the
+    frozen rows have not moved and the others have; the GPT-2 position embeddings stay zero when asked."""
+    tw = _train_world_module()
+    args = tw.parse_args(["--out", "unused", "--arch", arch, "--n-layer", "2", "--d-model", "32", "--d-ff", "64",
+                          "--attn-free-layers", "1", "--no-position-embeddings"])
+    torch.manual_seed(0)
+    model = tw.build_model(arch, 50, args)
+    emb = model.get_input_embeddings().weight
+    frozen = [5, 7]
+    tw.freeze_rows(emb, frozen)
+    before = emb.detach().clone()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2,
+                            weight_decay=args.weight_decay)
+    ids = torch.randint(0, 50, (4, 12))
+    ids[:, 3] = 5
+    for _ in range(3):
+        loss = model(input_ids=ids, labels=ids).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    seen = {}
+    blocks = model.transformer.h if arch == "gpt2" else model.model.layers
+    hooks = [b.get_submodule("attn" if arch == "gpt2" else "self_attn").register_forward_hook(
+        lambda m, a, out, i=i: seen.__setitem__(i, out[0])) for i, b in enumerate(blocks)]
+    with torch.no_grad():
+        model(input_ids=ids)
+    for h in hooks:
+        h.remove()
+    assert torch.count_nonzero(seen[0]) == 0 and torch.count_nonzero(seen[1]) > 0
+    assert torch.equal(emb[frozen], before[frozen])
+    assert not torch.equal(emb[[1, 2]], before[[1, 2]])
+    if arch == "gpt2":
+        assert torch.count_nonzero(model.transformer.wpe.weight) == 0
+    with pytest.raises(ValueError, match="attn-free-layers"):
+        tw.build_model(arch, 50, tw.parse_args(["--out", "x", "--arch", arch, "--n-layer", "2",
+                                                "--attn-free-layers", "2"]))
