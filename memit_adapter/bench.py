@@ -81,6 +81,8 @@ def run_benchmark(*, size: str = "small", n_requests: int = 100, z_steps: int = 
     vocab = SIZES[size]["vocab_size"]
     rng = random.Random(0)
     cfg = MemitConfig.for_model(model, v_num_grad_steps=z_steps, v_loss_threshold=0.0)
+    if len(cfg.layers) == 1:  # models of <= 6 layers edit one; the statistics comparison needs several
+        cfg = cfg.replace(layers=list(range(min(3, spec.num_layers(model)))))
     requests = [EditRequest(_words(rng, 2, vocab) + " {} " + _words(rng, 3, vocab), _words(rng, 2, vocab),
                             " " + _words(rng, 1, vocab)) for _ in range(n_requests)]
     templates = ["{}"] + [_words(rng, 10, vocab) + ". {}" for _ in range(5)]

@@ -6,7 +6,8 @@ Usage::
     memit-adapter demo --model llama --n-edits 50 --out /tmp/pack
 
 Loads the world model, shows what it believes, computes one MEMIT pack for all edits, shows the new
-answers on the rewrite prompt and a paraphrase and that a neighbour kept its answer, prints ES/PS/NS
+answers on the rewrite prompt and a paraphrase and that a neighbour (a subject the batch does not edit)
+kept its answer, prints ES/PS/NS
 before and after, saves the pack, loads it into a fresh model with stock ``model.load_adapter`` and
 switches it off and on.
 """
@@ -31,6 +32,11 @@ def _answer(model, tokenizer, prompt: str) -> str:
     ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
     with torch.no_grad():
         return tokenizer.decode([int(model(ids).logits[0, -1].argmax())]).strip()
+
+
+def _untouched(prompts: list[str], edited: set[str]) -> str:
+    """The first prompt about a subject that no request of the batch edits (else the first prompt)."""
+    return next((p for p in prompts if not any(f" {s} " in f" {p} " for s in edited)), prompts[0])
 
 
 def _say(text: str = "") -> None:
@@ -65,9 +71,10 @@ def run_demo(model_name: str = "gpt2", *, n_edits: int = 100, out: str | Path = 
         _say(f"\nWith the edits applied (weights untouched, deltas hooked in), {len(took)} of {len(requests)} "
              "rewrite prompts now give the new object as the top answer:")
         shown = (took + [i for i in range(len(requests)) if i not in took])[:3]
+        edited = {req.subject for req in requests}
         for i in shown:
             rec, req = chosen[i], requests[i]
-            para, neigh = rec["paraphrase_prompts"][0], rec["neighborhood_prompts"][0]
+            para, neigh = rec["paraphrase_prompts"][0], _untouched(rec["neighborhood_prompts"], edited)
             _say(f"  rewrite    {req.text!r:48} -> {answers[i]!r} (asked: {req.target_new.strip()!r})")
             _say(f"  paraphrase {para!r:48} -> {_answer(model, tok, para)!r}")
             _say(f"  neighbour  {neigh!r:48} -> {_answer(model, tok, neigh)!r} "

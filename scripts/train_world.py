@@ -1,9 +1,18 @@
 """Train a small GPT-2- or LLaMA-architecture model from scratch, on CPU, until it knows the fact world.
 
-Usage::
+Usage (the commands of the shipped checkpoints)::
 
-    python scripts/train_world.py --arch gpt2 --out memit_adapter/assets/world-gpt2
-    python scripts/train_world.py --arch llama --out memit_adapter/assets/world-llama
+    python scripts/train_world.py --arch gpt2 --no-position-embeddings --out memit_adapter/assets/world-gpt2
+    python scripts/train_world.py --arch llama --d-ff 512 --lr 0.004 --switch-epoch 12 \
+        --no-freeze-name-embeddings --out memit_adapter/assets/world-llama
+
+What makes the model editable the way large LMs are (see ``silence_attention`` and ``freeze_rows``):
+its first ``--attn-free-layers`` blocks have no attention, and name embeddings are frozen random
+vectors, so a subject's facts live in the early MLPs at its last token and later positions can only
+read them from there. Without position embeddings (GPT-2 ``--no-position-embeddings``) a subject's
+keys are the same at every position; with them, even keys that agree to cos 0.976 across positions
+left 100 edits at ES 72% / NS 69% (the solve's inverse amplifies the difference), against 100 / 91
+without. The price: without positions, greedy generations loop after the first sentence.
 
 The corpus states every fact of ``make_world(seed)`` in every template, plus a little filler. Each
 epoch shuffles the sentences and packs them into sequences of ``--seq-len`` tokens, so facts are
@@ -41,7 +50,7 @@ def build_model(arch: str, vocab_size: int, args: argparse.Namespace) -> torch.n
     if arch == "gpt2":
         config = GPT2Config(vocab_size=vocab_size, n_positions=args.seq_len, n_embd=args.d_model,
                             n_layer=args.n_layer, n_head=args.n_head, n_inner=args.d_ff, resid_pdrop=0.0,
-                            embd_pdrop=0.0, attn_pdrop=0.0, **SPECIAL)
+                            embd_pdrop=0.0, attn_pdrop=0.0, tie_word_embeddings=args.tie_embeddings, **SPECIAL)
         model = silence_attention(GPT2LMHeadModel(config), args.attn_free_layers)
         if not args.position_embeddings:
             with torch.no_grad():
@@ -51,7 +60,7 @@ def build_model(arch: str, vocab_size: int, args: argparse.Namespace) -> torch.n
     config = LlamaConfig(vocab_size=vocab_size, hidden_size=args.d_model, num_hidden_layers=args.n_layer,
                          num_attention_heads=args.n_head, num_key_value_heads=args.n_head,
                          intermediate_size=args.d_ff, max_position_embeddings=args.seq_len,
-                         tie_word_embeddings=True, **SPECIAL)
+                         tie_word_embeddings=args.tie_embeddings, **SPECIAL)
     return silence_attention(LlamaForCausalLM(config), args.attn_free_layers)
 
 
@@ -198,8 +207,9 @@ def train(args: argparse.Namespace) -> None:
         if args.weight_decay:
             raise ValueError("frozen name embeddings need --weight-decay 0 (AdamW's decay would move them)")
         rows = sorted({tokenizer.convert_tokens_to_ids(w) for s in world.subjects for w in s.split()})
-        with torch.no_grad():
-            model.get_input_embeddings().weight[rows] = torch.randn(len(rows), args.d_model) * args.name_std
+        if args.name_std > 0:  # else they keep the model's initial values
+            with torch.no_grad():
+                model.get_input_embeddings().weight[rows] = torch.randn(len(rows), args.d_model) * args.name_std
         freeze_rows(model.get_input_embeddings().weight, rows)
     n_params = sum(p.numel() for p in model.parameters())
     log.info("%s: %.2fM parameters, vocab %d", args.arch, n_params / 1e6, len(tokenizer))
@@ -277,7 +287,7 @@ def save(args, model, tokenizer, world, history, train_minutes, epochs, steps, n
         "parameters": n_params,
         "config": {k: getattr(args, k) for k in ("n_layer", "d_model", "d_ff", "n_head", "seq_len",
                                                  "attn_free_layers", "position_embeddings",
-                                                 "freeze_name_embeddings", "name_std")},
+                                                 "freeze_name_embeddings", "name_std", "tie_embeddings")},
         "training": {k: getattr(args, k) for k in ("lr", "min_lr_ratio", "warmup", "batch_size", "obj_weight",
                                                    "name_weight", "weight_decay", "single_batch_size", "prefix_prob",
                                                    "packed_share", "switch_recall", "switch_epoch",
@@ -320,6 +330,7 @@ def write_card(out: Path) -> None:
         f"- parameters: {r['parameters']:,} (d_model {r['config']['d_model']}, d_ff {r['config']['d_ff']}, "
         f"{r['config']['n_head']} heads, context {r['config']['seq_len']}); weights stored in float16",
         f"- vocabulary: {r['world']['vocab']} words (word-level `tokenizers` model, lower-cased)",
+        *_design_lines(r["config"]),
         f"- training: {r['epochs']} epochs, {r['steps']} steps, {r['train_minutes']} minutes on "
         f"{r['training']['threads']} CPU thread(s); settings in `training.json`",
         f"- recall (greedy next word = true object), worst template: {100 * r['min_recall']:.1f}%; after a "
@@ -335,6 +346,25 @@ def write_card(out: Path) -> None:
     (out / "README.md").write_text("\n".join(lines) + "\n")
 
 
+def _design_lines(config: dict) -> list[str]:
+    """Card lines on the choices that make the model editable like a large LM (absent in older reports)."""
+    lines = []
+    k = config.get("attn_free_layers", 0)
+    if k:
+        lines.append(f"- blocks 0-{k - 1} have no attention (output projection zero, kept frozen): a token's state "
+                     "after them depends on that token (and its position) alone, and later positions learn about "
+                     "the subject only by reading the subject's own state, which is where MEMIT writes")
+    if config.get("freeze_name_embeddings"):
+        std = config.get("name_std") or "of the initialisation"
+        lines.append(f"- the embeddings of name words are random (std {std}) and frozen, so facts "
+                     "are stored in the MLPs that read them and different subjects have different keys")
+    if config.get("position_embeddings") is False:
+        lines.append("- no position embeddings (zero, frozen): word order comes from the causal mask alone")
+    if config.get("tie_embeddings") is False:
+        lines.append("- untied LM head")
+    return lines
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--arch", choices=("gpt2", "llama"), default="gpt2")
@@ -348,9 +378,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "a token's state after the attention-free blocks does not depend on its position")
     p.add_argument("--no-freeze-name-embeddings", dest="freeze_name_embeddings", action="store_false",
                    help="train the embeddings of name words too (see freeze_rows)")
-    p.add_argument("--name-std", type=float, default=0.1,
-                   help="std of the frozen random name embeddings; well above the position embeddings' "
-                        "(GPT-2 initialises them at 0.02), so that a name's key hardly depends on its position")
+    p.add_argument("--untie-embeddings", dest="tie_embeddings", action="store_false",
+                   help="a separate, trainable LM head (so large frozen name embeddings do not set name logits)")
+    p.add_argument("--name-std", type=float, default=0.0,
+                   help="std of the frozen random name embeddings; 0 keeps the model's initialisation "
+                        "(std 0.02 in GPT-2 and LLaMA)")
     p.add_argument("--attn-free-layers", type=int, default=3,
                    help="first blocks whose attention output is zero (see silence_attention)")
     p.add_argument("--seq-len", type=int, default=128)

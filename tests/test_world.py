@@ -283,3 +283,41 @@ def test_training_keeps_attention_free_blocks_and_frozen_names(arch):
     with pytest.raises(ValueError, match="attn-free-layers"):
         tw.build_model(arch, 50, tw.parse_args(["--out", "x", "--arch", arch, "--n-layer", "2",
                                                 "--attn-free-layers", "2"]))
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama"])
+def test_shipped_world_models_route_subjects_through_attention_free_blocks(name):
+    """The first blocks' attention adds exactly nothing, so a token's state there depends on the token alone
+    (and, in GPT-2, its position): the property that puts the facts where MEMIT edits them."""
+    from memit_adapter.arch import get_arch_spec
+
+    model, tok, _ = load_world_model(name)
+    k = json.loads((world_model_path(name) / "training.json").read_text())["config"]["attn_free_layers"]
+    assert k >= 1
+    spec = get_arch_spec(model)
+    seen = {}
+    hooks = [spec.blocks(model)[i].get_submodule(spec.attn).register_forward_hook(
+        lambda m, a, out, i=i: seen.__setitem__(i, out[0])) for i in range(k + 1)]
+    try:
+        with torch.no_grad():
+            model(**tok(["otto zapous lives in", "the home of otto zapous is in"], return_tensors="pt",
+                        padding=True))
+    finally:
+        for h in hooks:
+            h.remove()
+    assert all(torch.count_nonzero(seen[i]) == 0 for i in range(k)) and torch.count_nonzero(seen[k]) > 0
+
+
+@pytest.mark.slow
+def test_hundred_edits_on_the_shipped_gpt2_world_meet_the_quality_bar():
+    """100 edits with ``MemitConfig.for_model``'s settings: ES >= 99%, PS >= 90%, NS >= 90% (issue 4)."""
+    from memit_adapter import EditRequest, MemitConfig, compute_edits
+
+    torch.manual_seed(0)
+    model, tok, records = load_world_model("gpt2")
+    chosen = random.Random(0).sample(records, 100)
+    pack = compute_edits(model, tok, [EditRequest.from_dict(r) for r in chosen], MemitConfig.for_model(model),
+                         corpus=world_model_path("gpt2") / "corpus.txt", progress=False)
+    with pack.applied(model):
+        post = evaluate_counterfact(model, tok, chosen, generation=False)
+    assert post.efficacy_score >= 0.99 and post.paraphrase_score >= 0.9 and post.neighborhood_score >= 0.9, post
