@@ -235,9 +235,13 @@ def evaluate_counterfact(model: nn.Module, tokenizer: Any, records: Sequence[Map
     finally:
         model.train(was_training)
     result = _summarize(per, keep=per_record)
-    result.neighbors_excluded = sum(" ".join(p.split()) in edited for rec in records
-                                    for p in rec["neighborhood_prompts"])
+    result.neighbors_excluded = sum(len(rec["neighborhood_prompts"]) - len(p["neighborhood"])
+                                    for rec, p in zip(records, per))
     return result
+
+
+def _normalized(prompt: str) -> str:
+    return " ".join(prompt.split())
 
 
 def edited_prompts(records: Sequence[Mapping[str, Any]]) -> set[str]:
@@ -247,7 +251,7 @@ def edited_prompts(records: Sequence[Mapping[str, Any]]) -> set[str]:
     for rec in records:
         rw = rec["requested_rewrite"]
         for prompt in [rw["prompt"].format(rw["subject"]), *rec["paraphrase_prompts"]]:
-            out.add(" ".join(prompt.split()))
+            out.add(_normalized(prompt))
     return out
 
 
@@ -255,7 +259,7 @@ def _score_prompts(model, tokenizer, records, batch_size, edited: set[str]) -> l
     prompts, targets, where = [], [], []
     for r, rec in enumerate(records):
         rw = rec["requested_rewrite"]
-        neighbors = [p for p in rec["neighborhood_prompts"] if " ".join(p.split()) not in edited]
+        neighbors = [p for p in rec["neighborhood_prompts"] if _normalized(p) not in edited]
         groups = {"rewrite": [rw["prompt"].format(rw["subject"])], "paraphrase": rec["paraphrase_prompts"],
                   "neighborhood": neighbors}
         for kind, group in groups.items():

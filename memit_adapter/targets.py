@@ -266,14 +266,11 @@ def _optimise_deltas(model, spec, tokenizer, requests, templates, config, layer,
                                   as_tuple[0])
         req_loss, _ = _losses(model, sub, final, kl_init[idx], d_req, h_norm[idx], config)
         loss = torch.zeros(n_groups, device=device).index_add(0, group[idx], req_loss) / size  # mean per row
-        g_idx = active.nonzero()[:, 0]
-        going = torch.zeros_like(active)
-        going[g_idx] = loss.detach()[g_idx] >= config.v_loss_threshold
-        active &= going
-        bar.set_postfix(loss=f"{loss[g_idx].mean().item():.3f}", active=int(active.sum()))
+        bar.set_postfix(loss=f"{loss[active].mean().item():.3f}", active=int(active.sum()))
+        active = active & (loss.detach() >= config.v_loss_threshold)
         if not active.any() or step == config.v_num_grad_steps - 1:
             break
-        (grad,) = torch.autograd.grad(loss[going].sum(), [param])
+        (grad,) = torch.autograd.grad(loss[active].sum(), [param])
         before = param.detach().clone()
         param.grad = grad
         opt.step()

@@ -362,12 +362,15 @@ def world_model_path(name: str = "gpt2") -> Path:
 
 def load_model(name: str) -> tuple[Any, Any, list[dict[str, Any]] | None]:
     """``(model, tokenizer, records or None)`` of a Hub id or local folder, in eval mode; ``world-gpt2`` and
-    ``world-llama`` (unless a folder of that name exists) load a shipped world model and its records, offline."""
+    ``world-llama`` (unless a folder of that name exists) load a shipped world model and its records, offline.
+    A local folder's records are its ``records.json`` when it has one (as folders of ``train_world.py`` do)."""
     if name.startswith("world-") and name[len("world-"):] in WORLD_MODELS and not Path(name).exists():
         return load_world_model(name)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    return AutoModelForCausalLM.from_pretrained(name).eval(), AutoTokenizer.from_pretrained(name), None
+    records_file = Path(name) / "records.json"
+    records = json.loads(records_file.read_text()) if records_file.is_file() else None
+    return AutoModelForCausalLM.from_pretrained(name).eval(), AutoTokenizer.from_pretrained(name), records
 
 
 def load_world_model(name: str = "gpt2", *, dtype: Any = None) -> tuple[Any, Any, list[dict[str, Any]]]:

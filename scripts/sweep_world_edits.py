@@ -1,7 +1,7 @@
 """Sweep MEMIT settings on a shipped world model: ES/PS/NS/entropy for batches of edits.
 
-    python scripts/sweep_world_edits.py --model gpt2 --n-edits 100 --lam 50 256 1000 --layers 0-2 1-3
-    python scripts/sweep_world_edits.py --model gpt2 --n-edits 1000 --json sweep.json
+    python scripts/sweep_world_edits.py --model world-gpt2 --n-edits 100 --lam 50 256 1000 --layers 0-2 1-3
+    python scripts/sweep_world_edits.py --model world-gpt2 --n-edits 1000 --json sweep.json
 
 Each setting computes one pack on the same seeded sample of records and evaluates it with the pack
 hooked in (the model is never changed). Prints one line per setting; --json keeps them all.
@@ -14,27 +14,19 @@ import itertools
 import json
 import random
 import time
+from pathlib import Path
 
 import torch
 
 from memit_adapter import EditRequest, MemitConfig, collect_stats, compute_edits
 from memit_adapter.evaluation import evaluate_counterfact
-from memit_adapter.world import load_world_model, world_model_path
+from memit_adapter.world import load_model, world_model_path
 
 
-def load(name: str):
-    """A shipped world model by name, or a folder written by scripts/train_world.py: (model, tok, records, corpus)."""
-    from pathlib import Path
-
-    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
-
+def corpus_of(name: str) -> Path:
+    """The training corpus of a shipped world model (``world-gpt2``) or of a folder written by train_world.py."""
     folder = Path(name)
-    if not (folder / "config.json").is_file():
-        model, tok, records = load_world_model(name)
-        return model, tok, records, world_model_path(name) / "corpus.txt"
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    tok = PreTrainedTokenizerFast.from_pretrained(folder)
-    return model, tok, json.loads((folder / "records.json").read_text()), folder / "corpus.txt"
+    return folder / "corpus.txt" if (folder / "corpus.txt").is_file() else world_model_path(name) / "corpus.txt"
 
 
 def parse_layers(text: str) -> list[int]:
@@ -50,7 +42,7 @@ def line(r) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="gpt2")
+    p.add_argument("--model", default="world-gpt2", help="world-gpt2, world-llama or a train_world.py folder")
     p.add_argument("--n-edits", type=int, default=100)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--lam", type=float, nargs="*", default=None, help="λ values (default: for_model's)")
@@ -66,7 +58,8 @@ def main() -> None:
     p.add_argument("--json", default=None)
     args = p.parse_args()
 
-    model, tok, records, corpus = load(args.model)
+    model, tok, records = load_model(args.model)
+    corpus = corpus_of(args.model)
     chosen = random.Random(args.seed).sample(records, min(args.n_edits, len(records)))
     requests = [EditRequest.from_dict(r) for r in chosen]
     base = MemitConfig.for_model(model, **json.loads(args.set))
