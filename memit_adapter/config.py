@@ -37,6 +37,11 @@ class MemitConfig:
         clamp_norm_factor: ||delta_i|| <= factor * ||h_i|| after every step.
         kl_factor: weight of the KL term on "{subject} is a" that keeps the subject's essence.
         v_weight_decay: weight of ||delta|| / ||h||^2.
+        preserve_factor: weight of a KL term that keeps the subject's answers to the other relations of the
+            batch (not part of the published method; 0 = off). For a subject edited on some relations, one
+            prompt of every other relation in the batch (by ``EditRequest.relation_id``; requests without
+            one take no part) is scored at its last token against the unedited model; a prompt whose
+            unedited top token is the first token of one of the subject's ``target_true`` is left out.
         share_subject_delta: requests about the same subject share one δ, optimised on the mean of their
             losses (their keys coincide in a causal model, so separate δs would ask one key for several
             values and the solve would average them away). Without shared subjects it changes nothing.
@@ -61,6 +66,7 @@ class MemitConfig:
     clamp_norm_factor: float = 0.75
     kl_factor: float = 0.0625
     v_weight_decay: float = 0.5
+    preserve_factor: float = 0.0
     share_subject_delta: bool = True
     v_batch_size: int | None = 32
     context_templates: list[str] | None = None
@@ -82,7 +88,8 @@ class MemitConfig:
             raise ConfigError(f"layers must be distinct non-negative ints in ascending order, got {self.layers!r}")
         _positive(self, "mom2_update_weight", "v_lr", "clamp_norm_factor", "mom2_n_samples", "stats_batch_size",
                   "context_template_length", "context_template_top_k")
-        _non_negative(self, "v_num_grad_steps", "v_loss_threshold", "kl_factor", "v_weight_decay")
+        _non_negative(self, "v_num_grad_steps", "v_loss_threshold", "kl_factor", "v_weight_decay",
+                      "preserve_factor")
         if self.v_batch_size is not None and self.v_batch_size < 1:
             raise ConfigError(f"v_batch_size must be None or >= 1, got {self.v_batch_size}")
         for name in ("mom2_max_length", "mom2_max_tokens"):

@@ -19,13 +19,18 @@ from .errors import ConflictingRequestsError, InvalidRequestError
 
 @dataclass(frozen=True)
 class EditRequest:
-    """One fact to write. ``prompt`` holds exactly one ``{}`` where ``subject`` goes."""
+    """One fact to write. ``prompt`` holds exactly one ``{}`` where ``subject`` goes.
+
+    ``relation_id`` (CounterFact's, e.g. ``"P17"``) names the relation the prompt asks about; requests
+    that carry it let the target-vector step keep the subject's other relations (``preserve_factor``).
+    """
 
     prompt: str
     subject: str
     target_new: str
     target_true: str | None = None
     case_id: int | str | None = None
+    relation_id: str | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.prompt, str) or self.prompt.count("{}") != 1:
@@ -36,6 +41,8 @@ class EditRequest:
             raise InvalidRequestError(f"subject must be a non-empty string, got {self.subject!r}")
         if not isinstance(self.target_new, str) or not self.target_new.strip():
             raise InvalidRequestError(f"target_new must be a non-empty string (request for {self.subject!r})")
+        if self.relation_id is not None and not isinstance(self.relation_id, str):
+            raise InvalidRequestError(f"relation_id must be a string or None, got {type(self.relation_id).__name__}")
         if self.target_true is not None and not isinstance(self.target_true, str):
             raise InvalidRequestError(f"target_true must be a string or None, got {type(self.target_true).__name__}")
 
@@ -67,10 +74,15 @@ class EditRequest:
         target_true = rw.get("target_true")
         return cls(prompt=prompt, subject=subject, target_new=target_new,
                    target_true=None if target_true is None else _target_str(target_true),
-                   case_id=record.get("case_id", rw.get("case_id")))
+                   case_id=record.get("case_id", rw.get("case_id")),
+                   relation_id=None if rw.get("relation_id") is None else str(rw["relation_id"]))
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """The fields as a dict; ``relation_id`` only when set, so packs written before it keep their ids."""
+        out = asdict(self)
+        if out["relation_id"] is None:
+            del out["relation_id"]
+        return out
 
 
 def _target_str(target: Any) -> str:

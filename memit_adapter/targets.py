@@ -15,7 +15,7 @@ their losses instead, and then every one of them asks for the same change.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -55,12 +55,16 @@ def context_templates(model: nn.Module, tokenizer, config: MemitConfig) -> list[
 
 @dataclass
 class _Batch:
-    """The padded prompts of a chunk of requests: ``len(templates)`` rewrite rows per request, then one KL row each."""
+    """The padded prompts of a chunk of requests: ``len(templates)`` rewrite rows per request, then the KL
+    rows (one "{subject} is a" row per request, then the preservation prompts of the subjects)."""
 
     input_ids: torch.Tensor  # (rows, seq)
     attention_mask: torch.Tensor  # (rows, seq)
     row_request: torch.Tensor  # (rows,) request index of each row
     lookup: torch.Tensor  # (rows,) subject's last token
+    kl_pos: torch.Tensor  # (rows,) position whose next-token distribution a KL row keeps (0 on rewrite rows)
+    kl_weight: torch.Tensor  # (rows,) weight of that KL term (0 on rewrite rows)
+    kl_index: torch.Tensor  # (rows,) the row's index among the KL rows (-1 on rewrite rows)
     target_rows: torch.Tensor  # (m,) row of each target token
     target_pos: torch.Tensor  # (m,) position predicting it
     target_ids: torch.Tensor  # (m,)
@@ -79,23 +83,46 @@ class _Batch:
         t_keep = keep[self.target_rows]
         width = int(self.attention_mask[rows].sum(1).max())
         sub = _Batch(self.input_ids[rows, :width], self.attention_mask[rows, :width], new_req[self.row_request[rows]],
-                     self.lookup[rows], new_row[self.target_rows[t_keep]], self.target_pos[t_keep],
-                     self.target_ids[t_keep], self.target_weight[t_keep], len(requests),
-                     int((rows < self.n_rewrite_rows).sum()))
+                     self.lookup[rows], self.kl_pos[rows], self.kl_weight[rows], self.kl_index[rows],
+                     new_row[self.target_rows[t_keep]], self.target_pos[t_keep], self.target_ids[t_keep],
+                     self.target_weight[t_keep], len(requests), int((rows < self.n_rewrite_rows).sum()))
         return sub, rows
 
 
-def _build_batch(tokenizer, requests: Sequence[EditRequest], templates: Sequence[str], device) -> _Batch:
+@dataclass(frozen=True)
+class _Kept:
+    """A preservation prompt of a subject: its template, KL weight, and the first tokens of the subject's
+    old answers (a prompt the unedited model answers with one of them is dropped)."""
+
+    template: str
+    weight: float
+    forbidden: frozenset[int]
+
+
+def _build_batch(tokenizer, requests: Sequence[EditRequest], templates: Sequence[str], device,
+                 kl_factor: float = 0.0, kept: Sequence[Sequence[_Kept]] | None = None) -> _Batch:
     facts: list[EncodedFact] = []
     rows_req: list[int] = []
+    kl_pos: list[int] = []
+    kl_weight: list[float] = []
     for i, req in enumerate(requests):
         for t in templates:
             facts.append(encode_fact(tokenizer, t.replace("{}", req.prompt), req.subject, req.target_new))
             rows_req.append(i)
     n_rewrite = len(facts)
-    for i, req in enumerate(requests):
+    kl_pos += [0] * n_rewrite
+    kl_weight += [0.0] * n_rewrite
+    for i, req in enumerate(requests):  # the essence: the subject's last token of "{subject} is a"
         facts.append(encode_fact(tokenizer, KL_PROMPT, req.subject))
         rows_req.append(i)
+        kl_pos.append(facts[-1].lookup)
+        kl_weight.append(kl_factor)
+    for i, req in enumerate(kept or [[] for _ in requests]):  # other relations: the answer position
+        for k in req:
+            facts.append(encode_fact(tokenizer, k.template, requests[i].subject))
+            rows_req.append(i)
+            kl_pos.append(facts[-1].n_prompt - 1)
+            kl_weight.append(k.weight)
     # the last target token is never an input: drop it (it only has to be predicted)
     seqs = [f.ids[:-1] if r < n_rewrite else f.ids for r, f in enumerate(facts)]
     ids, mask = pad_right(seqs, pad_id(tokenizer), device)
@@ -108,8 +135,46 @@ def _build_batch(tokenizer, requests: Sequence[EditRequest], templates: Sequence
             t_ids.append(tid)
             t_w.append(w)
     as_t = lambda x, dt=torch.long: torch.tensor(x, dtype=dt, device=device)  # noqa: E731
-    return _Batch(ids, mask, as_t(rows_req), as_t([f.lookup for f in facts]), as_t(t_rows), as_t(t_pos),
-                  as_t(t_ids), as_t(t_w, torch.float32), len(requests), n_rewrite)
+    kl_index = [-1] * n_rewrite + list(range(len(facts) - n_rewrite))
+    return _Batch(ids, mask, as_t(rows_req), as_t([f.lookup for f in facts]), as_t(kl_pos),
+                  as_t(kl_weight, torch.float32), as_t(kl_index), as_t(t_rows), as_t(t_pos), as_t(t_ids),
+                  as_t(t_w, torch.float32), len(requests), n_rewrite)
+
+
+def relation_templates(requests: Sequence[EditRequest]) -> dict[str, str]:
+    """The first prompt template of every ``relation_id`` among ``requests``, in order of appearance."""
+    out: dict[str, str] = {}
+    for r in requests:
+        if r.relation_id is not None:
+            out.setdefault(r.relation_id, r.prompt)
+    return out
+
+
+def kept_prompts(tokenizer, requests: Sequence[EditRequest], groups: Sequence[int], relations: Mapping[str, str],
+                 factor: float) -> list[list[_Kept]]:
+    """The preservation prompts of each request: held by the first request of each δ row, one per relation of
+    ``relations`` that none of the row's requests edits, weighted ``factor * row size / count`` so that the
+    row's mean loss carries ``factor`` times their mean KL. Rows with a request lacking ``relation_id`` get
+    none (its relation is unknown, so a kept prompt might ask about the fact being rewritten)."""
+    out: list[list[_Kept]] = [[] for _ in requests]
+    if factor == 0 or not relations:
+        return out
+    members: dict[int, list[int]] = {}
+    for i, g in enumerate(groups):
+        members.setdefault(g, []).append(i)
+    for idx in members.values():
+        reqs = [requests[i] for i in idx]
+        if any(r.relation_id is None for r in reqs):
+            continue
+        edited = {r.relation_id for r in reqs}
+        templates = [t for rid, t in relations.items() if rid not in edited]
+        if not templates:
+            continue
+        forbidden = frozenset(ids[0] for r in reqs if r.target_true
+                              for ids in [tokenizer(r.target_true, add_special_tokens=False)["input_ids"]] if ids)
+        w = factor * len(idx) / len(templates)
+        out[idx[0]] = [_Kept(t, w, forbidden) for t in templates]
+    return out
 
 
 def _logits_at(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
@@ -181,16 +246,19 @@ def _forward_replayed(model, spec: ArchSpec, layer: int, batch: _Batch, block_ou
 
 
 def _losses(model, batch: _Batch, final, kl_init, delta, h_norm, config: MemitConfig):
-    """Per-request loss ``(n,)``: NLL of the targets + kl_factor * KL + weight decay."""
+    """Per-request loss ``(n,)``: NLL of the targets + the weighted KL rows + weight decay; and the NLL.
+
+    ``kl_init``: the unedited log-probabilities of all KL rows of the full batch (``batch.kl_index``)."""
     logp = torch.log_softmax(_logits_at(model, final[batch.target_rows, batch.target_pos]), dim=-1)
     tok_nll = -logp.gather(1, batch.target_ids[:, None])[:, 0] * batch.target_weight
     req_of_tok = batch.row_request[batch.target_rows]
     nll = torch.zeros(batch.n_requests, device=final.device).index_add(0, req_of_tok, tok_nll)
     kl_rows = torch.arange(batch.n_rewrite_rows, final.shape[0], device=final.device)
-    kl_logp = torch.log_softmax(_logits_at(model, final[kl_rows, batch.lookup[kl_rows]]), dim=-1)
-    kl = F.kl_div(kl_init, kl_logp, log_target=True, reduction="none").sum(-1)  # KL(now || before), (n,)
+    kl_logp = torch.log_softmax(_logits_at(model, final[kl_rows, batch.kl_pos[kl_rows]]), dim=-1)
+    kl = F.kl_div(kl_init[batch.kl_index[kl_rows]], kl_logp, log_target=True, reduction="none").sum(-1)
+    kl = torch.zeros_like(nll).index_add(0, batch.row_request[kl_rows], kl * batch.kl_weight[kl_rows])
     decay = config.v_weight_decay * delta.norm(dim=-1) / h_norm**2
-    return nll + config.kl_factor * kl + decay, nll
+    return nll + kl + decay, nll
 
 
 def delta_groups(requests: Sequence[EditRequest], config: MemitConfig) -> list[int]:
@@ -203,15 +271,19 @@ def delta_groups(requests: Sequence[EditRequest], config: MemitConfig) -> list[i
 
 
 def optimise_deltas(model, spec: ArchSpec, tokenizer, requests, templates, config: MemitConfig, layer: int,
-                    progress: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+                    progress: bool = True, relations: Mapping[str, str] | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """Optimise the δ rows of :func:`delta_groups` together; return ``(z, h)``, both ``(n, d_model)``
     float32, with ``z_i = h_i + δ`` of request i's row.
 
     Blocks up to ``layer`` are run once (δ cannot change them) and each step runs only the rows whose
-    loss has not yet reached ``v_loss_threshold``.
+    loss has not yet reached ``v_loss_threshold``. ``relations`` (relation id -> prompt template) are the
+    relations whose answers ``config.preserve_factor`` keeps; None = :func:`relation_templates` of ``requests``.
     """
+    if relations is None:
+        relations = relation_templates(requests)
     with _no_param_grads(model):
-        return _optimise_deltas(model, spec, tokenizer, requests, templates, config, layer, progress)
+        return _optimise_deltas(model, spec, tokenizer, requests, templates, config, layer, progress, relations)
 
 
 @contextmanager
@@ -228,9 +300,11 @@ def _no_param_grads(model: nn.Module) -> Iterator[None]:
             p.requires_grad_(flag)
 
 
-def _optimise_deltas(model, spec, tokenizer, requests, templates, config, layer, progress):
+def _optimise_deltas(model, spec, tokenizer, requests, templates, config, layer, progress, relations):
     device = next(model.parameters()).device
-    batch = _build_batch(tokenizer, requests, templates, device)
+    groups = delta_groups(requests, config)
+    kept = kept_prompts(tokenizer, requests, groups, relations, config.preserve_factor)
+    batch = _build_batch(tokenizer, requests, templates, device, config.kl_factor, kept)
     block = spec.blocks(model)[layer]
     with torch.no_grad(), capture_outputs(block) as seen_out:
         as_tuple = []
@@ -241,10 +315,11 @@ def _optimise_deltas(model, spec, tokenizer, requests, templates, config, layer,
             handle.remove()
         block_out = seen_out[0]  # (rows, seq, d_model)
         kl_rows = torch.arange(batch.n_rewrite_rows, final.shape[0], device=device)
-        kl_init = torch.log_softmax(_logits_at(model, final[kl_rows, batch.lookup[kl_rows]]), dim=-1)
+        kl_init = torch.log_softmax(_logits_at(model, final[kl_rows, batch.kl_pos[kl_rows]]), dim=-1)
+        _drop_old_answers(batch, kl_init, [k.forbidden for ks in kept for k in ks])
         # h_i: block output at the subject's last token of the bare prompt (templates[0] == "{}")
         h = at_lookup[torch.arange(batch.n_requests, device=device) * len(templates)].float()
-    group = torch.tensor(delta_groups(requests, config), device=device)  # (n,) δ row of each request
+    group = torch.tensor(groups, device=device)  # (n,) δ row of each request
     n_groups = int(group.max()) + 1
     size = torch.zeros(n_groups, device=device).index_add(0, group, torch.ones(len(requests), device=device))
     h_norm = h.norm(dim=-1)
@@ -264,7 +339,7 @@ def _optimise_deltas(model, spec, tokenizer, requests, templates, config, layer,
         d_req = delta[group[idx]]
         final = _forward_replayed(model, spec, layer, sub, block_out[rows, : sub.input_ids.shape[1]], d_req,
                                   as_tuple[0])
-        req_loss, _ = _losses(model, sub, final, kl_init[idx], d_req, h_norm[idx], config)
+        req_loss, _ = _losses(model, sub, final, kl_init, d_req, h_norm[idx], config)
         loss = torch.zeros(n_groups, device=device).index_add(0, group[idx], req_loss) / size  # mean per row
         bar.set_postfix(loss=f"{loss[active].mean().item():.3f}", active=int(active.sum()))
         active = active & (loss.detach() >= config.v_loss_threshold)
@@ -283,6 +358,17 @@ def _optimise_deltas(model, spec, tokenizer, requests, templates, config, layer,
     return (h + (param * unit).detach()[group]), h
 
 
+def _drop_old_answers(batch: _Batch, kl_init: torch.Tensor, forbidden: Sequence[frozenset[int]]) -> None:
+    """Zero the weight of the last ``len(forbidden)`` KL rows (the kept prompts) whose unedited top token is
+    in their forbidden set: such a prompt asks about the fact being rewritten, under another relation id."""
+    if not forbidden:
+        return
+    top = kl_init[-len(forbidden):].argmax(-1).tolist()
+    for j, (t, f) in enumerate(zip(top, forbidden)):
+        if t in f:
+            batch.kl_weight[len(batch.kl_weight) - len(forbidden) + j] = 0.0
+
+
 def compute_targets(model, spec: ArchSpec, tokenizer, requests, templates, config: MemitConfig, layer: int,
                     *, batch_size: int | None = None, progress: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`optimise_deltas` over chunks of about ``batch_size`` requests (all at once when None).
@@ -299,10 +385,11 @@ def compute_targets(model, spec: ArchSpec, tokenizer, requests, templates, confi
         if chunks[-1] and len(chunks[-1]) + len(idx) > size:
             chunks.append([])
         chunks[-1].extend(idx)
+    relations = relation_templates(requests)
     z = h = None
     for chunk in tqdm(chunks, desc="request chunks", disable=not progress or len(chunks) == 1):
         z_c, h_c = optimise_deltas(model, spec, tokenizer, [requests[i] for i in chunk], templates, config, layer,
-                                   progress)
+                                   progress, relations)
         if z is None:
             z, h = z_c.new_empty(len(requests), z_c.shape[1]), h_c.new_empty(len(requests), h_c.shape[1])
         z[chunk], h[chunk] = z_c, h_c

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from memit_adapter import EditRequest, MemitConfig, collect_stats, compute_edits
-from memit_adapter.evaluation import evaluate_counterfact
+from memit_adapter.evaluation import edited_prompts, evaluate_counterfact, target_nll
 from memit_adapter.world import load_model, world_model_path
 
 
@@ -40,6 +40,32 @@ def line(r) -> str:
             f"score {r.score:.3f} entropy {ent}")
 
 
+def neighbor_split(records) -> dict[str, list[tuple[str, str, str]]]:
+    """The NS prompts ``(prompt, target_true, target_new)`` that evaluation scores, split by whether the
+    neighbour's subject has an edit of its own in ``records``."""
+    edited = edited_prompts(records)
+    subjects = {r["requested_rewrite"]["subject"] for r in records}
+    out: dict[str, list[tuple[str, str, str]]] = {"ns_edited_subject": [], "ns_unedited_subject": []}
+    for rec in records:
+        rw = rec["requested_rewrite"]
+        for prompt in rec["neighborhood_prompts"]:
+            if " ".join(prompt.split()) in edited:
+                continue
+            key = "ns_edited_subject" if any(s in prompt for s in subjects) else "ns_unedited_subject"
+            out[key].append((prompt, rw["target_true"]["str"], rw["target_new"]["str"]))
+    return out
+
+
+def success_rate(model, tok, items) -> tuple[float, int]:
+    """Share of ``items`` whose true object is more likely than the new one, and their count."""
+    if not items:
+        return float("nan"), 0
+    prompts = [p for p, _, _ in items]
+    true = target_nll(model, tok, prompts, [t for _, t, _ in items])
+    new = target_nll(model, tok, prompts, [n for _, _, n in items])
+    return float((true < new).float().mean()), len(items)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="world-gpt2", help="world-gpt2, world-llama or a train_world.py folder")
@@ -52,6 +78,9 @@ def main() -> None:
     p.add_argument("--steps", type=int, nargs="*", default=None)
     p.add_argument("--lr", type=float, nargs="*", default=None, help="v_lr values (relative when for_model's are)")
     p.add_argument("--share", type=int, nargs="*", default=None, help="share_subject_delta values (1/0)")
+    p.add_argument("--preserve", type=float, nargs="*", default=None, help="preserve_factor values")
+    p.add_argument("--split-ns", action="store_true",
+                   help="also print NS over neighbours whose subject the batch edits / does not edit")
     p.add_argument("--set", default="{}", help='JSON of other MemitConfig fields for every setting, e.g. '
                    '\'{"v_loss_threshold": 0.01}\'')
     p.add_argument("--entropy", type=int, default=0, help="records whose generations give the entropy (0: skip)")
@@ -67,7 +96,8 @@ def main() -> None:
                              [parse_layers(x) for x in args.layers] if args.layers else [base.layers],
                              args.clamp or [base.clamp_norm_factor], args.kl or [base.kl_factor],
                              args.steps or [base.v_num_grad_steps], args.lr or [base.v_lr],
-                             [bool(x) for x in args.share] if args.share else [base.share_subject_delta])
+                             [bool(x) for x in args.share] if args.share else [base.share_subject_delta],
+                             args.preserve or [base.preserve_factor])
     n_layers = model.config.num_hidden_layers
     stats = collect_stats(model, tok, corpus, range(n_layers),
                           max_tokens=base.mom2_max_tokens, batch_size=base.stats_batch_size, progress=False)
@@ -75,18 +105,21 @@ def main() -> None:
     pre = evaluate_counterfact(model, tok, chosen, **gen)
     rows = [{"setting": "unedited", **pre.to_dict()}]
     print(f"unedited: {line(pre)}", flush=True)
-    for lam, layers, clamp, kl, steps, lr, share in grid:
+    split = neighbor_split(chosen) if args.split_ns else None
+    for lam, layers, clamp, kl, steps, lr, share, keep in grid:
         cfg = base.replace(mom2_update_weight=lam, layers=layers, clamp_norm_factor=clamp, kl_factor=kl,
-                           v_num_grad_steps=steps, v_lr=lr, share_subject_delta=share)
+                           v_num_grad_steps=steps, v_lr=lr, share_subject_delta=share, preserve_factor=keep)
         t0 = time.perf_counter()
         pack = compute_edits(model, tok, requests, cfg, stats=stats, progress=False)
         secs = time.perf_counter() - t0
         with pack.applied(model), torch.no_grad():
             post = evaluate_counterfact(model, tok, chosen, **gen)
+            ns_split = {k: success_rate(model, tok, v) for k, v in split.items()} if split else {}
         setting = dict(lam=lam, layers=layers, clamp=clamp, kl=kl, steps=steps, lr=lr, share=share,
-                       seconds=round(secs, 1))
-        rows.append({"setting": setting, **post.to_dict()})
-        print(f"{setting}: {line(post)}", flush=True)
+                       preserve=keep, seconds=round(secs, 1))
+        rows.append({"setting": setting, **post.to_dict(), **ns_split})
+        extra = "".join(f" {k} {v[0]:.3f} (n={v[1]})" for k, v in ns_split.items())
+        print(f"{setting}: {line(post)}{extra}", flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=2)

@@ -1,3 +1,5 @@
+from contextlib import contextmanager
+
 import pytest
 import torch
 from engine_setup import config, model_and_tokenizer, requests
@@ -77,6 +79,21 @@ def test_relative_step_equals_absolute_step_times_hidden_rms():
     assert not torch.allclose(z_rel, h)
 
 
+@contextmanager
+def _added_at(block, pos: int, delta):
+    """``delta`` added to ``block``'s output at position ``pos`` of the (single) sequence, inside the block."""
+    def hook(_m, _a, out):
+        hs = (out[0] if isinstance(out, tuple) else out).clone()
+        hs[0, pos] += delta
+        return (hs, *out[1:]) if isinstance(out, tuple) else hs
+
+    handle = block.register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
 def _same_subject_requests():
     from memit_adapter import EditRequest
 
@@ -130,17 +147,8 @@ def test_shared_delta_minimises_the_mean_loss_of_its_requests():
             n_subj = len(tok(r.prompt.format(r.subject), add_special_tokens=False)["input_ids"])
             subj_last = len(tok(r.subject, add_special_tokens=False)["input_ids"]) - 1
 
-            def add(_m, _a, out, pos=subj_last):
-                hs = out[0] if isinstance(out, tuple) else out
-                hs = hs.clone()
-                hs[0, pos] += delta
-                return (hs, *out[1:]) if isinstance(out, tuple) else hs
-
-            handle = block.register_forward_hook(add)
-            try:
+            with _added_at(block, subj_last, delta):
                 final = model.base_model(input_ids=torch.tensor([ids[:-1]])).last_hidden_state
-            finally:
-                handle.remove()
             logp = torch.log_softmax(_logits_at(model, final[0, n_subj - 1:]), -1)
             tgt = torch.tensor(ids[n_subj:])
             nll.append(-logp[torch.arange(len(tgt)), tgt].mean())
@@ -151,3 +159,90 @@ def test_shared_delta_minimises_the_mean_loss_of_its_requests():
     assert not cfg.v_lr_relative and delta.norm() > 0  # absolute steps, as in the loop above
     torch.testing.assert_close(z[0] - h[0], delta.detach(), rtol=1e-3, atol=1e-4)
     torch.testing.assert_close(z[1] - h[1], delta.detach(), rtol=1e-3, atol=1e-4)
+
+
+def test_kept_prompts_are_the_other_relations_of_each_subject():
+    from memit_adapter import EditRequest
+    from memit_adapter.targets import delta_groups, kept_prompts, relation_templates
+
+    _, tok = model_and_tokenizer("gpt2")
+    reqs = [EditRequest("{} lives in", "alpha beta", " rome", " paris", relation_id="lives"),
+            EditRequest("{} plays", "alpha beta", " golf", " tennis", relation_id="sport"),
+            EditRequest("{} is good at", "michael jordan", " golf", relation_id="sport"),  # another template
+            EditRequest("{} works for", "toko yuki", " ibm", relation_id="employer"),
+            EditRequest("{} speaks", "lebron james", " french")]  # no relation id: takes no part
+    relations = relation_templates(reqs)
+    assert relations == {"lives": "{} lives in", "sport": "{} plays", "employer": "{} works for"}
+    kept = kept_prompts(tok, reqs, delta_groups(reqs, config()), relations, 2.0)
+    # the subject's first request holds its row's prompts; weight = factor * row size / count
+    assert [k.template for k in kept[0]] == ["{} works for"] and kept[0][0].weight == pytest.approx(4.0)
+    assert kept[1] == []
+    assert [k.template for k in kept[2]] == ["{} lives in", "{} works for"]
+    assert [k.weight for k in kept[2]] == pytest.approx([1.0, 1.0])
+    assert [k.template for k in kept[3]] == ["{} lives in", "{} plays"]
+    assert kept[4] == []
+    first = {tok(t, add_special_tokens=False)["input_ids"][0] for t in (" paris", " tennis")}
+    assert kept[0][0].forbidden == first and kept[2][0].forbidden == frozenset()
+    assert kept_prompts(tok, reqs, delta_groups(reqs, config()), relations, 0.0) == [[]] * len(reqs)
+
+
+def _preserve_pair(true_of_alpha=None):
+    from memit_adapter import EditRequest
+
+    return [EditRequest("{} plays", "alpha beta", " golf", true_of_alpha, relation_id="sport"),
+            EditRequest("{} lives in", "michael jordan", " paris", relation_id="lives")]
+
+
+def test_preserve_term_is_the_kl_of_the_subjects_other_relations():
+    """Against an independent Adam loop on NLL(new object) + f * KL(now || before) of the next token after
+    "alpha beta lives in" (the relation another request of the batch edits)."""
+    from memit_adapter.targets import _logits_at
+
+    model, tok = model_and_tokenizer("gpt2")
+    spec = get_arch_spec(model)
+    reqs = _preserve_pair()
+    f = 3.0
+    cfg = config(v_num_grad_steps=6, kl_factor=0.0, v_weight_decay=0.0, clamp_norm_factor=100.0,
+                 v_loss_threshold=0.0, v_lr=0.3, preserve_factor=f)
+    z, h = compute_targets(model, spec, tok, reqs, ["{}"], cfg, 1, progress=False)
+    z0, _ = compute_targets(model, spec, tok, reqs, ["{}"], cfg.replace(preserve_factor=0.0), 1, progress=False)
+    assert not torch.allclose(z[0], z0[0], atol=1e-3)
+
+    block = spec.blocks(model)[1]
+    subj_last = len(tok("alpha beta", add_special_tokens=False)["input_ids"]) - 1
+    ids = tok("alpha beta plays golf", add_special_tokens=False)["input_ids"]
+    kept_ids = torch.tensor([tok("alpha beta lives in", add_special_tokens=False)["input_ids"]])
+    with torch.no_grad():
+        last = model.base_model(input_ids=kept_ids).last_hidden_state[0, -1]
+        before = torch.log_softmax(_logits_at(model, last), -1)
+    delta = torch.zeros(h.shape[1], requires_grad=True)
+    opt = torch.optim.Adam([delta], lr=0.3)
+    for _ in range(5):
+        with _added_at(block, subj_last, delta):
+            final = model.base_model(input_ids=torch.tensor([ids[:-1]])).last_hidden_state
+            kept = model.base_model(input_ids=kept_ids).last_hidden_state[0, -1]
+        nll = -torch.log_softmax(_logits_at(model, final[0, -1]), -1)[ids[-1]]
+        now = torch.log_softmax(_logits_at(model, kept), -1)
+        loss = nll + f * (now.exp() * (now - before)).sum()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    torch.testing.assert_close(z[0] - h[0], delta.detach(), rtol=1e-3, atol=1e-4)
+
+
+def test_kept_prompt_answered_with_the_old_object_is_dropped():
+    """A kept prompt whose unedited answer is the subject's ``target_true`` asks about the rewritten fact:
+    it is left out, and the δ equals the one optimised without preservation."""
+    model, tok = model_and_tokenizer("gpt2")
+    spec = get_arch_spec(model)
+    ids = torch.tensor([tok("alpha beta lives in", add_special_tokens=False)["input_ids"]])
+    with torch.no_grad():
+        top = int(model(input_ids=ids).logits[0, -1].argmax())
+    other = next(t for t in range(tok.vocab_size) if t != top and tok.decode([t]).strip())
+    cfg = config(v_num_grad_steps=5, preserve_factor=3.0)
+    run = lambda reqs, c: compute_targets(model, spec, tok, reqs, ["{}"], c, 1, progress=False)[0]  # noqa: E731
+    plain = run(_preserve_pair(), cfg.replace(preserve_factor=0.0))
+    dropped = run(_preserve_pair(tok.decode([top])), cfg)
+    kept = run(_preserve_pair(tok.decode([other])), cfg)
+    torch.testing.assert_close(dropped[0], plain[0])
+    assert not torch.allclose(kept[0], plain[0], atol=1e-3)

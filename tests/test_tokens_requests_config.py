@@ -1,4 +1,5 @@
 import json
+from dataclasses import astuple
 
 import pytest
 import torch
@@ -42,9 +43,14 @@ def test_request_from_counterfact_and_memit_dicts():
                                               "target_true": {"str": "basketball", "id": "Q5372"}}}
     memit = {"prompt": "{} plays the sport of", "subject": "Michael Jordan", "target_new": {"str": "baseball"}}
     a, b = EditRequest.from_dict(cf), EditRequest.from_dict(memit)
-    assert a == EditRequest("{} plays the sport of", "Michael Jordan", "baseball", "basketball", 7)
-    assert (b.prompt, b.subject, b.target_new, b.target_true) == (a.prompt, a.subject, a.target_new, None)
+    assert a == EditRequest("{} plays the sport of", "Michael Jordan", "baseball", "basketball", 7, "P641")
+    assert (b.prompt, b.subject, b.target_new, b.target_true, b.relation_id) == (*astuple(a)[:3], None, None)
     assert EditRequest.from_dict(a.to_dict()) == a
+    # an unset relation id stays out of the dict, so ids hashed from requests written before it stay the same
+    assert "relation_id" not in b.to_dict() and EditRequest(**b.to_dict()) == b
+    assert EditRequest(**a.to_dict()) == a
+    with pytest.raises(InvalidRequestError, match="relation_id"):
+        EditRequest("{} x", "s", " y", relation_id=17)
     assert a.text == "Michael Jordan plays the sport of"
     with pytest.raises(InvalidRequestError, match="target_new"):
         EditRequest.from_dict({"prompt": "{} x", "subject": "s"})
