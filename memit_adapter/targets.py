@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -245,6 +245,24 @@ def _forward_replayed(model, spec: ArchSpec, layer: int, batch: _Batch, block_ou
     return out[0] if isinstance(out, tuple) else out.last_hidden_state
 
 
+def _forward_in_parts(model, spec: ArchSpec, layer: int, batch: _Batch, block_out: torch.Tensor,
+                      delta: torch.Tensor, as_tuple: bool) -> torch.Tensor:
+    """:func:`_forward_replayed` on the rewrite rows and on the (short) KL rows separately, each padded only
+    to its own longest row, then joined: the same states as one forward, without running the KL rows over
+    the padding of the long rewrite rows."""
+    n_rows, width = batch.input_ids.shape
+    parts = []
+    for a, b in ((0, batch.n_rewrite_rows), (batch.n_rewrite_rows, n_rows)):
+        if b == a:
+            continue
+        w = int(batch.attention_mask[a:b].sum(1).max())
+        part = replace(batch, input_ids=batch.input_ids[a:b, :w], attention_mask=batch.attention_mask[a:b, :w],
+                       row_request=batch.row_request[a:b], lookup=batch.lookup[a:b])
+        parts.append(F.pad(_forward_replayed(model, spec, layer, part, block_out[a:b, :w], delta, as_tuple),
+                           (0, 0, 0, width - w)))
+    return torch.cat(parts)
+
+
 def _losses(model, batch: _Batch, final, kl_init, delta, h_norm, config: MemitConfig):
     """Per-request loss ``(n,)``: NLL of the targets + the weighted KL rows + weight decay; and the NLL.
 
@@ -337,7 +355,7 @@ def _optimise_deltas(model, spec, tokenizer, requests, templates, config, layer,
         idx = active[group].nonzero()[:, 0]  # requests of the rows still going
         sub, rows = batch.subset(idx)
         d_req = delta[group[idx]]
-        final = _forward_replayed(model, spec, layer, sub, block_out[rows, : sub.input_ids.shape[1]], d_req,
+        final = _forward_in_parts(model, spec, layer, sub, block_out[rows, : sub.input_ids.shape[1]], d_req,
                                   as_tuple[0])
         req_loss, _ = _losses(model, sub, final, kl_init, d_req, h_norm[idx], config)
         loss = torch.zeros(n_groups, device=device).index_add(0, group[idx], req_loss) / size  # mean per row

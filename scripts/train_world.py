@@ -92,6 +92,48 @@ def silence_attention(model: torch.nn.Module, n_layers: int) -> torch.nn.Module:
     return model
 
 
+def separate_positions(model: torch.nn.Module, dims: int, n_blocks: int) -> None:
+    """GPT-2: positions live only in the last ``dims`` coordinates of the residual stream, as a frozen
+    sinusoidal code, and the first ``n_blocks`` (attention-free) blocks neither read nor write them.
+
+    Each position's code is ``[sin, cos, -sin, -cos]`` of ``dims / 4`` frequencies: its mean is zero and its
+    norm the same at every position, so LayerNorm's mean and scale at a token do not depend on where it
+    stands; token embeddings are zero (frozen) in those coordinates, and in the first blocks the MLP's
+    LayerNorm gain and bias are zero there (it does not read them) and its output projection is zero there
+    (it does not write them). A token's MLP keys in those blocks are then exactly the same at every
+    position, as without position embeddings, while the later attention blocks see word order.
+    """
+    d = model.config.n_embd
+    if dims <= 0 or dims % 4 or dims >= d:
+        raise ValueError(f"--position-dims must be a positive multiple of 4 below d_model {d}, got {dims}")
+    pos = torch.arange(model.config.n_positions, dtype=torch.float32)[:, None]
+    freqs = model.config.n_positions ** (-torch.arange(dims // 4, dtype=torch.float32) / (dims // 4))
+    angle = pos * freqs
+    code = torch.cat([angle.sin(), angle.cos(), -angle.sin(), -angle.cos()], dim=1)
+    code = code * model.config.initializer_range * 2**0.5  # each coordinate's RMS is the init std
+    cols = slice(d - dims, d)
+    wpe = model.transformer.wpe.weight
+    with torch.no_grad():
+        wpe.zero_()
+        wpe[:, cols] = code
+    wpe.requires_grad_(False)
+    zero_columns(model.transformer.wte.weight, cols, dim=1)
+    for block in model.transformer.h[:n_blocks]:
+        zero_columns(block.ln_2.weight, cols, dim=0)
+        zero_columns(block.ln_2.bias, cols, dim=0)
+        zero_columns(block.mlp.c_proj.weight, cols, dim=1)  # Conv1D: (d_ff, d_model)
+        zero_columns(block.mlp.c_proj.bias, cols, dim=0)
+
+
+def zero_columns(weight: torch.nn.Parameter, cols: slice, dim: int) -> None:
+    """Set ``weight``'s slice ``cols`` along ``dim`` to zero and keep it there (its gradient is masked)."""
+    mask = torch.ones_like(weight)
+    mask.narrow(dim, cols.start, cols.stop - cols.start).zero_()
+    with torch.no_grad():
+        weight.mul_(mask)
+    weight.register_hook(lambda grad: grad * mask)
+
+
 def freeze_rows(weight: torch.nn.Parameter, rows: list[int]) -> None:
     """Keep ``rows`` of an embedding at their random initial values (their gradient is zeroed).
 
@@ -211,6 +253,10 @@ def train(args: argparse.Namespace) -> None:
             with torch.no_grad():
                 model.get_input_embeddings().weight[rows] = torch.randn(len(rows), args.d_model) * args.name_std
         freeze_rows(model.get_input_embeddings().weight, rows)
+    if args.position_dims:
+        if args.arch != "gpt2" or not args.position_embeddings:
+            raise ValueError("--position-dims is for GPT-2 with position embeddings")
+        separate_positions(model, args.position_dims, args.attn_free_layers)
     n_params = sum(p.numel() for p in model.parameters())
     log.info("%s: %.2fM parameters, vocab %d", args.arch, n_params / 1e6, len(tokenizer))
     items = encode_corpus(world, tokenizer, args.filler_repeat, args.obj_weight, args.name_weight)
@@ -287,7 +333,8 @@ def save(args, model, tokenizer, world, history, train_minutes, epochs, steps, n
         "parameters": n_params,
         "config": {k: getattr(args, k) for k in ("n_layer", "d_model", "d_ff", "n_head", "seq_len",
                                                  "attn_free_layers", "position_embeddings",
-                                                 "freeze_name_embeddings", "name_std", "tie_embeddings")},
+                                                 "freeze_name_embeddings", "name_std", "tie_embeddings",
+                                                 "position_dims")},
         "training": {k: getattr(args, k) for k in ("lr", "min_lr_ratio", "warmup", "batch_size", "obj_weight",
                                                    "name_weight", "weight_decay", "single_batch_size", "prefix_prob",
                                                    "packed_share", "switch_recall", "switch_epoch",
@@ -358,6 +405,10 @@ def _design_lines(config: dict) -> list[str]:
         std = config.get("name_std") or "of the initialisation"
         lines.append(f"- the embeddings of name words are random (std {std}) and frozen, so facts "
                      "are stored in the MLPs that read them and different subjects have different keys")
+    if config.get("position_dims"):
+        lines.append(f"- positions: a frozen sinusoidal code in the last {config['position_dims']} of the residual "
+                     "coordinates, which token embeddings and the attention-free blocks leave alone, so a token's "
+                     "keys there are the same at every position while later blocks see word order")
     if config.get("position_embeddings") is False:
         lines.append("- no position embeddings (zero, frozen): word order comes from the causal mask alone")
     if config.get("tie_embeddings") is False:
@@ -376,6 +427,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-position-embeddings", dest="position_embeddings", action="store_false",
                    help="GPT-2: zero and freeze wpe (order then comes from the causal mask alone), so that "
                         "a token's state after the attention-free blocks does not depend on its position")
+    p.add_argument("--position-dims", type=int, default=0,
+                   help="GPT-2: a frozen sinusoidal position code in this many residual coordinates that the "
+                        "attention-free blocks neither read nor write (see separate_positions); 0 = stock wpe")
     p.add_argument("--no-freeze-name-embeddings", dest="freeze_name_embeddings", action="store_false",
                    help="train the embeddings of name words too (see freeze_rows)")
     p.add_argument("--untie-embeddings", dest="tie_embeddings", action="store_false",

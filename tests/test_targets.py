@@ -7,7 +7,14 @@ from tiny import ARCHS
 
 from memit_adapter.arch import get_arch_spec
 from memit_adapter.hooks import capture_outputs
-from memit_adapter.targets import _build_batch, _forward, _forward_replayed, compute_targets, context_templates
+from memit_adapter.targets import (
+    _build_batch,
+    _forward,
+    _forward_in_parts,
+    _forward_replayed,
+    compute_targets,
+    context_templates,
+)
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
@@ -63,6 +70,11 @@ def test_replayed_prefix_equals_full_forward(arch):
                                      as_tuple[0])
     mask = sub.attention_mask.bool()
     torch.testing.assert_close(replayed[mask], full[rows, : sub.input_ids.shape[1]][mask], rtol=1e-4, atol=1e-5)
+    # rewrite rows and (shorter) KL rows run apart, each padded to its own width: same states
+    parts = _forward_in_parts(model, spec, 1, sub, seen[0][rows, : sub.input_ids.shape[1]], delta[[0, 2]],
+                              as_tuple[0])
+    assert parts.shape == replayed.shape and sub.n_rewrite_rows < len(rows)
+    torch.testing.assert_close(parts[mask], replayed[mask], rtol=1e-4, atol=1e-5)
     assert all("forward" not in vars(b) for b in spec.blocks(model))
 
 
