@@ -157,6 +157,11 @@ class MemitConfig:
           (100 edits reached ES 6% with the published z settings). The solve realises only part of
           each ``δ`` (about 70% at the scaled λ), so ``z`` must overshoot: stopping at loss 0.05
           (p ≈ 0.95) left ES at 74%, stopping at 0.005 gave 94-100%.
+        * preservation of the subject's other relations (``preserve_factor=1``): a batch that edits
+          several relations of one subject writes one δ for it, and without this term nothing keeps
+          that δ off the subject's facts that are not edited. 1,000 edits of the 6-layer world (292 of
+          its 300 subjects edited): NS 71.8% without, 97.7% with (99.0% on neighbours whose subject has
+          an edit of its own, from about 70%).
         * LLaMA-style models (gated MLP, RMSNorm) keep weight decay 1e-3 from EasyEdit.
 
         Any keyword in ``overrides`` replaces the chosen value. Use :func:`suggest_layers` to find
@@ -185,7 +190,7 @@ class MemitConfig:
             preset = dict(layers=list(range(start, min(stop, n_layer))),
                           mom2_update_weight=float(max(50.0, 0.25 * d_ff)), v_num_grad_steps=40,
                           v_loss_threshold=0.005, v_lr=0.1, v_lr_relative=True, clamp_norm_factor=4.0,
-                          mom2_max_tokens=20 * d_ff, stats_batch_size=32)
+                          mom2_max_tokens=20 * d_ff, stats_batch_size=32, preserve_factor=1.0)
             if llama_like:
                 preset.update(v_weight_decay=1e-3)
         max_pos = _first_attr(cfg, "n_positions", "max_position_embeddings", default=1024)

@@ -285,6 +285,46 @@ def test_training_keeps_attention_free_blocks_and_frozen_names(arch):
                                                 "--attn-free-layers", "2"]))
 
 
+def test_separated_positions_leave_the_first_blocks_keys_position_free():
+    """--position-dims: after optimiser steps, a token's MLP keys in the attention-free blocks are the same
+    at two positions (exactly, up to float rounding), the first attention block's are not, and the
+    position code, the token embeddings' position coordinates and the masked weights stay as set."""
+    tw = _train_world_module()
+    args = tw.parse_args(["--out", "unused", "--n-layer", "3", "--d-model", "32", "--d-ff", "64",
+                          "--attn-free-layers", "2", "--position-dims", "8"])
+    torch.manual_seed(0)
+    model = tw.build_model("gpt2", 50, args)
+    tw.separate_positions(model, 8, 2)
+    wpe = model.transformer.wpe.weight.detach().clone()
+    assert torch.count_nonzero(wpe[:, :24]) == 0 and torch.allclose(wpe.sum(1), torch.zeros(len(wpe)), atol=1e-6)
+    assert torch.allclose(wpe.norm(dim=1), wpe[0].norm().expand(len(wpe)))  # same norm at every position
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.0)
+    for _ in range(3):
+        ids = torch.randint(0, 50, (4, 20))
+        loss = model(input_ids=ids, labels=ids).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert torch.equal(model.transformer.wpe.weight, wpe)
+    assert torch.count_nonzero(model.transformer.wte.weight[:, 24:]) == 0
+    assert torch.count_nonzero(model.transformer.h[0].mlp.c_proj.weight[:, 24:]) == 0
+    assert torch.count_nonzero(model.transformer.h[2].mlp.c_proj.weight[:, 24:]) > 0
+    keys = {}
+    hooks = [b.mlp.c_proj.register_forward_hook(lambda m, a, o, i=i: keys.__setitem__(i, a[0][0]))
+             for i, b in enumerate(model.transformer.h)]
+    ids = torch.randint(0, 50, (1, 20))
+    ids[0, 2] = ids[0, 15] = 7
+    with torch.no_grad():
+        model(input_ids=ids)
+    for h in hooks:
+        h.remove()
+    for i in (0, 1):
+        torch.testing.assert_close(keys[i][2], keys[i][15], rtol=0, atol=1e-5)
+    assert (keys[2][2] - keys[2][15]).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="position-dims"):
+        tw.separate_positions(model, 6, 2)
+
+
 @pytest.mark.parametrize("name", ["gpt2", "llama"])
 def test_shipped_world_models_route_subjects_through_attention_free_blocks(name):
     """The first blocks' attention adds exactly nothing, so a token's state there depends on the token alone
