@@ -360,17 +360,26 @@ def world_model_path(name: str = "gpt2") -> Path:
     return path
 
 
-def load_model(name: str) -> tuple[Any, Any, list[dict[str, Any]] | None]:
+def load_model(name: str, *, dtype: Any = None) -> tuple[Any, Any, list[dict[str, Any]] | None]:
     """``(model, tokenizer, records or None)`` of a Hub id or local folder, in eval mode; ``world-gpt2`` and
     ``world-llama`` (unless a folder of that name exists) load a shipped world model and its records, offline.
-    A local folder's records are its ``records.json`` when it has one (as folders of ``train_world.py`` do)."""
+    A local folder's records are its ``records.json`` when it has one (as folders of ``train_world.py`` do).
+
+    ``dtype`` None: float32 without a GPU (half-precision matrix products on CPU are an order of magnitude
+    slower, and a float16 checkpoint would otherwise load as float16), the checkpoint's own dtype with one.
+    """
+    import torch
+
+    if dtype is None:
+        dtype = "auto" if torch.cuda.is_available() else torch.float32
     if name.startswith("world-") and name[len("world-"):] in WORLD_MODELS and not Path(name).exists():
-        return load_world_model(name)
+        return load_world_model(name, dtype=None if dtype == "auto" else dtype)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     records_file = Path(name) / "records.json"
     records = json.loads(records_file.read_text()) if records_file.is_file() else None
-    return AutoModelForCausalLM.from_pretrained(name).eval(), AutoTokenizer.from_pretrained(name), records
+    model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
+    return model.eval(), AutoTokenizer.from_pretrained(name), records
 
 
 def load_world_model(name: str = "gpt2", *, dtype: Any = None) -> tuple[Any, Any, list[dict[str, Any]]]:

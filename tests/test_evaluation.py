@@ -331,3 +331,20 @@ def test_neighbours_that_the_batch_edits_leave_ns(model_tok):
              for p in RECORDS[0]["neighborhood_prompts"][1:]]
     assert kept.per_record[0]["neighborhood_success"] == pytest.approx(sum(rates) / 2)
     assert "neighbors excluded" in format_table({"post": kept})
+
+
+def test_load_model_reads_a_half_precision_folder_as_float32_on_cpu(tmp_path):
+    """A float16 checkpoint (as train_world.py writes) loads as float32 without a GPU, with the same weights,
+    unless a dtype is asked for; the folder's records come along."""
+    from memit_adapter.world import load_model
+
+    model, tok = tiny_model("gpt2", seed=5), make_tokenizer()
+    model.half().save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    (tmp_path / "m" / "records.json").write_text(json.dumps(RECORDS))
+    loaded, _, records = load_model(str(tmp_path / "m"))
+    assert records == RECORDS and not loaded.training
+    if not torch.cuda.is_available():
+        assert loaded.dtype == torch.float32
+    assert torch.equal(loaded.lm_head.weight.float(), model.lm_head.weight.float())
+    assert load_model(str(tmp_path / "m"), dtype=torch.float16)[0].dtype == torch.float16
