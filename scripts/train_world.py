@@ -2,17 +2,21 @@
 
 Usage (the commands of the shipped checkpoints)::
 
-    python scripts/train_world.py --arch gpt2 --no-position-embeddings --out memit_adapter/assets/world-gpt2
+    python scripts/train_world.py --arch gpt2 --position-dims 16 --out memit_adapter/assets/world-gpt2
     python scripts/train_world.py --arch llama --d-ff 512 --lr 0.004 --switch-epoch 12 \
         --no-freeze-name-embeddings --out memit_adapter/assets/world-llama
 
 What makes the model editable the way large LMs are (see ``silence_attention`` and ``freeze_rows``):
 its first ``--attn-free-layers`` blocks have no attention, and name embeddings are frozen random
 vectors, so a subject's facts live in the early MLPs at its last token and later positions can only
-read them from there. Without position embeddings (GPT-2 ``--no-position-embeddings``) a subject's
-keys are the same at every position; with them, even keys that agree to cos 0.976 across positions
-left 100 edits at ES 72% / NS 69% (the solve's inverse amplifies the difference), against 100 / 91
-without. The price: without positions, greedy generations loop after the first sentence.
+read them from there. A subject's keys in those blocks must also be the same at every position: with
+GPT-2's stock position embeddings, even keys that agree to cos 0.976 across positions left 100 edits
+at ES 72% / NS 69% (the solve's inverse amplifies the difference). ``--position-dims`` keeps positions
+in coordinates the first blocks neither read nor write (``separate_positions``), so those keys are
+exactly position-free while later blocks see word order; ``--no-position-embeddings`` drops positions
+altogether (order then comes from the causal mask alone, and greedy generations loop after the first
+sentence). LLaMA's rotary positions act inside attention only, so its attention-free blocks are
+position-free as they are.
 
 The corpus states every fact of ``make_world(seed)`` in every template, plus a little filler. Each
 epoch shuffles the sentences and packs them into sequences of ``--seq-len`` tokens, so facts are
@@ -377,7 +381,7 @@ def write_card(out: Path) -> None:
         f"- parameters: {r['parameters']:,} (d_model {r['config']['d_model']}, d_ff {r['config']['d_ff']}, "
         f"{r['config']['n_head']} heads, context {r['config']['seq_len']}); weights stored in float16",
         f"- vocabulary: {r['world']['vocab']} words (word-level `tokenizers` model, lower-cased)",
-        *_design_lines(r["config"]),
+        *_design_lines(r["config"], r["arch"]),
         f"- training: {r['epochs']} epochs, {r['steps']} steps, {r['train_minutes']} minutes on "
         f"{r['training']['threads']} CPU thread(s); settings in `training.json`",
         f"- recall (greedy next word = true object), worst template: {100 * r['min_recall']:.1f}%; after a "
@@ -393,13 +397,15 @@ def write_card(out: Path) -> None:
     (out / "README.md").write_text("\n".join(lines) + "\n")
 
 
-def _design_lines(config: dict) -> list[str]:
+def _design_lines(config: dict, arch: str) -> list[str]:
     """Card lines on the choices that make the model editable like a large LM (absent in older reports)."""
     lines = []
     k = config.get("attn_free_layers", 0)
     if k:
+        stock_positions = arch == "gpt2" and config.get("position_embeddings") and not config.get("position_dims")
+        where = " (and its position)" if stock_positions else ""
         lines.append(f"- blocks 0-{k - 1} have no attention (output projection zero, kept frozen): a token's state "
-                     "after them depends on that token (and its position) alone, and later positions learn about "
+                     f"after them depends on that token{where} alone, and later positions learn about "
                      "the subject only by reading the subject's own state, which is where MEMIT writes")
     if config.get("freeze_name_embeddings"):
         std = config.get("name_std") or "of the initialisation"

@@ -327,25 +327,36 @@ def test_separated_positions_leave_the_first_blocks_keys_position_free():
 
 @pytest.mark.parametrize("name", ["gpt2", "llama"])
 def test_shipped_world_models_route_subjects_through_attention_free_blocks(name):
-    """The first blocks' attention adds exactly nothing, so a token's state there depends on the token alone
-    (and, in GPT-2, its position): the property that puts the facts where MEMIT edits them."""
+    """The first blocks' attention adds exactly nothing and their MLP keys at a token do not depend on its
+    position (GPT-2: positions in separate coordinates; LLaMA: rotary, inside attention), so a subject's
+    state there depends on the subject alone: the property that puts the facts where MEMIT edits them."""
     from memit_adapter.arch import get_arch_spec
 
     model, tok, _ = load_world_model(name)
     k = json.loads((world_model_path(name) / "training.json").read_text())["config"]["attn_free_layers"]
     assert k >= 1
     spec = get_arch_spec(model)
-    seen = {}
-    hooks = [spec.blocks(model)[i].get_submodule(spec.attn).register_forward_hook(
+    seen, keys = {}, {}
+    blocks = spec.blocks(model)
+    hooks = [blocks[i].get_submodule(spec.attn).register_forward_hook(
         lambda m, a, out, i=i: seen.__setitem__(i, out[0])) for i in range(k + 1)]
+    down = "mlp.c_proj" if name == "gpt2" else "mlp.down_proj"
+    hooks += [blocks[i].get_submodule(down).register_forward_hook(
+        lambda m, a, out, i=i: keys.__setitem__(i, a[0])) for i in range(k + 1)]
+    enc = tok(["otto zapous lives in", "the home of otto zapous is in"], return_tensors="pt", padding=True)
     try:
         with torch.no_grad():
-            model(**tok(["otto zapous lives in", "the home of otto zapous is in"], return_tensors="pt",
-                        padding=True))
+            model(**enc)
     finally:
         for h in hooks:
             h.remove()
     assert all(torch.count_nonzero(seen[i]) == 0 for i in range(k)) and torch.count_nonzero(seen[k]) > 0
+    zapous = tok.convert_tokens_to_ids("zapous")
+    pos = [row.tolist().index(zapous) for row in enc["input_ids"]]
+    assert pos[0] != pos[1]
+    for i in range(k):
+        torch.testing.assert_close(keys[i][0, pos[0]], keys[i][1, pos[1]], rtol=0, atol=1e-4)
+    assert not torch.allclose(keys[k][0, pos[0]], keys[k][1, pos[1]], atol=1e-3)
 
 
 @pytest.mark.slow
