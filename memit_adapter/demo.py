@@ -57,7 +57,9 @@ def run_demo(model_name: str = "gpt2", *, n_edits: int = 100, out: str | Path = 
     for req in requests[:3]:
         _say(f"  {req.text!r:48} -> {_answer(model, tok, req.text)!r}")
 
-    cfg = MemitConfig.for_model(model)
+    # for_model's 60 z steps are what 1,000 edits need (ES 98.6 -> 99.3); 100 edits reach the same
+    # quality in 40 (ES / PS 100, NS 96.5 on this sample), which keeps the demo within two minutes
+    cfg = MemitConfig.for_model(model, v_num_grad_steps=40)
     _say(f"\nEditing {len(requests)} facts at once with MEMIT "
          f"(layers {cfg.layers}, λ = {cfg.mom2_update_weight:g})...")
     t_edit = time.perf_counter()
