@@ -153,20 +153,22 @@ def relation_templates(requests: Sequence[EditRequest]) -> dict[str, str]:
 def kept_prompts(tokenizer, requests: Sequence[EditRequest], groups: Sequence[int], relations: Mapping[str, str],
                  factor: float) -> list[list[_Kept]]:
     """The preservation prompts of each request: held by the first request of each δ row, one per relation of
-    ``relations`` that none of the row's requests edits, weighted ``factor * row size / count`` so that the
-    row's mean loss carries ``factor`` times their mean KL. Rows with a request lacking ``relation_id`` get
-    none (its relation is unknown, so a kept prompt might ask about the fact being rewritten)."""
+    ``relations`` that no request about the row's subject edits, weighted ``factor * row size / count`` so that the
+    row's mean loss carries ``factor`` times their mean KL. Rows whose subject has a request lacking
+    ``relation_id`` get none (its relation is unknown, so a kept prompt might ask about the fact being rewritten)."""
     out: list[list[_Kept]] = [[] for _ in requests]
     if factor == 0 or not relations:
         return out
     members: dict[int, list[int]] = {}
+    edited_of: dict[str, set[str | None]] = {}  # all relations a subject's requests edit, across rows
     for i, g in enumerate(groups):
         members.setdefault(g, []).append(i)
+        edited_of.setdefault(requests[i].subject, set()).add(requests[i].relation_id)
     for idx in members.values():
         reqs = [requests[i] for i in idx]
-        if any(r.relation_id is None for r in reqs):
+        edited = set().union(*(edited_of[r.subject] for r in reqs))
+        if None in edited:
             continue
-        edited = {r.relation_id for r in reqs}
         templates = [t for rid, t in relations.items() if rid not in edited]
         if not templates:
             continue

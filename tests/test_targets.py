@@ -196,6 +196,10 @@ def test_kept_prompts_are_the_other_relations_of_each_subject():
     first = {tok(t, add_special_tokens=False)["input_ids"][0] for t in (" paris", " tennis")}
     assert kept[0][0].forbidden == first and kept[2][0].forbidden == frozenset()
     assert kept_prompts(tok, reqs, delta_groups(reqs, config()), relations, 0.0) == [[]] * len(reqs)
+    # separate δs per request: a subject's other edited relations are still not kept
+    own = kept_prompts(tok, reqs, delta_groups(reqs, config(share_subject_delta=False)), relations, 2.0)
+    assert [k.template for k in own[0]] == [k.template for k in own[1]] == ["{} works for"]
+    assert own[0][0].weight == pytest.approx(2.0)
 
 
 def _preserve_pair(true_of_alpha=None):
