@@ -44,8 +44,8 @@ from .errors import MemitError
 from .tokens import pad_id, pad_right
 from .world import load_model
 
-__all__ = ["CounterFactResult", "evaluate_counterfact", "evaluate_pack", "format_table", "generation_entropy",
-           "greedy_generate", "ngram_entropy", "target_nll"]
+__all__ = ["CounterFactResult", "edited_prompts", "evaluate_counterfact", "evaluate_pack", "format_table",
+           "generation_entropy", "greedy_generate", "ngram_entropy", "scored_neighbors", "target_nll"]
 
 log = logging.getLogger(__name__)
 
@@ -255,11 +255,16 @@ def edited_prompts(records: Sequence[Mapping[str, Any]]) -> set[str]:
     return out
 
 
+def scored_neighbors(record: Mapping[str, Any], edited: set[str]) -> list[str]:
+    """The neighbourhood prompts of ``record`` that NS scores: those not in ``edited`` (:func:`edited_prompts`)."""
+    return [p for p in record["neighborhood_prompts"] if _normalized(p) not in edited]
+
+
 def _score_prompts(model, tokenizer, records, batch_size, edited: set[str]) -> list[dict[str, Any]]:
     prompts, targets, where = [], [], []
     for r, rec in enumerate(records):
         rw = rec["requested_rewrite"]
-        neighbors = [p for p in rec["neighborhood_prompts"] if _normalized(p) not in edited]
+        neighbors = scored_neighbors(rec, edited)
         groups = {"rewrite": [rw["prompt"].format(rw["subject"])], "paraphrase": rec["paraphrase_prompts"],
                   "neighborhood": neighbors}
         for kind, group in groups.items():

@@ -64,7 +64,6 @@ class _Batch:
     lookup: torch.Tensor  # (rows,) subject's last token
     kl_pos: torch.Tensor  # (rows,) position whose next-token distribution a KL row keeps (0 on rewrite rows)
     kl_weight: torch.Tensor  # (rows,) weight of that KL term (0 on rewrite rows)
-    kl_index: torch.Tensor  # (rows,) the row's index among the KL rows (-1 on rewrite rows)
     target_rows: torch.Tensor  # (m,) row of each target token
     target_pos: torch.Tensor  # (m,) position predicting it
     target_ids: torch.Tensor  # (m,)
@@ -83,9 +82,9 @@ class _Batch:
         t_keep = keep[self.target_rows]
         width = int(self.attention_mask[rows].sum(1).max())
         sub = _Batch(self.input_ids[rows, :width], self.attention_mask[rows, :width], new_req[self.row_request[rows]],
-                     self.lookup[rows], self.kl_pos[rows], self.kl_weight[rows], self.kl_index[rows],
-                     new_row[self.target_rows[t_keep]], self.target_pos[t_keep], self.target_ids[t_keep],
-                     self.target_weight[t_keep], len(requests), int((rows < self.n_rewrite_rows).sum()))
+                     self.lookup[rows], self.kl_pos[rows], self.kl_weight[rows], new_row[self.target_rows[t_keep]],
+                     self.target_pos[t_keep], self.target_ids[t_keep], self.target_weight[t_keep], len(requests),
+                     int((rows < self.n_rewrite_rows).sum()))
         return sub, rows
 
 
@@ -135,9 +134,8 @@ def _build_batch(tokenizer, requests: Sequence[EditRequest], templates: Sequence
             t_ids.append(tid)
             t_w.append(w)
     as_t = lambda x, dt=torch.long: torch.tensor(x, dtype=dt, device=device)  # noqa: E731
-    kl_index = [-1] * n_rewrite + list(range(len(facts) - n_rewrite))
     return _Batch(ids, mask, as_t(rows_req), as_t([f.lookup for f in facts]), as_t(kl_pos),
-                  as_t(kl_weight, torch.float32), as_t(kl_index), as_t(t_rows), as_t(t_pos), as_t(t_ids),
+                  as_t(kl_weight, torch.float32), as_t(t_rows), as_t(t_pos), as_t(t_ids),
                   as_t(t_w, torch.float32), len(requests), n_rewrite)
 
 
@@ -268,14 +266,14 @@ def _forward_in_parts(model, spec: ArchSpec, layer: int, batch: _Batch, block_ou
 def _losses(model, batch: _Batch, final, kl_init, delta, h_norm, config: MemitConfig):
     """Per-request loss ``(n,)``: NLL of the targets + the weighted KL rows + weight decay; and the NLL.
 
-    ``kl_init``: the unedited log-probabilities of all KL rows of the full batch (``batch.kl_index``)."""
+    ``kl_init``: the unedited log-probabilities of ``batch``'s KL rows, in order."""
     logp = torch.log_softmax(_logits_at(model, final[batch.target_rows, batch.target_pos]), dim=-1)
     tok_nll = -logp.gather(1, batch.target_ids[:, None])[:, 0] * batch.target_weight
     req_of_tok = batch.row_request[batch.target_rows]
     nll = torch.zeros(batch.n_requests, device=final.device).index_add(0, req_of_tok, tok_nll)
     kl_rows = torch.arange(batch.n_rewrite_rows, final.shape[0], device=final.device)
     kl_logp = torch.log_softmax(_logits_at(model, final[kl_rows, batch.kl_pos[kl_rows]]), dim=-1)
-    kl = F.kl_div(kl_init[batch.kl_index[kl_rows]], kl_logp, log_target=True, reduction="none").sum(-1)
+    kl = F.kl_div(kl_init, kl_logp, log_target=True, reduction="none").sum(-1)  # KL(now || before)
     kl = torch.zeros_like(nll).index_add(0, batch.row_request[kl_rows], kl * batch.kl_weight[kl_rows])
     decay = config.v_weight_decay * delta.norm(dim=-1) / h_norm**2
     return nll + kl + decay, nll
@@ -359,7 +357,8 @@ def _optimise_deltas(model, spec, tokenizer, requests, templates, config, layer,
         d_req = delta[group[idx]]
         final = _forward_in_parts(model, spec, layer, sub, block_out[rows, : sub.input_ids.shape[1]], d_req,
                                   as_tuple[0])
-        req_loss, _ = _losses(model, sub, final, kl_init, d_req, h_norm[idx], config)
+        kl_sub = kl_init[rows[sub.n_rewrite_rows:] - batch.n_rewrite_rows]  # the KL rows still going
+        req_loss, _ = _losses(model, sub, final, kl_sub, d_req, h_norm[idx], config)
         loss = torch.zeros(n_groups, device=device).index_add(0, group[idx], req_loss) / size  # mean per row
         bar.set_postfix(loss=f"{loss[active].mean().item():.3f}", active=int(active.sum()))
         active = active & (loss.detach() >= config.v_loss_threshold)
@@ -384,9 +383,8 @@ def _drop_old_answers(batch: _Batch, kl_init: torch.Tensor, forbidden: Sequence[
     if not forbidden:
         return
     top = kl_init[-len(forbidden):].argmax(-1).tolist()
-    for j, (t, f) in enumerate(zip(top, forbidden)):
-        if t in f:
-            batch.kl_weight[len(batch.kl_weight) - len(forbidden) + j] = 0.0
+    drop = torch.tensor([t in f for t, f in zip(top, forbidden)], device=batch.kl_weight.device)
+    batch.kl_weight[-len(forbidden):][drop] = 0.0
 
 
 def compute_targets(model, spec: ArchSpec, tokenizer, requests, templates, config: MemitConfig, layer: int,

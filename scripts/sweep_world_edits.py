@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from memit_adapter import EditRequest, MemitConfig, collect_stats, compute_edits
-from memit_adapter.evaluation import edited_prompts, evaluate_counterfact, target_nll
+from memit_adapter.evaluation import edited_prompts, evaluate_counterfact, scored_neighbors, target_nll
 from memit_adapter.world import load_model, world_model_path
 
 
@@ -48,9 +48,7 @@ def neighbor_split(records) -> dict[str, list[tuple[str, str, str]]]:
     out: dict[str, list[tuple[str, str, str]]] = {"ns_edited_subject": [], "ns_unedited_subject": []}
     for rec in records:
         rw = rec["requested_rewrite"]
-        for prompt in rec["neighborhood_prompts"]:
-            if " ".join(prompt.split()) in edited:
-                continue
+        for prompt in scored_neighbors(rec, edited):
             key = "ns_edited_subject" if any(s in prompt for s in subjects) else "ns_unedited_subject"
             out[key].append((prompt, rw["target_true"]["str"], rw["target_new"]["str"]))
     return out

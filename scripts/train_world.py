@@ -135,6 +135,11 @@ def zero_columns(weight: torch.nn.Parameter, cols: slice, dim: int) -> None:
     mask.narrow(dim, cols.start, cols.stop - cols.start).zero_()
     with torch.no_grad():
         weight.mul_(mask)
+    mask_gradient(weight, mask)
+
+
+def mask_gradient(weight: torch.nn.Parameter, mask: torch.Tensor) -> None:
+    """Multiply ``weight``'s gradient by ``mask``: where it is 0, Adam without weight decay never moves it."""
     weight.register_hook(lambda grad: grad * mask)
 
 
@@ -148,7 +153,7 @@ def freeze_rows(weight: torch.nn.Parameter, rows: list[int]) -> None:
     """
     mask = torch.ones_like(weight)
     mask[rows] = 0.0
-    weight.register_hook(lambda grad: grad * mask)
+    mask_gradient(weight, mask)
 
 
 def encode_corpus(world, tokenizer, n_repeat_filler: int, obj_weight: float, name_weight: float):
