@@ -7,9 +7,9 @@ Usage::
 
 Loads the world model, shows what it believes, computes one MEMIT pack for all edits, shows the new
 answers on the rewrite prompt and a paraphrase and that a neighbour (a subject the batch does not edit)
-kept its answer, prints ES/PS/NS
-before and after, saves the pack, loads it into a fresh model with stock ``model.load_adapter`` and
-switches it off and on.
+kept its answer, prints ES/PS/NS before and after, saves the pack, loads it into a fresh model with stock
+``model.load_adapter`` (PEFT's ``PeftModel`` where the installed transformers refuses its adapter methods,
+see :mod:`memit_adapter.compat`) and switches it off and on.
 """
 
 from __future__ import annotations
@@ -17,10 +17,12 @@ from __future__ import annotations
 import argparse
 import random
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
+from .compat import stock_adapter_refusal
 from .config import MemitConfig
 from .engine import compute_edits
 from .evaluation import evaluate_counterfact, format_table
@@ -41,6 +43,32 @@ def _untouched(prompts: list[str], edited: set[str]) -> str:
 
 def _say(text: str = "") -> None:
     print(text, flush=True)
+
+
+def _load_stock(base, folder: str):
+    """Load a saved pack into ``base`` with stock code only; return (model, switch-off context, how).
+
+    transformers' own adapter methods when the installed pair allows them, else (saying why in one line)
+    PEFT's ``PeftModel`` with its ``disable_adapter()`` context manager.
+    """
+    refusal = stock_adapter_refusal()
+    if refusal is None:
+        base.load_adapter(folder, adapter_name="edits")
+
+        @contextmanager
+        def adapter_off():
+            base.disable_adapters()
+            try:
+                yield
+            finally:
+                base.enable_adapters()
+
+        return base, adapter_off, f"stock model.load_adapter({folder!r})"
+    _say(f"\nNote: {refusal}")
+    from peft import PeftModel
+
+    model = PeftModel.from_pretrained(base, folder, adapter_name="edits")
+    return model, model.disable_adapter, f"stock PeftModel.from_pretrained(model, {folder!r})"
 
 
 def run_demo(model_name: str = "gpt2", *, n_edits: int = 100, out: str | Path = "memit-demo-pack", seed: int = 0,
@@ -92,16 +120,18 @@ def run_demo(model_name: str = "gpt2", *, n_edits: int = 100, out: str | Path = 
     _say(f"\nSaved the pack to {out}/ ({', '.join(sorted(p.name for p in out.iterdir()))})")
 
     fresh, _, _ = load_world_model(model_name)
-    fresh.load_adapter(str(out), adapter_name="edits")  # stock transformers + PEFT, no memit_adapter involved
+    stock, adapter_off, how = _load_stock(fresh, str(out))  # stock transformers + PEFT, no memit_adapter involved
     req = requests[shown[0]]
-    _say(f"\nA fresh model with stock model.load_adapter({str(out)!r}):")
-    _say(f"  adapter on : {req.text!r} -> {_answer(fresh, tok, req.text)!r}")
-    fresh.disable_adapters()
-    _say(f"  adapter off: {req.text!r} -> {_answer(fresh, tok, req.text)!r}")
-    fresh.enable_adapters()
-    _say(f"  adapter on : {req.text!r} -> {_answer(fresh, tok, req.text)!r}")
+    _say(f"\nA fresh model with {how}:")
+    toggled = [_answer(stock, tok, req.text)]
+    _say(f"  adapter on : {req.text!r} -> {toggled[-1]!r}")
+    with adapter_off():
+        toggled.append(_answer(stock, tok, req.text))
+        _say(f"  adapter off: {req.text!r} -> {toggled[-1]!r}")
+    toggled.append(_answer(stock, tok, req.text))
+    _say(f"  adapter on : {req.text!r} -> {toggled[-1]!r}")
     _say(f"\nDone in {time.perf_counter() - t0:.0f} s.")
-    return {"pre": pre, "post": post, "pack_dir": out, "n_took": len(took)}
+    return {"pre": pre, "post": post, "pack_dir": out, "n_took": len(took), "stock_on_off_on": toggled}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

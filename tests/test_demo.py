@@ -1,5 +1,9 @@
+import pytest
 import torch
+import transformers.integrations.peft as tf_peft
+from tiny import tiny_model
 
+from memit_adapter.compat import stock_adapter_refusal
 from memit_adapter.demo import run_demo
 from memit_adapter.pack import EditPack
 
@@ -17,3 +21,31 @@ def test_demo_runs_end_to_end_offline(tmp_path, capsys):
     pack = EditPack.from_pretrained(str(out))
     assert len(pack.requests) == 4 and pack.metrics["efficacy_score"] == result["post"].efficacy_score
     assert result["pre"].neighborhood_score > 0.9
+    on, off, on_again = result["stock_on_off_on"]
+    assert on == on_again != off
+
+
+@pytest.fixture
+def peft_floor_above_installed(monkeypatch):
+    """transformers 5.24 with peft 0.21.2: the adapter methods' version gate asks for an unreleased peft."""
+    monkeypatch.setattr(tf_peft, "MIN_PEFT_VERSION", "99.0.0")
+
+
+def test_refusal_is_one_line_naming_versions(peft_floor_above_installed):
+    reason = stock_adapter_refusal()
+    assert reason is not None and "\n" not in reason
+    assert "peft >= 99.0.0" in reason and "PeftModel" in reason
+    with pytest.raises(ValueError, match="not compatible"):  # the gate we read is the one transformers runs
+        tiny_model("gpt2").disable_adapters()
+
+
+def test_no_refusal_with_the_tested_set():
+    assert stock_adapter_refusal() is None
+
+
+def test_demo_falls_back_to_peft_when_transformers_refuses(tmp_path, capsys, peft_floor_above_installed):
+    result = run_demo("gpt2", n_edits=4, out=tmp_path / "pack", progress=False)
+    text = capsys.readouterr().out
+    assert "refuses its adapter methods" in text and "stock PeftModel.from_pretrained" in text
+    on, off, on_again = result["stock_on_off_on"]
+    assert on == on_again != off

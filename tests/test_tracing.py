@@ -68,9 +68,9 @@ def test_restoring_a_clean_run_is_the_identity():
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
 def test_restoring_the_last_state_recovers_the_clean_probability(arch):
-    model, tok = tiny_model(arch, initializer_range=0.2), make_tokenizer(add_bos=True)  # sharper outputs
+    model, tok = tiny_model(arch, init_std=0.2), make_tokenizer(add_bos=True)  # sharper outputs
     res = trace_fact(model, tok, "{} plays the sport of", "jordan", " golf", samples=3)
-    assert res.low < 0.9 * res.high  # the noise does change the output
+    assert abs(res.low - res.high) > 0.1 * res.high  # the noise does change the output
     # The last layer's state at the last token alone fixes the output.
     assert res.scores[-1, -1].item() == pytest.approx(res.high, rel=1e-5)
     assert torch.allclose(res.scores[0], torch.tensor(res.low))  # BOS never sees the noise

@@ -48,8 +48,12 @@ def make_tokenizer(*, add_bos: bool = False, padding_side: str = "right") -> Pre
 
 
 def tiny_model(model_type: str = "gpt2", *, seed: int = 0, vocab_size: int | None = None,
-               dtype: torch.dtype = torch.float32, **overrides):
-    """A small randomly initialised causal LM of ``model_type`` in eval mode."""
+               dtype: torch.dtype = torch.float32, init_std: float | None = None, **overrides):
+    """A small randomly initialised causal LM of ``model_type`` in eval mode.
+
+    ``init_std`` redraws every weight matrix from N(0, init_std²) with ``seed``, so the model does not depend
+    on how a transformers release initialises weights (releases before 5.15 ignore GPT-2's
+    ``initializer_range`` in ``from_config``)."""
     kwargs = dict(ARCH_KWARGS[model_type])
     kwargs.update(overrides)
     vocab = vocab_size or (len(set(WORDS)) + 4)
@@ -57,4 +61,10 @@ def tiny_model(model_type: str = "gpt2", *, seed: int = 0, vocab_size: int | Non
                                   **kwargs)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config)
+    if init_std is not None:
+        gen = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for param in model.parameters():
+                if param.dim() >= 2:
+                    param.copy_(torch.randn(param.shape, generator=gen) * init_std)
     return model.to(dtype).eval()
