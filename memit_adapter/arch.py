@@ -95,3 +95,13 @@ def get_arch_spec(model: nn.Module, spec: ArchSpec | None = None) -> ArchSpec:
             "Pass arch=ArchSpec(...) or call memit_adapter.register_architecture(model_type, ArchSpec(...))."
         )
     return ARCHITECTURES[model_type]
+
+
+def max_positions(model: nn.Module) -> int | None:
+    """The longest input ``model`` takes (``n_positions`` / ``max_position_embeddings``), or ``None``."""
+    cfg = getattr(model, "config", None)
+    for name in ("n_positions", "max_position_embeddings"):
+        value = getattr(cfg, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None

@@ -39,9 +39,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from .arch import max_positions
 from .counterfact import load_counterfact, normalize_records
 from .errors import MemitError
-from .tokens import pad_id, pad_right
+from .tokens import encode_continuation, pad_id, pad_right
 from .world import load_model
 
 __all__ = ["CounterFactResult", "edited_prompts", "evaluate_counterfact", "evaluate_pack", "format_table",
@@ -83,8 +84,9 @@ def target_nll(model: nn.Module, tokenizer: Any, prompts: Sequence[str], targets
                batch_size: int = 64) -> torch.Tensor:
     """Mean per-token NLL of ``targets[i]`` right after ``prompts[i]``; shape ``(len(prompts),)``, float64.
 
-    The special tokens the tokenizer puts in front of a text (LLaMA's ``<s>``) come first; a target
-    without leading whitespace gets a space, as MEMIT's code writes ``f"{prompt} {target}"``.
+    Encoded as the engine encodes a fact (:func:`memit_adapter.tokens.encode_continuation`): the special
+    tokens the tokenizer puts in front of a text (LLaMA's ``<s>``) first, and a target without leading
+    whitespace gets a space, as MEMIT's code writes ``f"{prompt} {target}"``.
     """
     if len(prompts) != len(targets):
         raise ValueError(f"{len(prompts)} prompts but {len(targets)} targets")
@@ -116,33 +118,14 @@ def target_nll(model: nn.Module, tokenizer: Any, prompts: Sequence[str], targets
 
 
 def _encode_pairs(tokenizer: Any, prompts: Sequence[str], targets: Sequence[str]) -> list[tuple[list[int], list[int]]]:
-    """(prompt ids with leading special tokens, target ids) per pair."""
-    targets = [t if t[:1].isspace() or p[-1:].isspace() else " " + t for p, t in zip(prompts, targets)]
-    lead = _leading_special_ids(tokenizer)
-    p_ids = tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
-    full_ids = tokenizer([p + t for p, t in zip(prompts, targets)], add_special_tokens=False)["input_ids"]
+    """(prompt ids with the tokenizer's special tokens, target ids) per pair, by the engine's encoder."""
     pairs = []
-    for prompt, target, p, full in zip(prompts, targets, p_ids, full_ids):
-        if full[:len(p)] == p and len(full) > len(p):
-            t = full[len(p):]
-        else:  # the tokenizer merged across the boundary: score the target tokenized on its own
-            t = tokenizer(target, add_special_tokens=False)["input_ids"]
-        if not lead and not p:
+    for prompt, target in zip(prompts, targets):
+        p, t = encode_continuation(tokenizer, prompt, target)
+        if not p:
             raise MemitError(f"prompt {prompt!r} has no tokens and the tokenizer adds no BOS: nothing to condition on")
-        if not t:
-            raise MemitError(f"target {target!r} has no tokens")
-        pairs.append((lead + list(p), list(t)))
+        pairs.append((p, t))
     return pairs
-
-
-def _leading_special_ids(tokenizer: Any) -> list[int]:
-    """The ids a tokenizer puts before a text (``[bos]`` for LLaMA, ``[]`` for GPT-2)."""
-    with_sp = tokenizer("a")["input_ids"]
-    without = tokenizer("a", add_special_tokens=False)["input_ids"]
-    for k in range(len(with_sp) - len(without) + 1):
-        if with_sp[k:k + len(without)] == without:
-            return list(with_sp[:k])
-    return []
 
 
 # -- fluency -------------------------------------------------------------------------------------
@@ -174,10 +157,9 @@ def greedy_generate(model: nn.Module, tokenizer: Any, prompts: Sequence[str], *,
     past its maximum context.
     """
     device = next(model.parameters()).device
-    lead = _leading_special_ids(tokenizer)
     pad = pad_id(tokenizer)
-    limit = _max_positions(model)
-    encoded = [lead + ids for ids in tokenizer(list(prompts), add_special_tokens=False)["input_ids"]]
+    limit = max_positions(model)
+    encoded = [list(ids) for ids in tokenizer(list(prompts))["input_ids"]]  # as encode_continuation's prompts
     texts: list[str] = [""] * len(prompts)
     order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
     for start in range(0, len(order), batch_size):
@@ -198,15 +180,6 @@ def greedy_generate(model: nn.Module, tokenizer: Any, prompts: Sequence[str], *,
         for b, i in enumerate(idx):
             texts[i] = tokenizer.decode(out[b, width - len(encoded[i]):].tolist(), skip_special_tokens=True)
     return texts
-
-
-def _max_positions(model: nn.Module) -> int | None:
-    cfg = getattr(model, "config", None)
-    for name in ("n_positions", "max_position_embeddings"):
-        value = getattr(cfg, name, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
 
 
 # -- the metrics ---------------------------------------------------------------------------------

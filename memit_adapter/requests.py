@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from .errors import ConflictingRequestsError, InvalidRequestError
+from .tokens import fill
 
 
 @dataclass(frozen=True)
@@ -48,8 +49,8 @@ class EditRequest:
 
     @property
     def text(self) -> str:
-        """The prompt with the subject filled in."""
-        return self.prompt.format(self.subject)
+        """The prompt with the subject filled in (braces elsewhere in the prompt or subject kept as they are)."""
+        return fill(self.prompt, self.subject)[0]
 
     @classmethod
     def from_dict(cls, record: Mapping[str, Any]) -> EditRequest:

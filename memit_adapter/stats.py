@@ -28,7 +28,7 @@ from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from .arch import ArchSpec, get_arch_spec
+from .arch import ArchSpec, get_arch_spec, max_positions
 from .errors import StatisticsError
 from .fingerprint import tensor_bytes
 from .tokens import pad_id, pad_right
@@ -178,7 +178,7 @@ def collect_stats(
     """Second moments of the edited modules' inputs at ``layers`` from ONE forward pass over ``corpus``.
 
     Accumulates ``Σ k kᵀ`` in ``dtype`` (float32 or float64) over non-padding tokens, texts truncated to
-    ``max_length`` tokens, stopping after the batch that reaches ``max_tokens`` keys. With ``cache``,
+    ``max_length`` tokens (default: the model's context, at most 1,024), stopping after the batch that reaches ``max_tokens`` keys. With ``cache``,
     layers already cached are loaded and only the others computed; new results are written back.
     Raises :class:`StatisticsError` when a layer is neither cached nor computable (no corpus) or comes
     out non-finite.
@@ -244,7 +244,7 @@ def _find_any(cache: StatsCache, model, layer: int, dtype: str) -> SecondMoment 
 def _accumulate(model, tokenizer, texts, layers, spec, max_length, batch_size, acc_dtype, progress, stop_early=True,
                 max_tokens=None):
     device = next(model.parameters()).device
-    max_length = max_length or 1024
+    max_length = max_length or min(1024, max_positions(model) or 1024)  # never past the model's context
     sums: dict[int, torch.Tensor] = {}
     counts = dict.fromkeys(layers, 0)
     mask_box: list[torch.Tensor] = []

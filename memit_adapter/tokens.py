@@ -1,4 +1,10 @@
-"""Tokenising facts: where the subject's last token is, where the target tokens are, padding.
+"""Tokenising facts: where the subject's tokens are, where the target tokens are, padding.
+
+The one encoder of ``prompt + target`` for the engine, evaluation and tracing. A target is read as the
+model reads it right after the prompt: with the published space rule (:func:`spaced_target`: a leading
+space unless the target has one or the prompt ends in whitespace), tokenised together with the prompt,
+so that byte-level BPE and SentencePiece give the ids a model sees in running text (``ĠEnglish``,
+``▁English``), not those of the target on its own.
 
 Everything is computed on the unpadded token list of each text, then padded on the right by
 :func:`pad_right`, so the tokenizer's own ``padding_side`` and a BOS token it may add cannot move
@@ -6,8 +12,9 @@ the lookup position.
 
 Usage::
 
-    fact = encode_fact(tok, "The man. {} plays the sport of", "Michael Jordan", " baseball")
-    fact.ids, fact.lookup, fact.target_positions
+    fact = encode_fact(tok, "The man. {} plays the sport of", "Michael Jordan", "baseball")
+    fact.ids, fact.lookup, fact.subject, fact.target_positions
+    prompt_ids, target_ids = encode_continuation(tok, "Michael Jordan plays the sport of", "baseball")
     input_ids, attention_mask = pad_right([f.ids for f in facts], pad_id(tok))
 """
 
@@ -25,8 +32,13 @@ class EncodedFact:
     """Token ids of ``prompt + target`` with the positions the method needs."""
 
     ids: list[int]  # prompt tokens followed by target tokens
-    lookup: int  # index of the subject's last token
+    subject: tuple[int, int]  # [first, stop) positions of the subject's tokens (BOS included in the count)
     n_prompt: int  # number of prompt tokens (BOS included); target tokens follow
+
+    @property
+    def lookup(self) -> int:
+        """Index of the subject's last token."""
+        return self.subject[1] - 1
 
     @property
     def target_ids(self) -> list[int]:
@@ -40,26 +52,52 @@ class EncodedFact:
 
 def fill(template: str, subject: str) -> tuple[str, int]:
     """Put ``subject`` where ``{}`` is, without ``str.format`` (subjects may hold braces); return the text
-    and the subject's start offset."""
+    and the subject's start offset. Raises :class:`InvalidRequestError` unless ``template`` holds exactly one
+    ``{}``."""
+    if not isinstance(template, str) or template.count("{}") != 1:
+        raise InvalidRequestError(f"prompt must contain exactly one '{{}}' where the subject goes, got {template!r}")
     start = template.index("{}")
     return template[:start] + subject + template[start + 2:], start
 
 
 def encode_fact(tokenizer, template: str, subject: str, target: str = "") -> EncodedFact:
-    """Tokenise ``template`` filled with ``subject``, followed by ``target`` (tokenised on its own, without
-    special tokens, as the model would continue the prompt)."""
+    """Tokenise ``template`` filled with ``subject``, followed by ``target`` as the model would continue the
+    prompt (see :func:`encode_continuation`)."""
     text, start = fill(template, subject)
-    end = start + len(subject.rstrip())
-    prompt_ids, lookup = _prompt_ids_and_lookup(tokenizer, text, start, end)
-    target_ids = tokenizer(target, add_special_tokens=False)["input_ids"] if target else []
-    if target and not target_ids:
+    prompt_ids, span = subject_span(tokenizer, text, start, start + len(subject.rstrip()))
+    target_ids = _continuation_ids(tokenizer, text, prompt_ids, target) if target else []
+    return EncodedFact(ids=list(prompt_ids) + target_ids, subject=span, n_prompt=len(prompt_ids))
+
+
+def encode_continuation(tokenizer, text: str, target: str) -> tuple[list[int], list[int]]:
+    """``(prompt ids, target ids)``: ``text`` with the tokenizer's special tokens, and ``target`` as the
+    model reads it right after ``text`` (with :func:`spaced_target`'s space, tokenised in context)."""
+    prompt_ids = list(tokenizer(text)["input_ids"])
+    return prompt_ids, _continuation_ids(tokenizer, text, prompt_ids, target)
+
+
+def spaced_target(text: str, target: str) -> str:
+    """``target`` with a leading space unless it has one or ``text`` ends in whitespace (the published rule).
+
+    CounterFact stores targets without a space (``"English"``), while a model continues ``"... is"`` with
+    the token of ``" English"`` (``ĠEnglish`` in a byte-level BPE, ``▁English`` in SentencePiece). A
+    tokenizer that drops whitespace (word-level) gives the same ids either way.
+    """
+    if target[:1].isspace() or text[-1:].isspace():
+        return target
+    return " " + target
+
+
+def _continuation_ids(tokenizer, text: str, prompt_ids: list[int], target: str) -> list[int]:
+    target = spaced_target(text, target)
+    full = list(tokenizer(text + target)["input_ids"])
+    if full[:len(prompt_ids)] == prompt_ids and len(full) > len(prompt_ids):
+        ids = full[len(prompt_ids):]
+    else:  # the tokenizer merged across the boundary: the target tokenised on its own
+        ids = list(tokenizer(target, add_special_tokens=False)["input_ids"])
+    if not ids:
         raise InvalidRequestError(f"target {target!r} tokenises to nothing")
-    return EncodedFact(ids=list(prompt_ids) + list(target_ids), lookup=lookup, n_prompt=len(prompt_ids))
-
-
-def _prompt_ids_and_lookup(tokenizer, text: str, start: int, end: int) -> tuple[list[int], int]:
-    ids, (_, stop) = subject_span(tokenizer, text, start, end)
-    return ids, stop - 1
+    return ids
 
 
 def subject_span(tokenizer, text: str, start: int, end: int) -> tuple[list[int], tuple[int, int]]:

@@ -36,7 +36,7 @@ from .arch import ArchSpec, get_arch_spec
 from .errors import ConfigError, InvalidRequestError, UnsupportedArchitectureError
 from .hooks import capture_outputs, edit_output
 from .requests import EditRequest
-from .tokens import fill, subject_span
+from .tokens import encode_fact, fill
 from .world import load_model
 
 logger = logging.getLogger(__name__)
@@ -129,30 +129,21 @@ def subject_token_range(tokenizer, prompt: str, subject: str) -> tuple[int, int]
 
     Positions count every token the tokenizer adds, so a BOS token shifts them by one.
     """
-    _, span = _encode_prompt(tokenizer, prompt, subject)
-    return span
-
-
-def _encode_prompt(tokenizer, prompt: str, subject: str) -> tuple[list[int], tuple[int, int]]:
-    if prompt.count("{}") != 1:
-        raise InvalidRequestError(f"prompt must contain exactly one '{{}}' where the subject goes, got {prompt!r}")
-    text, start = fill(prompt, subject)
-    return subject_span(tokenizer, text, start, start + len(subject.rstrip()))
+    return encode_fact(tokenizer, prompt, subject).subject
 
 
 def _encode_fact(tokenizer, prompt: str, subject: str, target: str | None, model: nn.Module) -> _Fact:
-    """Tokenise a fact; the object (tokenised on its own, as the engine does) defaults to the model's
-    top next token, kept as an id so that it need not survive a decode/encode round trip."""
-    prompt_ids, span = _encode_prompt(tokenizer, prompt, subject)
+    """Tokenise a fact with the engine's encoder; the object defaults to the model's top next token, kept
+    as an id so that it need not survive a decode/encode round trip."""
+    fact = encode_fact(tokenizer, prompt, subject, target or "")
+    prompt_ids = fact.ids[:fact.n_prompt]
     if target:
-        target_ids = tokenizer(target, add_special_tokens=False)["input_ids"]
-        if not target_ids:
-            raise InvalidRequestError(f"object {target!r} tokenises to nothing")
+        target_ids = fact.target_ids
     else:
         target_ids = [_top_token(model, prompt_ids)]
         target = tokenizer.decode(target_ids)
     tokens = [tokenizer.decode([i]) for i in prompt_ids]
-    return _Fact(list(prompt_ids), list(target_ids), span, fill(prompt, subject)[0], target, tokens)
+    return _Fact(prompt_ids, target_ids, fact.subject, fill(prompt, subject)[0], target, tokens)
 
 
 def _top_token(model: nn.Module, ids: list[int]) -> int:

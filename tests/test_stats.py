@@ -131,3 +131,10 @@ def test_token_budget_stops_the_pass_and_keys_the_cache(tmp_path):
     expected, _ = _independent_mom2(model, tok, texts[:8], 1)
     torch.testing.assert_close(part[1].mom2.double(), expected, rtol=1e-4, atol=1e-6)
     assert len(list(tmp_path.iterdir())) == 2
+
+
+def test_texts_longer_than_the_context_are_cut_to_it():
+    model, tok = model_and_tokenizer("gpt2", n_positions=16)
+    texts = corpus(4, length=40)  # 40 tokens each, past the 16 positions
+    stats = collect_stats(model, tok, texts, [1], progress=False)
+    assert stats[1].count == 4 * 16

@@ -68,3 +68,38 @@ def tiny_model(model_type: str = "gpt2", *, seed: int = 0, vocab_size: int | Non
                 if param.dim() >= 2:
                     param.copy_(torch.randn(param.shape, generator=gen) * init_std)
     return model.to(dtype).eval()
+
+
+SENTENCES = [
+    "the sport played by michael jordan is basketball", "danielle darrieux speaks french", "the mother tongue of "
+    "danielle darrieux is french", "lebron james plays basketball", "toko yuki lives in tokyo", "alpha beta works "
+    "for apple", "he said that the capital of italy is rome", "she plays tennis and golf in london",
+]
+
+
+def subword_tokenizer(kind: str) -> PreTrainedTokenizerFast:
+    """A tokenizer of a real kind, trained here on SENTENCES with a vocabulary small enough that names split
+    into several subword tokens: ``"bpe"`` (byte-level like GPT-2, no BOS) or ``"sentencepiece"`` (``▁``
+    words, BOS added, like LLaMA's)."""
+    from tokenizers import trainers
+
+    specials = ["<unk>", "<s>", "</s>", "<pad>"]
+    if kind == "bpe":
+        tok = Tokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        alphabet = pre_tokenizers.ByteLevel.alphabet()
+    elif kind == "sentencepiece":
+        tok = Tokenizer(models.BPE(unk_token="<unk>"))
+        tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+        tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
+        alphabet = []
+    else:
+        raise ValueError(kind)
+    vocab_size = {"bpe": 300, "sentencepiece": 75}[kind]  # 256 bytes + 44 merges; ~30 letters + 45 merges
+    tok.train_from_iterator(SENTENCES * 20, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
+                                                                initial_alphabet=alphabet, show_progress=False))
+    if kind == "sentencepiece":
+        tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+                                   pad_token="<pad>")
