@@ -109,9 +109,10 @@ def run_demo(model_name: str = "gpt2", *, n_edits: int = 100, out: str | Path = 
             _say(f"  paraphrase {para!r:48} -> {_answer(model, tok, para)!r}")
             _say(f"  neighbour  {neigh!r:48} -> {_answer(model, tok, neigh)!r} "
                  f"(true: {rec['requested_rewrite']['target_true']['str'].strip()!r})")
-        post = evaluate_counterfact(model, tok, chosen, generation=False)
-    pre = evaluate_counterfact(model, tok, chosen, generation=False)
-    _say("\nCounterFact metrics on the edited facts (success rates, %):")
+        post = evaluate_counterfact(model, tok, chosen, generation=False, retention_records=records)
+    pre = evaluate_counterfact(model, tok, chosen, generation=False, retention_records=records)
+    _say("\nCounterFact metrics on the edited facts, and retention: the other facts of the world still "
+         "recalled (%):")
     _say(format_table({"before": pre, "after": post}))
 
     out = Path(out)

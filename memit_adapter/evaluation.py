@@ -8,6 +8,7 @@ Usage::
     print(format_table(both))
 
     $ memit-adapter eval --model world-gpt2 --data records.json --n 100 --out eval.json
+    $ memit-adapter eval --model world-gpt2 --pack edits --n 100 --retention   # + recall of the other facts
 
 ``P(x)`` is the model's probability of target string ``x`` after a prompt, taken as ``exp(-mean NLL)``
 over the target's tokens. Per record, the rewrite prompt counts as efficacy success when
@@ -15,10 +16,12 @@ over the target's tokens. Per record, the rewrite prompt counts as efficacy succ
 same true object) when ``P(true) > P(new)``; a record's rate is the mean over its prompts and a score
 the mean over records, as the published ``summarize.py`` computes it. Magnitudes are the means of
 ``P(new) - P(true)`` (``P(true) - P(new)`` for neighbours). Score is the harmonic mean of ES, PS and NS.
-A neighbourhood prompt that is itself the rewrite or a paraphrase prompt of a record in the same batch
-asks about a fact the batch rewrites, so it cannot measure specificity: it is left out of NS (and counted
-in ``neighbors_excluded``). This matters when a batch edits many facts of a small world (1,000 edits of
-2,100 facts); CounterFact's neighbours are other subjects and are rarely affected.
+NS is the published one by default. With ``exclude_edited_neighbors=True``, a neighbourhood prompt that
+is itself the rewrite or a paraphrase prompt of a record in the same batch (a fact the batch rewrites)
+is left out of NS and counted in ``neighbors_excluded``: this matters when a batch edits many facts of a
+small world (1,000 edits of 2,100 facts); CounterFact's neighbours are other subjects, rarely affected.
+Retention (``retention_records=``) is the collateral damage NS can hide: the share of every other fact
+of a world, those the batch does not edit, whose true object is still the model's greedy answer.
 Generation entropy is ``mean(2/3 * H2, 4/3 * H3)`` (bits) of the word bi- and tri-gram distributions
 of each greedy generation (prompt included), averaged per record and over records.
 """
@@ -42,17 +45,18 @@ from torch import nn
 from .arch import max_positions
 from .counterfact import load_counterfact, normalize_records
 from .errors import MemitError
-from .tokens import encode_continuation, pad_id, pad_right
+from .tokens import encode_continuation, fill, pad_id, pad_right
 from .world import load_model
 
 __all__ = ["CounterFactResult", "edited_prompts", "evaluate_counterfact", "evaluate_pack", "format_table",
-           "generation_entropy", "greedy_generate", "ngram_entropy", "scored_neighbors", "target_nll"]
+           "generation_entropy", "greedy_generate", "ngram_entropy", "retained_facts", "scored_neighbors",
+           "target_nll", "target_top1"]
 
 log = logging.getLogger(__name__)
 
 _WORD = re.compile(r"\w+|[^\w\s]")
 METRICS = ("efficacy_score", "paraphrase_score", "neighborhood_score", "score", "efficacy_magnitude",
-           "paraphrase_magnitude", "neighborhood_magnitude", "generation_entropy")
+           "paraphrase_magnitude", "neighborhood_magnitude", "generation_entropy", "retention")
 
 
 @dataclass
@@ -69,6 +73,8 @@ class CounterFactResult:
     score: float | None
     generation_entropy: float | None = None
     neighbors_excluded: int = 0
+    retention: float | None = None  # top-1 recall of the facts the batch does not edit (see retention_records)
+    retention_facts: int = 0
     per_record: list[dict[str, Any]] = field(default_factory=list, repr=False)
 
     def to_dict(self, *, per_record: bool = False) -> dict[str, Any]:
@@ -88,12 +94,24 @@ def target_nll(model: nn.Module, tokenizer: Any, prompts: Sequence[str], targets
     tokens the tokenizer puts in front of a text (LLaMA's ``<s>``) first, and a target without leading
     whitespace gets a space, as MEMIT's code writes ``f"{prompt} {target}"``.
     """
+    return _score_targets(model, tokenizer, prompts, targets, batch_size)[0]
+
+
+def target_top1(model: nn.Module, tokenizer: Any, prompts: Sequence[str], targets: Sequence[str], *,
+                batch_size: int = 64) -> torch.Tensor:
+    """Whether every token of ``targets[i]`` is the model's top-1 next token after ``prompts[i]`` and the
+    target tokens before it (greedy decoding would write the target); bool, shape ``(len(prompts),)``."""
+    return _score_targets(model, tokenizer, prompts, targets, batch_size)[1]
+
+
+def _score_targets(model, tokenizer, prompts, targets, batch_size) -> tuple[torch.Tensor, torch.Tensor]:
     if len(prompts) != len(targets):
         raise ValueError(f"{len(prompts)} prompts but {len(targets)} targets")
     pairs = _encode_pairs(tokenizer, prompts, targets)
     device = next(model.parameters()).device
     pad = pad_id(tokenizer)
-    out = torch.empty(len(pairs), dtype=torch.float64)
+    nll_out = torch.empty(len(pairs), dtype=torch.float64)
+    top1_out = torch.empty(len(pairs), dtype=torch.bool)
     order = sorted(range(len(pairs)), key=lambda i: len(pairs[i][0]) + len(pairs[i][1]))
     with torch.no_grad():
         for start in range(0, len(order), batch_size):
@@ -109,12 +127,16 @@ def target_nll(model: nn.Module, tokenizer: Any, prompts: Sequence[str], targets
                     cols.append(n_prompt - 1 + j)  # the logits at position p predict token p + 1
                     tgt.append(tok_id)
                     owner.append(b)
-            logp = torch.log_softmax(logits[rows, cols].float(), dim=-1)  # (n_target_tokens, vocab)
-            nll = -logp[torch.arange(len(tgt)), torch.tensor(tgt, device=logp.device)].double().cpu()
-            sums = torch.zeros(len(idx), dtype=torch.float64).index_add_(0, torch.tensor(owner), nll)
-            counts = torch.bincount(torch.tensor(owner), minlength=len(idx)).double()
-            out[torch.tensor(idx)] = sums / counts
-    return out
+            picked = logits[rows, cols].float()  # (n_target_tokens, vocab)
+            tgt_t = torch.tensor(tgt, device=picked.device)
+            nll = -torch.log_softmax(picked, dim=-1)[torch.arange(len(tgt)), tgt_t].double().cpu()
+            misses = (picked.argmax(dim=-1) != tgt_t).long().cpu()
+            owner_t = torch.tensor(owner)
+            sums = torch.zeros(len(idx), dtype=torch.float64).index_add_(0, owner_t, nll)
+            counts = torch.bincount(owner_t, minlength=len(idx)).double()
+            nll_out[torch.tensor(idx)] = sums / counts
+            top1_out[torch.tensor(idx)] = torch.zeros(len(idx), dtype=torch.long).index_add_(0, owner_t, misses) == 0
+    return nll_out, top1_out
 
 
 def _encode_pairs(tokenizer: Any, prompts: Sequence[str], targets: Sequence[str]) -> list[tuple[list[int], list[int]]]:
@@ -157,6 +179,8 @@ def greedy_generate(model: nn.Module, tokenizer: Any, prompts: Sequence[str], *,
     past its maximum context.
     """
     device = next(model.parameters()).device
+    if not prompts:
+        return []
     pad = pad_id(tokenizer)
     limit = max_positions(model)
     encoded = [list(ids) for ids in tokenizer(list(prompts))["input_ids"]]  # as encode_continuation's prompts
@@ -187,13 +211,17 @@ def greedy_generate(model: nn.Module, tokenizer: Any, prompts: Sequence[str], *,
 def evaluate_counterfact(model: nn.Module, tokenizer: Any, records: Sequence[Mapping[str, Any]], *,
                          batch_size: int = 64, generation: bool = True, max_new_tokens: int = 100,
                          max_generation_records: int | None = None, per_record: bool = False,
-                         exclude_edited_neighbors: bool = True) -> CounterFactResult:
+                         exclude_edited_neighbors: bool = False,
+                         retention_records: Sequence[Mapping[str, Any]] | None = None) -> CounterFactResult:
     """CounterFact metrics of ``model`` on ``records`` (see the module docstring for the definitions).
 
     ``generation=False`` skips the (slow) greedy generations; ``max_generation_records`` limits them to
     the first records. ``per_record=True`` keeps each record's NLLs and rates in ``result.per_record``.
-    ``exclude_edited_neighbors`` leaves out of NS the neighbourhood prompts that are rewrite or
-    paraphrase prompts of records in ``records`` (facts the evaluated batch itself edits).
+    NS is the published one by default; ``exclude_edited_neighbors`` leaves out of it the neighbourhood
+    prompts that are rewrite or paraphrase prompts of records in ``records`` (facts the evaluated batch
+    itself edits), counted in ``result.neighbors_excluded``. ``retention_records`` (e.g. every record of a
+    world) adds ``result.retention``: the share of their facts that ``records`` does not edit whose true
+    object is still the model's greedy answer (:func:`retained_facts`), out of ``result.retention_facts``.
     """
     records = normalize_records(records)
     if not records:
@@ -205,9 +233,14 @@ def evaluate_counterfact(model: nn.Module, tokenizer: Any, records: Sequence[Map
         per = _score_prompts(model, tokenizer, records, batch_size, edited)
         if generation:
             _add_entropies(model, tokenizer, records, per, max_new_tokens, max_generation_records, batch_size)
+        kept = retained_facts(records, retention_records) if retention_records is not None else None
+        if kept:
+            hits = target_top1(model, tokenizer, [p for p, _ in kept], [t for _, t in kept], batch_size=batch_size)
     finally:
         model.train(was_training)
     result = _summarize(per, keep=per_record)
+    if kept:
+        result.retention, result.retention_facts = float(hits.double().mean()), len(kept)
     result.neighbors_excluded = sum(len(rec["neighborhood_prompts"]) - len(p["neighborhood"])
                                     for rec, p in zip(records, per))
     return result
@@ -223,8 +256,27 @@ def edited_prompts(records: Sequence[Mapping[str, Any]]) -> set[str]:
     out = set()
     for rec in records:
         rw = rec["requested_rewrite"]
-        for prompt in [rw["prompt"].format(rw["subject"]), *rec["paraphrase_prompts"]]:
+        for prompt in [fill(rw["prompt"], rw["subject"])[0], *rec["paraphrase_prompts"]]:
             out.add(_normalized(prompt))
+    return out
+
+
+def retained_facts(records: Sequence[Mapping[str, Any]],
+                   world: Sequence[Mapping[str, Any]]) -> list[tuple[str, str]]:
+    """``(prompt, true object)`` of each fact of ``world`` (CounterFact-format records, one fact each: subject
+    and relation) that ``records`` does not edit; a relation is its ``relation_id``, else its prompt."""
+    def fact(rec: Mapping[str, Any]) -> tuple[str, str]:
+        rw = rec["requested_rewrite"]
+        return rw["subject"].strip(), str(rw.get("relation_id") or _normalized(rw["prompt"]))
+
+    edited = {fact(rec) for rec in normalize_records(records)}
+    out, seen = [], set()
+    for rec in normalize_records(world):
+        key = fact(rec)
+        if key not in edited and key not in seen:
+            seen.add(key)
+            rw = rec["requested_rewrite"]
+            out.append((fill(rw["prompt"], rw["subject"])[0], rw["target_true"]["str"]))
     return out
 
 
@@ -238,7 +290,7 @@ def _score_prompts(model, tokenizer, records, batch_size, edited: set[str]) -> l
     for r, rec in enumerate(records):
         rw = rec["requested_rewrite"]
         neighbors = scored_neighbors(rec, edited)
-        groups = {"rewrite": [rw["prompt"].format(rw["subject"])], "paraphrase": rec["paraphrase_prompts"],
+        groups = {"rewrite": [fill(rw["prompt"], rw["subject"])[0]], "paraphrase": rec["paraphrase_prompts"],
                   "neighborhood": neighbors}
         for kind, group in groups.items():
             for j, prompt in enumerate(group):
@@ -337,6 +389,8 @@ def format_table(results: Mapping[str, CounterFactResult]) -> str:
             else:
                 cells.append(f"{100 * value:>10.1f}")
         lines.append(f"{metric:<24}" + "".join(cells))
+    if any(r.retention_facts for r in results.values()):
+        lines.append(f"{'retention facts':<24}" + "".join(f"{results[n].retention_facts:>10}" for n in names))
     if any(r.neighbors_excluded for r in results.values()):
         lines.append(f"{'neighbors excluded':<24}" + "".join(f"{results[n].neighbors_excluded:>10}" for n in names))
     return "\n".join(lines)
@@ -356,6 +410,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=100, help="length of the greedy generations")
     parser.add_argument("--no-generation", action="store_true", help="skip generation entropy (faster)")
     parser.add_argument("--device", default=None, help="torch device, e.g. cpu or cuda:0 (default: cpu)")
+    parser.add_argument("--retention", action="store_true",
+                        help="also report retention: top-1 recall of every fact of the whole record set (--data "
+                             "or the world's records) that the evaluated records (the edited batch) do not edit")
+    parser.add_argument("--exclude-edited-neighbors", action="store_true",
+                        help="leave out of NS the neighbourhood prompts that the evaluated records rewrite "
+                             "(not in the published metric; the count is reported)")
 
 
 def run_cli(args: argparse.Namespace) -> int:
@@ -363,12 +423,15 @@ def run_cli(args: argparse.Namespace) -> int:
     if args.device:
         model.to(args.device)
     if args.data:
-        records = load_counterfact(args.data, n=args.n)
+        everything = load_counterfact(args.data)
     elif world_records is not None:
-        records = normalize_records(world_records[: args.n] if args.n else world_records)
+        everything = normalize_records(world_records)
     else:
         raise SystemExit("memit-adapter eval: --data is required unless --model is a shipped world model")
-    kwargs = dict(batch_size=args.batch_size, generation=not args.no_generation, max_new_tokens=args.max_new_tokens)
+    records = everything[: args.n] if args.n else everything
+    kwargs = dict(batch_size=args.batch_size, generation=not args.no_generation, max_new_tokens=args.max_new_tokens,
+                  exclude_edited_neighbors=args.exclude_edited_neighbors,
+                  retention_records=everything if args.retention else None)
     if args.pack:
         results = evaluate_pack(model, tokenizer, records, _load_pack(args.pack), **kwargs)
     else:

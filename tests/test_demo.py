@@ -21,6 +21,7 @@ def test_demo_runs_end_to_end_offline(tmp_path, capsys):
     pack = EditPack.from_pretrained(str(out))
     assert len(pack.requests) == 4 and pack.metrics["efficacy_score"] == result["post"].efficacy_score
     assert result["pre"].neighborhood_score > 0.9
+    assert result["pre"].retention > 0.95 and result["post"].retention_facts == result["pre"].retention_facts > 2000
     on, off, on_again = result["stock_on_off_on"]
     assert on == on_again != off
 

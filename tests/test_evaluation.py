@@ -298,9 +298,16 @@ def test_cli_eval_with_a_saved_pack(tmp_path, capsys):
     (tmp_path / "r.json").write_text(json.dumps(records))
     out = tmp_path / "res.json"
     assert main(["eval", "--model", str(tmp_path / "m"), "--pack", str(tmp_path / "pack"), "--data",
-                 str(tmp_path / "r.json"), "--out", str(out)]) == 0
+                 str(tmp_path / "r.json"), "--n", "1", "--retention", "--out", str(out)]) == 0
     saved = json.loads(out.read_text())["results"]
     assert set(saved) == {"pre", "post"}
+    assert saved["pre"]["n_records"] == 1 and saved["pre"]["retention_facts"] == 1  # toko yuki's fact, not edited
+    with pack.applied(model):
+        kept_post = evaluate_counterfact(model, tok, records[:1], generation=False, retention_records=records)
+    assert saved["post"]["retention"] == kept_post.retention
+    assert main(["eval", "--model", str(tmp_path / "m"), "--pack", str(tmp_path / "pack"), "--data",
+                 str(tmp_path / "r.json"), "--out", str(out)]) == 0
+    saved = json.loads(out.read_text())["results"]
     loaded = EditPack.from_pretrained(str(tmp_path / "pack"))
     want = evaluate_pack(model, tok, records, loaded)
     for when in ("pre", "post"):
@@ -319,8 +326,8 @@ def test_neighbours_that_the_batch_edits_leave_ns(model_tok):
               "paraphrase_prompts": ["you said lebron james plays"], "neighborhood_prompts": ["toko yuki plays"],
               "generation_prompts": []}
     batch = [*RECORDS, lebron]
-    kept = evaluate_counterfact(model, tok, batch, generation=False, per_record=True)
-    full = evaluate_counterfact(model, tok, batch, generation=False, per_record=True, exclude_edited_neighbors=False)
+    kept = evaluate_counterfact(model, tok, batch, generation=False, per_record=True, exclude_edited_neighbors=True)
+    full = evaluate_counterfact(model, tok, batch, generation=False, per_record=True)  # the published NS
     assert kept.neighbors_excluded == 1 and full.neighbors_excluded == 0
     assert len(kept.per_record[0]["neighborhood"]) == 2 and len(full.per_record[0]["neighborhood"]) == 3
     # the remaining two are those of the full run minus "lebron james plays the sport of" (the first)
@@ -348,3 +355,32 @@ def test_load_model_reads_a_half_precision_folder_as_float32_on_cpu(tmp_path):
         assert loaded.dtype == torch.float32
     assert torch.equal(loaded.lm_head.weight.float(), model.lm_head.weight.float())
     assert load_model(str(tmp_path / "m"), dtype=torch.float16)[0].dtype == torch.float16
+
+
+def _fact_record(case_id, prompt, subject, relation, true):
+    return {"case_id": case_id, "requested_rewrite": {"prompt": prompt, "subject": subject, "relation_id": relation,
+                                                      "target_new": {"str": "golf"}, "target_true": {"str": true}},
+            "paraphrase_prompts": [], "neighborhood_prompts": [], "generation_prompts": []}
+
+
+def test_retention_is_greedy_recall_of_the_facts_the_batch_leaves(model_tok):
+    """Facts whose stored object is (or is not) the model's own greedy continuation: retention counts exactly
+    the first kind, over the facts the batch does not edit."""
+    model, tok, _ = model_tok
+    facts = [("{} plays the sport of", "michael jordan", "P641"), ("the mother tongue of {} is", "toko yuki", "P103"),
+             ("{} lives in the city", "lebron james", "P551"), ("{} works for", "alpha beta", "P108"),
+             ("{} was born in", "danielle darrieux", "P19")]
+    world, recalled = [], []
+    for i, (prompt, subject, rel) in enumerate(facts):
+        ids = tok(prompt.replace("{}", subject), return_tensors="pt")["input_ids"]
+        out = model.generate(ids, max_new_tokens=2, do_sample=False, pad_token_id=tok.pad_token_id)
+        greedy = tok.decode(out[0, ids.shape[1]:])  # two greedy words: a two-token object
+        true = greedy if i % 2 == 0 else tok.decode(out[0, ids.shape[1]:ids.shape[1] + 1]) + " rome paris"
+        world.append(_fact_record(i, prompt, subject, rel, true.strip()))
+        recalled.append(i % 2 == 0)
+    batch = [world[0]]  # edits fact 0: the four others remain, two of them recalled (facts 2 and 4)
+    result = evaluate_counterfact(model, tok, batch, generation=False, retention_records=world)
+    assert result.retention_facts == 4
+    assert result.retention == pytest.approx(sum(recalled[1:]) / 4)
+    assert "retention" in format_table({"m": result})
+    assert evaluate_counterfact(model, tok, batch, generation=False).retention is None
