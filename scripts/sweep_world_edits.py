@@ -2,9 +2,13 @@
 
     python scripts/sweep_world_edits.py --model world-gpt2 --n-edits 100 --lam 50 256 1000 --layers 0-2 1-3
     python scripts/sweep_world_edits.py --model world-gpt2 --n-edits 1000 --json sweep.json
+    python scripts/sweep_world_edits.py --model world-gpt2-bpe --base published --base for_model
 
 Each setting computes one pack on the same seeded sample of records and evaluates it with the pack
-hooked in (the model is never changed). Prints one line per setting; --json keeps them all.
+hooked in (the model is never changed): ES/PS/NS (published NS), retention of every other fact of the
+world, and the edit time. ``--base`` picks what the grid varies: ``for_model`` (the library's defaults)
+and/or ``published`` (the published method's settings, MEMIT_SPEC.md, at layers 0-2 and λ 300 for these
+small models). Prints one line per setting; --json keeps them all.
 """
 
 from __future__ import annotations
@@ -37,7 +41,16 @@ def parse_layers(text: str) -> list[int]:
 def line(r) -> str:
     ent = "-" if r.generation_entropy is None else f"{r.generation_entropy:.3f}"
     return (f"ES {r.efficacy_score:.3f} PS {r.paraphrase_score:.3f} NS {r.neighborhood_score:.3f} "
-            f"score {r.score:.3f} entropy {ent}")
+            f"score {r.score:.3f} retention {r.retention:.3f} entropy {ent}")
+
+
+def published(model, **fields) -> MemitConfig:
+    """The published method's settings (20 z steps of lr 0.5, clamp 0.75, KL 0.0625, weight decay 0.5,
+    threshold 0.05) at layers 0-2 and λ 300, with for_model's statistics budget so that only the method differs."""
+    scaled = MemitConfig.for_model(model)
+    return MemitConfig(layers=[0, 1, 2], mom2_update_weight=300.0, v_num_grad_steps=20,
+                       mom2_max_tokens=scaled.mom2_max_tokens, mom2_max_length=scaled.mom2_max_length,
+                       stats_batch_size=scaled.stats_batch_size, **fields)
 
 
 def neighbor_split(records) -> dict[str, list[tuple[str, str, str]]]:
@@ -82,6 +95,7 @@ def main() -> None:
     p.add_argument("--set", default="{}", help='JSON of other MemitConfig fields for every setting, e.g. '
                    '\'{"v_loss_threshold": 0.01}\'')
     p.add_argument("--entropy", type=int, default=0, help="records whose generations give the entropy (0: skip)")
+    p.add_argument("--base", nargs="*", choices=["for_model", "published"], default=["for_model"])
     p.add_argument("--json", default=None)
     args = p.parse_args()
 
@@ -89,35 +103,39 @@ def main() -> None:
     corpus = corpus_of(args.model)
     chosen = random.Random(args.seed).sample(records, min(args.n_edits, len(records)))
     requests = [EditRequest.from_dict(r) for r in chosen]
-    base = MemitConfig.for_model(model, **json.loads(args.set))
-    grid = itertools.product(args.lam or [base.mom2_update_weight],
-                             [parse_layers(x) for x in args.layers] if args.layers else [base.layers],
-                             args.clamp or [base.clamp_norm_factor], args.kl or [base.kl_factor],
-                             args.steps or [base.v_num_grad_steps], args.lr or [base.v_lr],
-                             [bool(x) for x in args.share] if args.share else [base.share_subject_delta],
-                             args.preserve or [base.preserve_factor])
+    bases = {"for_model": lambda: MemitConfig.for_model(model, **json.loads(args.set)),
+             "published": lambda: published(model, **json.loads(args.set))}
     n_layers = model.config.num_hidden_layers
+    first = bases[args.base[0]]()
     stats = collect_stats(model, tok, corpus, range(n_layers),
-                          max_tokens=base.mom2_max_tokens, batch_size=base.stats_batch_size, progress=False)
-    gen = dict(generation=bool(args.entropy), max_generation_records=args.entropy or None)
+                          max_tokens=first.mom2_max_tokens, batch_size=first.stats_batch_size, progress=False)
+    gen = dict(generation=bool(args.entropy), max_generation_records=args.entropy or None, retention_records=records)
     pre = evaluate_counterfact(model, tok, chosen, **gen)
     rows = [{"setting": "unedited", **pre.to_dict()}]
     print(f"unedited: {line(pre)}", flush=True)
     split = neighbor_split(chosen) if args.split_ns else None
-    for lam, layers, clamp, kl, steps, lr, share, keep in grid:
-        cfg = base.replace(mom2_update_weight=lam, layers=layers, clamp_norm_factor=clamp, kl_factor=kl,
-                           v_num_grad_steps=steps, v_lr=lr, share_subject_delta=share, preserve_factor=keep)
-        t0 = time.perf_counter()
-        pack = compute_edits(model, tok, requests, cfg, stats=stats, progress=False)
-        secs = time.perf_counter() - t0
-        with pack.applied(model), torch.no_grad():
-            post = evaluate_counterfact(model, tok, chosen, **gen)
-            ns_split = {k: success_rate(model, tok, v) for k, v in split.items()} if split else {}
-        setting = dict(lam=lam, layers=layers, clamp=clamp, kl=kl, steps=steps, lr=lr, share=share,
-                       preserve=keep, seconds=round(secs, 1))
-        rows.append({"setting": setting, **post.to_dict(), **ns_split})
-        extra = "".join(f" {k} {v[0]:.3f} (n={v[1]})" for k, v in ns_split.items())
-        print(f"{setting}: {line(post)}{extra}", flush=True)
+    for base_name in args.base:
+        base = bases[base_name]()
+        grid = itertools.product(args.lam or [base.mom2_update_weight],
+                                 [parse_layers(x) for x in args.layers] if args.layers else [base.layers],
+                                 args.clamp or [base.clamp_norm_factor], args.kl or [base.kl_factor],
+                                 args.steps or [base.v_num_grad_steps], args.lr or [base.v_lr],
+                                 [bool(x) for x in args.share] if args.share else [base.share_subject_delta],
+                                 args.preserve or [base.preserve_factor])
+        for lam, layers, clamp, kl, steps, lr, share, keep in grid:
+            cfg = base.replace(mom2_update_weight=lam, layers=layers, clamp_norm_factor=clamp, kl_factor=kl,
+                               v_num_grad_steps=steps, v_lr=lr, share_subject_delta=share, preserve_factor=keep)
+            t0 = time.perf_counter()
+            pack = compute_edits(model, tok, requests, cfg, stats=stats, progress=False)
+            secs = time.perf_counter() - t0
+            with pack.applied(model), torch.no_grad():
+                post = evaluate_counterfact(model, tok, chosen, **gen)
+                ns_split = {k: success_rate(model, tok, v) for k, v in split.items()} if split else {}
+            setting = dict(base=base_name, lam=lam, layers=layers, clamp=clamp, kl=kl, steps=steps, lr=lr,
+                           share=share, preserve=keep, seconds=round(secs, 1))
+            rows.append({"setting": setting, **post.to_dict(), **ns_split})
+            extra = "".join(f" {k} {v[0]:.3f} (n={v[1]})" for k, v in ns_split.items())
+            print(f"{setting}: {line(post)}{extra}", flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=2)
