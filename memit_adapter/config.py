@@ -81,6 +81,7 @@ class MemitConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        _typed(self)
         self.layers = list(self.layers)
         if not self.layers or not all(isinstance(x, int) and not isinstance(x, bool) for x in self.layers):
             raise ConfigError(f"layers must be a non-empty list of ints, got {self.layers!r}")
@@ -88,8 +89,10 @@ class MemitConfig:
             raise ConfigError(f"layers must be distinct non-negative ints in ascending order, got {self.layers!r}")
         _positive(self, "mom2_update_weight", "v_lr", "clamp_norm_factor", "mom2_n_samples", "stats_batch_size",
                   "context_template_length", "context_template_top_k")
-        _non_negative(self, "v_num_grad_steps", "v_loss_threshold", "kl_factor", "v_weight_decay",
-                      "preserve_factor")
+        _non_negative(self, "v_loss_threshold", "kl_factor", "v_weight_decay", "preserve_factor")
+        if self.v_num_grad_steps < 1:
+            raise ConfigError(f"v_num_grad_steps must be >= 1 (0 steps would leave every δ at zero: an empty pack), "
+                              f"got {self.v_num_grad_steps}")
         if self.v_batch_size is not None and self.v_batch_size < 1:
             raise ConfigError(f"v_batch_size must be None or >= 1, got {self.v_batch_size}")
         for name in ("mom2_max_length", "mom2_max_tokens"):
@@ -122,7 +125,13 @@ class MemitConfig:
 
     @classmethod
     def from_json(cls, text: str) -> MemitConfig:
-        return cls.from_dict(json.loads(text))
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"MemitConfig JSON does not parse: {e}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"MemitConfig JSON must be an object, got {type(data).__name__}")
+        return cls.from_dict(data)
 
     def replace(self, **changes: Any) -> MemitConfig:
         return replace(self, **changes)
@@ -209,6 +218,33 @@ def _first_attr(obj: Any, *names: str, default: Any = None) -> Any:
         if value is not None:
             return value
     return default
+
+
+_INTS = ("v_num_grad_steps", "context_template_length", "context_template_top_k", "mom2_n_samples",
+         "stats_batch_size", "seed")
+_OPTIONAL_INTS = ("v_batch_size", "mom2_max_length", "mom2_max_tokens")
+_BOOLS = ("v_lr_relative", "share_subject_delta")
+_FLOATS = ("mom2_update_weight", "v_lr", "v_loss_threshold", "clamp_norm_factor", "kl_factor", "v_weight_decay",
+           "preserve_factor")
+
+
+def _typed(cfg: MemitConfig) -> None:
+    """Raise :class:`ConfigError` on a value of the wrong type: a float or bool where a count goes, a string or
+    number where a flag goes (``"no"`` is not False), a non-number where a weight goes."""
+    def is_int(v: Any) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    for name in _INTS + _OPTIONAL_INTS:
+        value = getattr(cfg, name)
+        if not is_int(value) and not (name in _OPTIONAL_INTS and value is None):
+            raise ConfigError(f"{name} must be an int{' or None' if name in _OPTIONAL_INTS else ''}, got {value!r}")
+    for name in _BOOLS:
+        if not isinstance(getattr(cfg, name), bool):
+            raise ConfigError(f"{name} must be True or False, got {getattr(cfg, name)!r}")
+    for name in _FLOATS:
+        value = getattr(cfg, name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{name} must be a number, got {value!r}")
 
 
 def _positive(cfg: MemitConfig, *names: str) -> None:

@@ -71,11 +71,19 @@ def test_config_json_round_trip_and_validation():
     assert json.loads(cfg.to_json())["mom2_update_weight"] == 300.0
     for bad in [dict(layers=[]), dict(layers=[2, 1]), dict(layers=[1, 1]), dict(layers=[-1]),
                 dict(mom2_update_weight=0), dict(v_lr=float("nan")), dict(kl_factor=-1), dict(mom2_dtype="float16"),
-                dict(v_batch_size=0), dict(context_templates=["no placeholder"]), dict(layers=[True])]:
+                dict(v_batch_size=0), dict(context_templates=["no placeholder"]), dict(layers=[True]),
+                dict(mom2_n_samples=2.5), dict(v_num_grad_steps=2.5), dict(v_num_grad_steps=0),
+                dict(seed=float("nan")), dict(v_lr_relative="no"), dict(share_subject_delta=1), dict(v_lr="0.5"),
+                dict(kl_factor=True),
+                dict(mom2_max_tokens=10.0), dict(stats_batch_size=True)]:
         with pytest.raises(ConfigError):
             MemitConfig(**bad)
     with pytest.raises(ConfigError, match="unknown"):
         MemitConfig.from_dict({"layerz": [1]})
+    for text in ("{not json", "[1, 2]"):
+        with pytest.raises(ConfigError, match="JSON"):
+            MemitConfig.from_json(text)
+    assert MemitConfig(mom2_update_weight=300, v_batch_size=None).mom2_update_weight == 300  # ints are numbers
 
 
 class _Shell(torch.nn.Module):
