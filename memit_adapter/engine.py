@@ -20,9 +20,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .arch import ArchSpec, get_arch_spec
+from .arch import ArchSpec, get_arch_spec, max_positions
 from .config import MemitConfig
-from .errors import ConfigError, StatisticsError
+from .errors import ConfigError, InvalidRequestError, StatisticsError
 from .fingerprint import weights_fingerprint
 from .hooks import capture_inputs, capture_outputs
 from .pack import EditPack, LayerDelta
@@ -68,6 +68,8 @@ def compute_edits(
     fingerprint = weights_fingerprint(model, names)
 
     with _eval_mode(model):
+        templates = context_templates(model, tokenizer, config)
+        _check_lengths(tokenizer, requests, templates, max_positions(model))  # before any long work
         if stats is None:
             stats = collect_stats(model, tokenizer, corpus, config.layers, n_samples=config.mom2_n_samples,
                                   max_length=config.mom2_max_length, max_tokens=config.mom2_max_tokens,
@@ -75,7 +77,6 @@ def compute_edits(
                                   dtype=config.mom2_dtype, cache=StatsCache(cache_dir) if cache_dir else None,
                                   arch=spec, progress=progress)
         _check_stats(stats, config.layers)
-        templates = context_templates(model, tokenizer, config)
         last = max(config.layers)
         zs, _ = compute_targets(model, spec, tokenizer, requests, templates, config, last,
                                 batch_size=config.v_batch_size, progress=progress)  # (n, d_model)
@@ -162,6 +163,19 @@ def _eval_mode(model: nn.Module) -> Iterator[None]:
         yield
     finally:
         model.train(was_training)
+
+
+def _check_lengths(tokenizer, requests: list[EditRequest], templates: list[str], limit: int | None) -> None:
+    """Raise :class:`InvalidRequestError` naming the first request whose longest prompt (with a context
+    template) and target exceed the model's context of ``limit`` positions."""
+    if limit is None:
+        return
+    for req in requests:
+        longest = max(len(encode_fact(tokenizer, t.replace("{}", req.prompt), req.subject, req.target_new).ids)
+                      for t in templates)
+        if longest > limit:
+            raise InvalidRequestError(f"request {req.text!r} -> {req.target_new!r} is {longest} tokens with its "
+                                      f"longest context template, past the model's {limit} positions; shorten it")
 
 
 def _check_stats(stats: Mapping[int, SecondMoment], layers: list[int]) -> None:

@@ -66,6 +66,8 @@ class EditRequest:
             if len(rw) != 1:
                 raise InvalidRequestError("record holds several rewrites; split it with requests_from_records")
             rw = rw[0]
+        if not isinstance(rw, Mapping):
+            raise InvalidRequestError(f"requested_rewrite must be a mapping, got {type(rw).__name__}: {rw!r:.80}")
         try:
             prompt, subject, target_new = rw["prompt"], rw["subject"], _target_str(rw["target_new"])
         except KeyError as e:

@@ -65,6 +65,10 @@ def encode_fact(tokenizer, template: str, subject: str, target: str = "") -> Enc
     prompt (see :func:`encode_continuation`)."""
     text, start = fill(template, subject)
     prompt_ids, span = subject_span(tokenizer, text, start, start + len(subject.rstrip()))
+    unk = getattr(tokenizer, "unk_token_id", None)
+    if unk is not None and all(i == unk for i in prompt_ids[span[0]:span[1]]):
+        raise InvalidRequestError(f"subject {subject!r} is only unknown tokens ({tokenizer.unk_token!r}) to this "
+                                  "tokenizer: an edit there would change every unknown word")
     target_ids = _continuation_ids(tokenizer, text, prompt_ids, target) if target else []
     return EncodedFact(ids=list(prompt_ids) + target_ids, subject=span, n_prompt=len(prompt_ids))
 

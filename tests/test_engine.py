@@ -117,6 +117,10 @@ BAD = {
     "dict_conflict": ([{"prompt": "{} plays", "subject": "toko yuki", "target_new": " golf"},
                        {"requested_rewrite": {"prompt": "{} plays", "subject": "toko yuki",
                                               "target_new": {"str": " tennis"}}}], {}, ConflictingRequestsError),
+    "too_long": ([EditRequest("the sport played by " + "the " * 130 + "{}", "michael jordan", " golf")], {},
+                 InvalidRequestError),  # past the tiny model's 128 positions
+    "unknown_subject": ([EditRequest("the sport played by {}", "zyzzyva qwxj", " golf")], {}, InvalidRequestError),
+    "string_rewrite": ([{"requested_rewrite": "michael jordan plays golf"}], {}, InvalidRequestError),
 }
 
 
