@@ -178,8 +178,9 @@ def collect_stats(
     """Second moments of the edited modules' inputs at ``layers`` from ONE forward pass over ``corpus``.
 
     Accumulates ``Σ k kᵀ`` in ``dtype`` (float32 or float64) over non-padding tokens, texts truncated to
-    ``max_length`` tokens (default: the model's context, at most 1,024), stopping after the batch that reaches ``max_tokens`` keys. With ``cache``,
-    layers already cached are loaded and only the others computed; new results are written back.
+    ``max_length`` tokens (default: the model's context, at most 1,024), stopping after the batch that
+    reaches ``max_tokens`` keys. With ``cache``, layers already cached are loaded and only the others
+    computed; new results are written back.
     Raises :class:`StatisticsError` when a layer is neither cached nor computable (no corpus) or comes
     out non-finite.
     """
