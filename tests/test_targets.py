@@ -3,15 +3,14 @@ from contextlib import contextmanager
 import pytest
 import torch
 from engine_setup import config, model_and_tokenizer, requests
-from tiny import ARCHS
+from tiny import ARCHS, make_tokenizer, tiny_model
 
 from memit_adapter.arch import get_arch_spec
 from memit_adapter.hooks import capture_outputs
 from memit_adapter.targets import (
+    _batch_parts,
     _build_batch,
-    _forward,
-    _forward_in_parts,
-    _forward_replayed,
+    _forward_step,
     compute_targets,
     context_templates,
 )
@@ -52,30 +51,152 @@ def test_context_templates_are_seeded_and_well_formed():
     assert [t.split()[0] for t in a[1:]] == cfg.context_template_starts
 
 
-@pytest.mark.parametrize("arch", ARCHS)
-def test_replayed_prefix_equals_full_forward(arch):
-    """Skipping blocks 0..L with their cached output gives the same final states as running them."""
-    model, tok = model_and_tokenizer(arch)
-    spec = get_arch_spec(model)
-    batch = _build_batch(tok, requests()[:3], ["{}", "the man said . {}"], "cpu")
-    delta = torch.randn(3, 32, generator=torch.Generator().manual_seed(0))
-    with torch.no_grad(), capture_outputs(spec.blocks(model)[1]) as seen:
-        as_tuple = []
-        handle = spec.blocks(model)[1].register_forward_hook(lambda m, a, o: as_tuple.append(isinstance(o, tuple)))
-        _forward(model, spec, 1, batch, None)
-        handle.remove()
-        full, _ = _forward(model, spec, 1, batch, delta)
-        sub, rows = batch.subset(torch.tensor([0, 2]))
-        replayed = _forward_replayed(model, spec, 1, sub, seen[0][rows, : sub.input_ids.shape[1]], delta[[0, 2]],
-                                     as_tuple[0])
-    mask = sub.attention_mask.bool()
-    torch.testing.assert_close(replayed[mask], full[rows, : sub.input_ids.shape[1]][mask], rtol=1e-4, atol=1e-5)
-    # rewrite rows and (shorter) KL rows run apart, each padded to its own width: same states
-    parts = _forward_in_parts(model, spec, 1, sub, seen[0][rows, : sub.input_ids.shape[1]], delta[[0, 2]],
-                              as_tuple[0])
-    assert parts.shape == replayed.shape and sub.n_rewrite_rows < len(rows)
-    torch.testing.assert_close(parts[mask], replayed[mask], rtol=1e-4, atol=1e-5)
-    assert all("forward" not in vars(b) for b in spec.blocks(model))
+def _varied_requests():
+    from memit_adapter import EditRequest
+
+    # subject first, in the middle, last; a one-word subject (lookup at position 0 without BOS); multi-token targets
+    return [EditRequest("{} plays the sport of", "michael jordan", " tennis and golf"),
+            EditRequest("the mother tongue of {} is", "danielle darrieux", " french"),
+            EditRequest("{} lives in", "toko", " rome"),
+            EditRequest("the sport played by {}", "lebron james", " golf or hockey")]
+
+
+VARIED_TEMPLATES = ["{}", "the man said . {}", "he said that the capital of italy is rome and that . {}"]
+
+
+def _reference_states(model, spec, layer, batch, row_delta):
+    """Independent of the cut: each row run alone, unpadded, in full, with a hook adding its δ at its lookup."""
+    out = []
+    for r in range(len(batch.lookup)):
+        ids = batch.input_ids[r:r + 1, : int(batch.attention_mask[r].sum())]
+        with _added_at(spec.blocks(model)[layer], int(batch.lookup[r]), row_delta[r]):
+            out.append(model.base_model(input_ids=ids).last_hidden_state[0])
+    return out
+
+
+# every architecture; and a sliding window shorter than the rows, and eager attention
+MODELS = [pytest.param(arch, {}, id=arch) for arch in ARCHS] + [
+    pytest.param("mistral", {"sliding_window": 3}, id="mistral-window3"),
+    pytest.param("llama", {"attn_implementation": "eager"}, id="llama-eager")]
+
+
+@pytest.mark.parametrize("arch,overrides", MODELS)
+@pytest.mark.parametrize("add_bos,padding_side", [(False, "right"), (True, "left"), (False, "left"), (True, "right")])
+def test_suffix_steps_equal_full_forwards(arch, overrides, add_bos, padding_side):
+    """The states a step computes (suffixes on the prefixes' cached keys/values, blocks 0..L skipped) equal
+    full forwards with δ hooked in, at every suffix position, also on subsets of the rows (early stopping)."""
+    model = tiny_model(arch, initializer_range=0.1, **overrides)
+    tok = make_tokenizer(add_bos=add_bos, padding_side=padding_side)
+    spec, layer = get_arch_spec(model), 1
+    blocks = list(spec.blocks(model))
+    batch = _build_batch(tok, _varied_requests(), VARIED_TEMPLATES, "cpu", 0.1)
+    assert (batch.lookup == 0).any() != add_bos  # without BOS some rows have no prefix
+    _check_steps(model, spec, layer, batch, [[0, 1, 2, 3], [0, 2, 3], [1], [2]])
+    if not add_bos:  # no row with a prefix: the parts run without a cache
+        bare = _build_batch(tok, _varied_requests()[2:3], ["{}"], "cpu", 0.1)
+        assert (bare.lookup == 0).all()
+        _check_steps(model, spec, layer, bare, [[0]])
+    assert list(spec.blocks(model)) == blocks and all(type(b).__name__ != "_StandIn" for b in blocks)
+
+
+def _check_steps(model, spec, layer, batch, subsets):
+    delta = torch.randn(batch.n_requests, model.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        parts, final, as_tuple = _batch_parts(model, spec, layer, batch)
+        for live in map(torch.tensor, subsets):
+            sub, rows = batch.subset(live)
+            got = _forward_step(model, spec, layer, parts, rows, delta[live][sub.row_request], as_tuple)
+            want = _reference_states(model, spec, layer, sub, delta[live][sub.row_request])
+            for r, w in enumerate(want):
+                n = len(w) - int(sub.lookup[r])
+                torch.testing.assert_close(got[r, :n], w[-n:], rtol=1e-4, atol=1e-5)
+        # unedited: the same without δ, and block L's output at the lookups
+        want = _reference_states(model, spec, layer, batch, torch.zeros(len(batch.lookup), delta.shape[1]))
+        for r, w in enumerate(want):
+            n = len(w) - int(batch.lookup[r])
+            torch.testing.assert_close(final[r, :n], w[-n:], rtol=1e-4, atol=1e-5)
+        with capture_outputs(spec.blocks(model)[layer]) as seen:
+            model.base_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+        rewrite = torch.arange(batch.n_rewrite_rows)
+        torch.testing.assert_close(parts[0].block_out[:, 0], seen[0][rewrite, batch.lookup[rewrite]], rtol=1e-4,
+                                   atol=1e-5)
+
+
+def _reference_targets(model, spec, tok, req, templates, cfg, layer):
+    """An independent MEMIT z loop for one request (full forwards, δ hooked in at the lookup): ``h`` and, for
+    each step, the loss and the δ it was computed with (the loop never stops early; the caller picks the stop)."""
+    from memit_adapter.targets import KL_PROMPT, _logits_at
+    from memit_adapter.tokens import encode_fact
+
+    block = spec.blocks(model)[layer]
+    facts = [encode_fact(tok, t.replace("{}", req.prompt), req.subject, req.target_new) for t in templates]
+    essence = encode_fact(tok, KL_PROMPT, req.subject)
+
+    def final(fact, ids, delta):
+        with _added_at(block, fact.lookup, delta):
+            return model.base_model(input_ids=torch.tensor([ids])).last_hidden_state[0]
+
+    with torch.no_grad(), capture_outputs(block) as seen:
+        before = torch.log_softmax(_logits_at(model, final(essence, essence.ids, 0.0)[essence.lookup]), -1)
+        model.base_model(input_ids=torch.tensor([facts[0].ids]))
+    h = seen[-1][0, facts[0].lookup]
+    delta = torch.zeros_like(h, requires_grad=True)
+    opt = torch.optim.Adam([delta], lr=cfg.v_lr)
+    history = []
+    for _ in range(cfg.v_num_grad_steps):
+        nll = []
+        for f in facts:
+            logp = torch.log_softmax(_logits_at(model, final(f, f.ids[:-1], delta)[f.target_positions]), -1)
+            nll.append(-logp[torch.arange(len(f.target_ids)), f.target_ids].mean())
+        now = torch.log_softmax(_logits_at(model, final(essence, essence.ids, delta)[essence.lookup]), -1)
+        kl = (now.exp() * (now - before)).sum()
+        loss = torch.stack(nll).mean() + cfg.kl_factor * kl + cfg.v_weight_decay * delta.norm() / h.norm() ** 2
+        history.append((loss.item(), delta.detach().clone()))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        with torch.no_grad():
+            delta.mul_(min(1.0, cfg.clamp_norm_factor * h.norm() / delta.norm()))
+    return h, history
+
+
+@pytest.mark.parametrize("arch,add_bos,padding_side", [("gpt2", False, "right"), ("gptj", True, "left"),
+                                                       ("gpt_neox", False, "left"), ("llama", True, "right"),
+                                                       ("gemma", True, "left")])
+def test_targets_equal_an_independent_full_forward_loop(arch, add_bos, padding_side):
+    """z of a batch (every row cut at its lookup, some rows stopping early) equals a plain loop per request on
+    full forwards: templates of different lengths, subjects first / inside / last, multi-token targets."""
+    model, tok = tiny_model(arch, initializer_range=0.1), make_tokenizer(add_bos=add_bos, padding_side=padding_side)
+    spec, layer, reqs = get_arch_spec(model), 1, _varied_requests()
+    cfg = config(v_num_grad_steps=8, clamp_norm_factor=2.0)  # a clamp that binds on these models
+    refs = [_reference_targets(model, spec, tok, r, VARIED_TEMPLATES, cfg, layer) for r in reqs]
+    # a threshold the most improving request reaches at the middle step: it stops there, others at other steps
+    k = cfg.v_num_grad_steps // 2
+    j = max(range(len(reqs)), key=lambda i: refs[i][1][1][0] - refs[i][1][-2][0])
+    threshold = (refs[j][1][k - 1][0] + refs[j][1][k][0]) / 2
+    stops = [next((s for s, (loss, _) in enumerate(hist) if loss < threshold), len(hist) - 1) for _, hist in refs]
+    assert stops[j] == k and len(set(stops)) > 1
+    assert min(abs(loss - threshold) for _, hist in refs for loss, _ in hist) > 1e-3  # no stop decided by rounding
+    z, h = compute_targets(model, spec, tok, reqs, VARIED_TEMPLATES, cfg.replace(v_loss_threshold=threshold), layer,
+                           progress=False)
+    torch.testing.assert_close(h, torch.stack([h_ref for h_ref, _ in refs]), rtol=1e-5, atol=1e-5)
+    want = torch.stack([h_ref + hist[k][1] for (h_ref, hist), k in zip(refs, stops)])
+    torch.testing.assert_close(z, want, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(z, h)
+
+
+def test_blocks_and_their_hooks_are_left_in_place():
+    """Steps stand in for blocks 0..L in the block list, not by replacing their ``forward``: an instance-level
+    ``forward`` (accelerate's hooks put one there) survives the optimisation."""
+    accelerate_hooks = pytest.importorskip("accelerate.hooks")
+    model, tok = model_and_tokenizer("gpt2")
+    blocks = list(get_arch_spec(model).blocks(model))
+    for b in blocks:
+        accelerate_hooks.add_hook_to_module(b, accelerate_hooks.ModelHook())
+    compute_targets(model, get_arch_spec(model), tok, requests()[:2], ["{}", "the man said . {}"],
+                    config(v_num_grad_steps=2), 2, progress=False)
+    assert list(get_arch_spec(model).blocks(model)) == blocks
+    assert all("forward" in vars(b) and hasattr(b, "_hf_hook") for b in blocks)
 
 
 def test_relative_step_equals_absolute_step_times_hidden_rms():
