@@ -22,6 +22,35 @@ CONTEXT_TEMPLATE_STARTS = ("The", "Therefore", "Because", "I", "You")
 _DTYPES = ("float32", "float64")
 
 
+LLAMA_LIKE = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2")
+
+
+@dataclass(frozen=True)
+class PublishedPreset:
+    """Published MEMIT settings for one model shape: the model types it applies to, its depth and width, and
+    the ``MemitConfig`` fields it sets (the rest are the published defaults); ``source`` says where from."""
+
+    model_types: tuple[str, ...]
+    n_layers: int
+    d_model: int
+    values: dict[str, Any]
+    source: str
+
+
+PUBLISHED_PRESETS: tuple[PublishedPreset, ...] = (
+    PublishedPreset(("gpt2",), 48, 1600, dict(layers=range(13, 18), mom2_update_weight=20000.0, v_num_grad_steps=20),
+                    "GPT-2 XL, MEMIT paper and code"),
+    PublishedPreset(("gptj",), 28, 4096, dict(layers=range(3, 9), mom2_update_weight=15000.0, v_num_grad_steps=25),
+                    "GPT-J, MEMIT paper and code"),
+    PublishedPreset(("gpt_neox",), 44, 6144, dict(layers=range(6, 11), mom2_update_weight=20000.0,
+                                                  v_num_grad_steps=20, clamp_norm_factor=0.3),
+                    "GPT-NeoX-20B, MEMIT paper"),
+    PublishedPreset(LLAMA_LIKE, 32, 4096, dict(layers=range(4, 9), mom2_update_weight=15000.0, v_num_grad_steps=25,
+                                               clamp_norm_factor=4.0, v_weight_decay=1e-3),
+                    "LLaMA-7B-class (32 layers of width 4096), EasyEdit's hyperparameters"),
+)
+
+
 @dataclass
 class MemitConfig:
     """Hyperparameters of MEMIT (names as in the published code; see MEMIT_SPEC.md).
@@ -185,18 +214,12 @@ class MemitConfig:
         n_layer = _first_attr(cfg, "n_layer", "num_hidden_layers")
         d_model = _first_attr(cfg, "n_embd", "hidden_size")
         d_ff = _first_attr(cfg, "n_inner", "intermediate_size") or 4 * d_model
-        llama_like = model_type in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2")
+        llama_like = model_type in LLAMA_LIKE
+        published = next((p for p in PUBLISHED_PRESETS if model_type in p.model_types
+                          and (n_layer, d_model) == (p.n_layers, p.d_model)), None)
         preset: dict[str, Any]
-        if model_type == "gpt2" and n_layer == 48 and d_model == 1600:
-            preset = dict(layers=list(range(13, 18)), mom2_update_weight=20000.0, v_num_grad_steps=20)
-        elif model_type == "gptj" and n_layer == 28 and d_model == 4096:
-            preset = dict(layers=list(range(3, 9)), mom2_update_weight=15000.0, v_num_grad_steps=25)
-        elif model_type == "gpt_neox" and n_layer == 44 and d_model == 6144:
-            preset = dict(layers=list(range(6, 11)), mom2_update_weight=20000.0, v_num_grad_steps=20,
-                          clamp_norm_factor=0.3)
-        elif llama_like and n_layer == 32 and d_model == 4096:
-            preset = dict(layers=list(range(4, 9)), mom2_update_weight=15000.0, v_num_grad_steps=25,
-                          clamp_norm_factor=4.0, v_weight_decay=1e-3)
+        if published is not None:
+            preset = {k: list(v) if isinstance(v, range) else v for k, v in published.values.items()}
         else:
             start = math.floor(0.1 * n_layer)
             stop = start + 1 if n_layer <= 6 else max(start + 1, math.ceil(0.35 * n_layer))
