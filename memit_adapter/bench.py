@@ -99,7 +99,7 @@ def run_benchmark(*, size: str = "small", n_requests: int = 100, z_steps: int = 
                                                                            templates)
 
     (z_b, _), out["z_batched_s"] = _timed(lambda: compute_targets(model, spec, tok, requests, templates, cfg, last,
-                                                                  batch_size=chunk, progress=progress))
+                                                                  batch_size=chunk or n_requests, progress=progress))
     out["peak_mb_after_z_batched"] = _peak_mb()
     (z_s, _), out["z_serial_s"] = _timed(lambda: compute_targets(model, spec, tok, requests, templates, cfg, last,
                                                                  batch_size=1, progress=progress))

@@ -74,9 +74,10 @@ class MemitConfig:
         share_subject_delta: requests about the same subject share one δ, optimised on the mean of their
             losses (their keys coincide in a causal model, so separate δs would ask one key for several
             values and the solve would average them away). Without shared subjects it changes nothing.
-        v_batch_size: requests optimised together (the result does not depend on it: each request's δ is
-            independent); bounds memory, which grows with it (GPT-2 small on CPU: 2.8 GB at 10, 11.5 GB at
-            100). None = all at once.
+        v_batch_size: requests optimised together, and whose keys are read together (the result does not
+            depend on it: each request's δ is independent); bounds memory, which grows with it. None = all at
+            once on CPU; on an accelerator that reports its free memory, as many as fit (measured on a first
+            chunk of 8, then 80% of free memory; a chunk that runs out of memory is halved).
         context_templates: given templates (each with one "{}"); None = sample from the model.
         context_template_length, context_template_starts, context_template_top_k: how to sample them.
         mom2_n_samples: corpus texts used for the statistics; mom2_dtype: accumulation dtype.

@@ -17,8 +17,9 @@ import json
 import logging
 import os
 import tempfile
+import weakref
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,7 @@ from tqdm.auto import tqdm
 from .arch import ArchSpec, get_arch_spec, max_positions
 from .errors import StatisticsError
 from .fingerprint import tensor_bytes
+from .solve import CovFactor, cov_factor
 from .tokens import pad_id, pad_right
 
 logger = logging.getLogger(__name__)
@@ -42,6 +44,23 @@ class SecondMoment:
 
     mom2: torch.Tensor  # (d_in, d_in)
     count: int
+    _factor: tuple[weakref.ref, int, CovFactor] | None = field(default=None, init=False, repr=False, compare=False)
+
+    def factor(self, device: torch.device | str | None = None) -> CovFactor:
+        """The float64 Cholesky factor of ``mom2`` (:func:`~memit_adapter.solve.cov_factor`) on ``device``: computed
+        there the first time, then kept in host memory (``d_in² x 8`` bytes) and reused by every pack solved with
+        these statistics, until ``mom2`` is replaced or changed in place."""
+        if not self.has_factor():
+            self._factor = (weakref.ref(self.mom2), self.mom2._version, cov_factor(self.mom2.to(device)).to("cpu"))
+        return self._factor[2].to(device)
+
+    def has_factor(self) -> bool:
+        """Whether :meth:`factor` would reuse a factor already computed."""
+        return (self._factor is not None and self._factor[0]() is self.mom2
+                and self._factor[1] == self.mom2._version)
+
+    def __getstate__(self) -> dict[str, Any]:  # the factor is a cache: not pickled (nor can its weak reference be)
+        return {**self.__dict__, "_factor": None}
 
     def check_finite(self, layer: int) -> None:
         if self.count <= 0 or not torch.isfinite(self.mom2).all():

@@ -21,7 +21,8 @@ CounterFact-like shapes on a word-level tokenizer: a step runs 9-35% of the toke
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+import logging
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -33,10 +34,13 @@ from transformers import DynamicCache
 
 from .arch import ArchSpec
 from .config import MemitConfig
+from .errors import MemitError
 from .requests import EditRequest
 from .tokens import EncodedFact, encode_fact, pad_id, pad_right
 
 KL_PROMPT = "{} is a"
+
+logger = logging.getLogger(__name__)
 
 
 def context_templates(model: nn.Module, tokenizer, config: MemitConfig) -> list[str]:
@@ -183,11 +187,27 @@ def kept_prompts(tokenizer, requests: Sequence[EditRequest], groups: Sequence[in
     return out
 
 
-def _logits_at(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
-    """LM-head logits of selected final hidden states ``(m, d_model)`` -> ``(m, vocab)`` in float32."""
-    logits = model.get_output_embeddings()(hidden).float()
-    cap = getattr(model.config, "final_logit_softcapping", None)
-    return torch.tanh(logits / cap) * cap if cap else logits
+class _Head:
+    """The LM head in float32: logits of selected final states ``(m, d_model)`` -> ``(m, vocab)``, softcapped where
+    the model does. A half-precision ``nn.Linear`` head is copied to float32 once (``vocab x d_model x 4`` bytes), so
+    that the loss sees logits rounded once, in float32, not to the model's dtype first (bf16 keeps 8 bits: a
+    logit of 20 would move by up to 0.08, more than the 0.05 loss at which a request stops)."""
+
+    def __init__(self, model: nn.Module):
+        self.module = model.get_output_embeddings()
+        self.cap = getattr(model.config, "final_logit_softcapping", None)
+        weight = getattr(self.module, "weight", None)
+        self.linear = isinstance(self.module, nn.Linear) and weight is not None and weight.device.type != "meta"
+        if self.linear:  # a float32 weight is used as it is, without a copy
+            self.weight = weight.detach().float()
+            self.bias = None if self.module.bias is None else self.module.bias.detach().float()
+
+    def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
+        if self.linear:
+            logits = F.linear(hidden.to(self.weight.device).float(), self.weight, self.bias).to(hidden.device)
+        else:  # e.g. a head whose weight an offloading hook brings in: its own forward, in its dtype
+            logits = self.module(hidden).float()
+        return torch.tanh(logits / self.cap) * self.cap if self.cap else logits
 
 
 @dataclass
@@ -327,36 +347,45 @@ def tokens_per_step(tokenizer, requests: Sequence[EditRequest], templates: Seque
     return suffixes, full
 
 
-def _forward_step(model, spec: ArchSpec, layer: int, parts: Sequence[_Part], rows: torch.Tensor,
-                  row_delta: torch.Tensor, as_tuple: bool) -> torch.Tensor:
-    """Final states of the suffixes of batch rows ``rows`` (ascending) when block ``layer`` adds ``row_delta``
-    ``(len(rows), d_model)`` at their lookups: only blocks after ``layer`` run, on the suffixes."""
-    finals = []
+def _select_parts(parts: Sequence[_Part], rows: torch.Tensor) -> list[_Part]:
+    """The parts holding batch rows ``rows`` (ascending), each cut down to those rows and trimmed: the rows of the
+    result are ``rows`` in order."""
+    host = rows.tolist()
+    out = []
     for part in parts:
-        inside = (rows >= part.start) & (rows < part.start + len(part.ids))
-        if not inside.any():
-            continue
-        sel = part.select(rows[inside] - part.start)
-        d = row_delta[inside].to(sel.block_out.dtype)
-        out = torch.cat([sel.block_out[:, :1] + d[:, None], sel.block_out[:, 1:]], 1)
+        local = [r - part.start for r in host if part.start <= r < part.start + len(part.ids)]
+        if local:
+            out.append(part.select(torch.tensor(local, device=rows.device)))
+    return out
+
+
+def _forward_step(model, spec: ArchSpec, layer: int, parts: Sequence[_Part], row_delta: torch.Tensor,
+                  as_tuple: bool) -> torch.Tensor:
+    """Final states of the suffixes of ``parts``' rows when block ``layer`` adds ``row_delta`` ``(rows, d_model)`` at
+    their lookups: only blocks after ``layer`` run, on the suffixes. ``h + δ`` is summed in float32 and rounded to
+    the model's dtype once."""
+    finals = []
+    for part, d in zip(parts, row_delta.split([len(p.ids) for p in parts])):
+        at = (part.block_out[:, 0].float() + d).to(part.block_out.dtype)
+        out = torch.cat([at[:, None], part.block_out[:, 1:]], 1)
         with _replayed_blocks(model, spec, layer, out, as_tuple):
-            finals.append(_run_suffix(model, sel))
+            finals.append(_run_suffix(model, part))
     return _joined(finals)
 
 
-def _losses(model, batch: _Batch, final, kl_init, delta, h_norm, config: MemitConfig):
-    """Per-request loss ``(n,)``: NLL of the targets + the weighted KL rows + weight decay; and the NLL.
+def _losses(head: _Head, batch: _Batch, final, kl_init, delta, h_norm, config: MemitConfig):
+    """Per-request loss ``(n,)`` in float32: NLL of the targets + the weighted KL rows + weight decay; and the NLL.
 
     ``final``: the final states of the rows' suffixes (column = position - lookup); ``kl_init``: the unedited
     log-probabilities of ``batch``'s KL rows, in order."""
     at_targets = final[batch.target_rows, batch.target_pos - batch.lookup[batch.target_rows]]
-    logp = torch.log_softmax(_logits_at(model, at_targets), dim=-1)
+    logp = torch.log_softmax(head(at_targets), dim=-1)
     tok_nll = -logp.gather(1, batch.target_ids[:, None])[:, 0] * batch.target_weight
     req_of_tok = batch.row_request[batch.target_rows]
     nll = torch.zeros(batch.n_requests, device=final.device).index_add(0, req_of_tok, tok_nll)
     kl_rows = torch.arange(batch.n_rewrite_rows, final.shape[0], device=final.device)
     at_kl = final[kl_rows, batch.kl_pos[kl_rows] - batch.lookup[kl_rows]]
-    kl_logp = torch.log_softmax(_logits_at(model, at_kl), dim=-1)
+    kl_logp = torch.log_softmax(head(at_kl), dim=-1)
     kl = F.kl_div(kl_init, kl_logp, log_target=True, reduction="none").sum(-1)  # KL(now || before)
     kl = torch.zeros_like(nll).index_add(0, batch.row_request[kl_rows], kl * batch.kl_weight[kl_rows])
     decay = config.v_weight_decay * delta.norm(dim=-1) / h_norm**2
@@ -381,8 +410,20 @@ def optimise_deltas(model, spec: ArchSpec, tokenizer, requests, templates, confi
     What δ cannot change is run once: each row's prefix (the tokens before its lookup) through every block,
     its suffix (the lookup onwards) through the blocks up to ``layer``. A step runs only the suffixes, only
     through the blocks after ``layer``, and only of the rows whose loss has not yet reached ``v_loss_threshold``.
+    The forward and backward run in the model's dtype; δ, the logits, the loss and Adam's state are float32.
     ``relations`` (relation id -> prompt template) are the relations whose answers ``config.preserve_factor``
     keeps; None = :func:`relation_templates` of ``requests``.
+
+    Memory on the model's device, for ``r`` rows (``len(templates)`` per request, then ``r_kl``: one KL row per
+    request and the kept prompts), prefixes of ``P`` and suffixes of ``S`` tokens (the longest of each), ``m``
+    target tokens, ``b`` bytes per element of the model's dtype, ``d_kv`` = key heads x head dim:
+    ``2·n_layers·r·P·d_kv·b`` for the prefixes' keys and values, twice while a step copies them into its cache;
+    ``r·S·d_model·b`` for block L's output; ``(m + r_kl)·vocab·4·3`` for the float32 logits, log-probabilities
+    and their gradient, and ``r_kl·vocab·4`` for the unedited ones; and ``(n_layers - L - 1)·r·S·a·b`` for the
+    activations autograd keeps through the blocks after L, ``a`` about ``10·d_model + 4·d_ff`` (architecture
+    dependent; eager attention adds ``heads·(P + S)``). Half-precision models add ``vocab·d_model·4`` for the
+    float32 head. 32 requests of 6 templates on a 7B LLaMA (P = 12, S = 8, L = 8): 1.4 GB of keys and values,
+    7 GB of activations.
     """
     if relations is None:
         relations = relation_templates(requests)
@@ -404,21 +445,46 @@ def _no_param_grads(model: nn.Module) -> Iterator[None]:
             p.requires_grad_(flag)
 
 
+@dataclass
+class _Live:
+    """What a step runs: the requests of the δ rows still going, their rows of the batch cut into parts, and the
+    maps from those to the δ rows. Built again only when a δ row stops, so a step reads no value back from the
+    device to index with."""
+
+    sub: _Batch
+    parts: list[_Part]
+    req_group: torch.Tensor  # (n_live,) δ row of each live request
+    row_group: torch.Tensor  # (rows,) δ row of each live batch row
+    h_norm: torch.Tensor  # (n_live,)
+    kl_init: torch.Tensor  # (live KL rows, vocab) their unedited log-probabilities
+
+    @classmethod
+    def of(cls, batch: _Batch, parts: Sequence[_Part], kl_init: torch.Tensor, groups: Sequence[int],
+           going: set[int], h_norm: torch.Tensor) -> _Live:
+        device = batch.input_ids.device
+        idx = torch.tensor([i for i, g in enumerate(groups) if g in going], device=device)
+        sub, rows = batch.subset(idx)
+        req_group = torch.tensor(groups, device=device)[idx]
+        return cls(sub, _select_parts(parts, rows), req_group, req_group[sub.row_request], h_norm[idx],
+                   kl_init[rows[sub.n_rewrite_rows:] - batch.n_rewrite_rows])
+
+
 def _optimise_deltas(model, spec, tokenizer, requests, templates, config, layer, progress, relations):
     device = next(model.parameters()).device
     groups = delta_groups(requests, config)
     kept = kept_prompts(tokenizer, requests, groups, relations, config.preserve_factor)
     batch = _build_batch(tokenizer, requests, templates, device, config.kl_factor, kept)
+    head = _Head(model)
     with torch.no_grad():
         parts, final, as_tuple = _batch_parts(model, spec, layer, batch)
         kl_rows = torch.arange(batch.n_rewrite_rows, final.shape[0], device=device)
-        at_kl = final[kl_rows, batch.kl_pos[kl_rows] - batch.lookup[kl_rows]]
-        kl_init = torch.log_softmax(_logits_at(model, at_kl), dim=-1)
+        kl_init = torch.log_softmax(head(final[kl_rows, batch.kl_pos[kl_rows] - batch.lookup[kl_rows]]), dim=-1)
+        del final
         _drop_old_answers(batch, kl_init, [k.forbidden for ks in kept for k in ks])
         # h_i: block output at the subject's last token (suffix column 0) of the bare prompt (templates[0] == "{}")
         h = parts[0].block_out[torch.arange(batch.n_requests, device=device) * len(templates), 0].float()
     group = torch.tensor(groups, device=device)  # (n,) δ row of each request
-    n_groups = int(group.max()) + 1
+    n_groups = max(groups) + 1
     size = torch.zeros(n_groups, device=device).index_add(0, group, torch.ones(len(requests), device=device))
     h_norm = h.norm(dim=-1)
     g_norm = torch.zeros(n_groups, device=device).index_add(0, group, h_norm) / size  # mean |h| of a row
@@ -428,32 +494,51 @@ def _optimise_deltas(model, spec, tokenizer, requests, templates, config, layer,
     param = torch.zeros(n_groups, h.shape[1], device=device, requires_grad=True)
     opt = torch.optim.Adam([param], lr=config.v_lr)
     active = torch.ones(n_groups, dtype=torch.bool, device=device)
-    bar = tqdm(range(config.v_num_grad_steps), desc="target vectors", unit="step", disable=not progress,
-               leave=False)
-    for step in bar:
-        delta = param * unit
-        idx = active[group].nonzero()[:, 0]  # requests of the rows still going
-        sub, rows = batch.subset(idx)
-        d_req = delta[group[idx]]
-        final = _forward_step(model, spec, layer, parts, rows, d_req[sub.row_request], as_tuple)
-        kl_sub = kl_init[rows[sub.n_rewrite_rows:] - batch.n_rewrite_rows]  # the KL rows still going
-        req_loss, _ = _losses(model, sub, final, kl_sub, d_req, h_norm[idx], config)
-        loss = torch.zeros(n_groups, device=device).index_add(0, group[idx], req_loss) / size  # mean per row
-        bar.set_postfix(loss=f"{loss[active].mean().item():.3f}", active=int(active.sum()))
-        active = active & (loss.detach() >= config.v_loss_threshold)
-        if not active.any() or step == config.v_num_grad_steps - 1:
-            break
-        (grad,) = torch.autograd.grad(loss[active].sum(), [param])
-        before = param.detach().clone()
-        param.grad = grad
-        opt.step()
-        with torch.no_grad():
-            param[~active] = before[~active]  # finished rows keep their δ (Adam's momentum would move them)
-            norms = (param * unit).norm(dim=-1)
-            scale = torch.where(norms > max_norm, max_norm / norms.clamp_min(1e-12), torch.ones_like(norms))
-            param.mul_(scale[:, None])
-    bar.close()
+    going = set(range(n_groups))
+    live = _Live.of(batch, parts, kl_init, groups, going, h_norm)
+    with tqdm(total=config.v_num_grad_steps, desc="target vectors", unit="step", disable=not progress,
+              leave=False) as bar:
+        for step in range(config.v_num_grad_steps):
+            delta = param * unit
+            final = _forward_step(model, spec, layer, live.parts, delta[live.row_group], as_tuple)
+            req_loss, _ = _losses(head, live.sub, final, live.kl_init, delta[live.req_group], live.h_norm, config)
+            loss = torch.zeros(n_groups, device=device).index_add(0, live.req_group, req_loss) / size  # mean per row
+            shown = torch.where(active, loss.detach(), 0.0).sum() / len(going)
+            active = active & (loss.detach() >= config.v_loss_threshold)
+            # the one read-back of a step: the loss shown, whether it is finite, which rows go on
+            flags = torch.cat([shown[None], torch.isfinite(loss).all()[None].float(), active.float()]).tolist()
+            bar.update()
+            bar.set_postfix(loss=f"{flags[0]:.3f}", active=len(going))
+            if not flags[1]:
+                raise MemitError(f"the target-vector loss is not finite at step {step} ({_dtype_name(model)} model): "
+                                 "its forward pass overflows; load the model in bfloat16 or float32")
+            still = {g for g, on in enumerate(flags[2:]) if on}
+            if not still or step == config.v_num_grad_steps - 1:
+                break
+            _adam_step(opt, param, loss, active, unit, max_norm)
+            if still != going:
+                going = still
+                live = _Live.of(batch, parts, kl_init, groups, going, h_norm)
     return (h + (param * unit).detach()[group]), h
+
+
+def _adam_step(opt: torch.optim.Optimizer, param: torch.Tensor, loss: torch.Tensor, active: torch.Tensor,
+               unit: torch.Tensor, max_norm: torch.Tensor) -> None:
+    """One Adam step on the δ rows still ``active`` (the others keep their values: Adam's momentum would move them),
+    then each row projected back into its ball ``|δ| <= max_norm``."""
+    (grad,) = torch.autograd.grad(torch.where(active, loss, 0.0).sum(), [param])
+    before = param.detach().clone()
+    param.grad = grad
+    opt.step()
+    with torch.no_grad():
+        param.copy_(torch.where(active[:, None], param, before))
+        norms = (param * unit).norm(dim=-1)
+        scale = torch.where(norms > max_norm, max_norm / norms.clamp_min(1e-12), torch.ones_like(norms))
+        param.mul_(scale[:, None])
+
+
+def _dtype_name(model: nn.Module) -> str:
+    return str(next(model.parameters()).dtype).replace("torch.", "")
 
 
 def _drop_old_answers(batch: _Batch, kl_init: torch.Tensor, forbidden: Sequence[frozenset[int]]) -> None:
@@ -468,7 +553,8 @@ def _drop_old_answers(batch: _Batch, kl_init: torch.Tensor, forbidden: Sequence[
 
 def compute_targets(model, spec: ArchSpec, tokenizer, requests, templates, config: MemitConfig, layer: int,
                     *, batch_size: int | None = None, progress: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`optimise_deltas` over chunks of about ``batch_size`` requests (all at once when None).
+    """:func:`optimise_deltas` over chunks of about ``batch_size`` requests (None: see :class:`ChunkSizer`, all
+    at once on the CPU, as many as fit on an accelerator).
 
     A chunk holds whole δ rows (all requests of a shared subject), so chunking never changes a result.
     """
@@ -476,18 +562,126 @@ def compute_targets(model, spec: ArchSpec, tokenizer, requests, templates, confi
     members: dict[int, list[int]] = {}
     for i, g in enumerate(groups):
         members.setdefault(g, []).append(i)
-    size = batch_size or len(requests)
-    chunks: list[list[int]] = [[]]
-    for idx in members.values():
-        if chunks[-1] and len(chunks[-1]) + len(idx) > size:
-            chunks.append([])
-        chunks[-1].extend(idx)
     relations = relation_templates(requests)
-    z = h = None
-    for chunk in tqdm(chunks, desc="request chunks", disable=not progress or len(chunks) == 1):
-        z_c, h_c = optimise_deltas(model, spec, tokenizer, [requests[i] for i in chunk], templates, config, layer,
-                                   progress, relations)
-        if z is None:
-            z, h = z_c.new_empty(len(requests), z_c.shape[1]), h_c.new_empty(len(requests), h_c.shape[1])
-        z[chunk], h[chunk] = z_c, h_c
+    device = next(model.parameters()).device
+    d_model = spec.weight_shape(model, layer)[0]
+    z, h = (torch.empty(len(requests), d_model, device=device) for _ in range(2))  # before a chunk is measured
+
+    def run(chunk: list[int]) -> None:
+        z[chunk], h[chunk] = optimise_deltas(model, spec, tokenizer, [requests[i] for i in chunk], templates, config,
+                                             layer, progress, relations)
+
+    ChunkSizer(batch_size, device).run(list(members.values()), run, desc="request chunks", progress=progress)
     return z, h
+
+
+# -- chunks --------------------------------------------------------------------------------------
+
+_OutOfMemory = getattr(torch, "OutOfMemoryError", None) or torch.cuda.OutOfMemoryError
+
+
+class _DeviceMemory:
+    """The allocator's view of one accelerator's memory (``torch.get_device_module(device)``); None where the
+    device has no such view (the CPU, an old torch)."""
+
+    _NEEDS = ("mem_get_info", "memory_allocated", "memory_reserved", "max_memory_allocated", "reset_peak_memory_stats")
+
+    def __init__(self, module, device: torch.device):
+        self.module, self.device = module, device
+
+    @classmethod
+    def of(cls, device: torch.device) -> _DeviceMemory | None:
+        if device.type == "cpu" or not hasattr(torch, "get_device_module"):
+            return None
+        module = torch.get_device_module(device)
+        return cls(module, device) if all(hasattr(module, name) for name in cls._NEEDS) else None
+
+    def available(self) -> int:
+        """Bytes a chunk may use: free on the device, plus what the caching allocator holds unused."""
+        free, _ = self.module.mem_get_info(self.device)
+        return free + self.module.memory_reserved(self.device) - self.module.memory_allocated(self.device)
+
+    def start(self) -> int:
+        """Reset the peak statistics (the device's, for the whole process); bytes in use now."""
+        self.module.reset_peak_memory_stats(self.device)
+        return self.module.memory_allocated(self.device)
+
+    def peak(self) -> int:
+        return self.module.max_memory_allocated(self.device)
+
+    def release(self) -> None:
+        if hasattr(self.module, "empty_cache"):
+            self.module.empty_cache()
+
+
+class ChunkSizer:
+    """How many requests to run at once: ``size`` when given; else all at once, except on an accelerator that
+    reports its memory (CUDA and the like), where as many as fit:
+
+    the first chunk holds ``probe`` requests and measures the peak memory it takes per request; each later chunk
+    fills ``fill`` of the memory available then, at the peak per request of the chunk before (the fixed part of a
+    chunk's memory, spread over more requests, fades from the estimate as chunks grow); a chunk that runs out of
+    memory all the same (longer rows than the chunk before) is halved and run again, and no later chunk is larger.
+    The work must not depend on the chunking (each request's result is its own) and must write its results only
+    once it has them, in memory allocated before the first chunk (else it would count as the probe's).
+
+    Usage::
+
+        sizer = ChunkSizer(None, model.device)
+        sizer.run([[0], [1, 2], [3]], work)      # work(chunk) on consecutive groups, e.g. work([0, 1, 2]), work([3])
+    """
+
+    def __init__(self, size: int | None, device: torch.device, *, probe: int = 8, fill: float = 0.8,
+                 memory: _DeviceMemory | None = None):
+        self.size = size
+        self.memory = None if size is not None else memory if memory is not None else _DeviceMemory.of(
+            torch.device(device))
+        self.probe, self.fill = probe, fill
+        self.per_request = 0.0  # peak bytes per request of the last chunk
+        self.cap: int | None = None  # set by running out of memory
+
+    def next_size(self, remaining: int) -> int:
+        if self.memory is None:
+            return self.size or remaining
+        size = self.probe if not self.per_request else int(self.fill * self.memory.available() / self.per_request)
+        return max(1, min(size, self.cap or size))
+
+    def run(self, groups: Sequence[Sequence[int]], work: Callable[[list[int]], None], *, desc: str = "chunks",
+            progress: bool = True) -> None:
+        """Call ``work`` on chunks of consecutive ``groups`` (lists of indices kept in one chunk), each index once."""
+        total = sum(len(g) for g in groups)
+        one_chunk = self.memory is None and (self.size or total) >= total
+        with tqdm(total=total, desc=desc, unit="request", disable=not progress or one_chunk, leave=False) as bar:
+            i = done = 0
+            while i < len(groups):
+                j, n = i, 0
+                size = self.next_size(total - done)
+                while j < len(groups) and (j == i or n + len(groups[j]) <= size):
+                    n += len(groups[j])
+                    j += 1
+                chunk = [x for g in groups[i:j] for x in g]
+                if self._measured(work, chunk, can_halve=j - i > 1):
+                    i, done = j, done + len(chunk)
+                    bar.update(len(chunk))
+
+    def _measured(self, work: Callable[[list[int]], None], chunk: list[int], can_halve: bool) -> bool:
+        if self.memory is None:
+            work(chunk)
+            return True
+        base = self.memory.start()
+        try:
+            work(chunk)
+        except _OutOfMemory:
+            if not can_halve:
+                raise
+            out_of_memory = True
+        else:
+            out_of_memory = False
+        if out_of_memory:  # outside the handler: the failed chunk's tensors are freed with its traceback
+            self.memory.release()
+            self.cap = max(1, len(chunk) // 2)
+            logger.info("a chunk of %d requests ran out of memory; chunks of at most %d from now on", len(chunk),
+                        self.cap)
+            return False
+        self.per_request = max(1.0, (self.memory.peak() - base) / len(chunk))
+        return True

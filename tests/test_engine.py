@@ -1,3 +1,5 @@
+import copy
+
 import pytest
 import torch
 from engine_setup import config, corpus, model_and_tokenizer, requests
@@ -85,11 +87,11 @@ def test_model_untouched_when_compute_raises_midway(monkeypatch):
     calls = []
     real = engine_mod.layer_update
 
-    def failing(*args):
+    def failing(*args, **kwargs):
         calls.append(1)
         if len(calls) == 2:
             raise RuntimeError("boom in the second layer")
-        return real(*args)
+        return real(*args, **kwargs)
 
     monkeypatch.setattr(engine_mod, "layer_update", failing)
     model.train()
@@ -104,9 +106,12 @@ def test_precomputed_stats_give_the_same_pack():
     cfg = config(v_num_grad_steps=5)
     stats = collect_stats(model, tok, corpus(), cfg.layers, n_samples=cfg.mom2_n_samples, progress=False)
     a = compute_edits(model, tok, requests(), cfg, stats=stats, progress=False)
+    assert all(stats[layer].has_factor() for layer in cfg.layers)  # kept for the next pack on these statistics
     b = compute_edits(model, tok, requests(), cfg, corpus=corpus(), progress=False)
+    again = compute_edits(model, tok, requests(), cfg, stats=stats, progress=False)
     for name in a.deltas:
         torch.testing.assert_close(a.deltas[name].weight_delta(), b.deltas[name].weight_delta())
+        assert torch.equal(a.deltas[name].A, again.deltas[name].A)
 
 
 BAD = {
@@ -183,3 +188,117 @@ def test_base_model_is_recorded_only_as_a_hub_id(tmp_path):
                            ("./local", None), ("", None), ("a/b/c", None)]:
         model.config._name_or_path = name
         assert hub_model_id(model) == expected, name
+
+
+def _varied_requests():
+    # subject first, in the middle, last; multi-token targets
+    return [EditRequest("{} plays the sport of", "michael jordan", " tennis and golf"),
+            EditRequest("the mother tongue of {} is", "danielle darrieux", " french"),
+            EditRequest("{} lives in", "toko yuki", " rome"),
+            EditRequest("the sport played by {}", "lebron james", " golf or hockey")]
+
+
+TEMPLATES = ["{}", "the man said . {}", "he said that the capital of italy is rome and that . {}"]
+
+
+def _reference_spread(model, tok, reqs, templates, cfg, zs, stats):
+    """MEMIT's spreading as published: per layer, one full forward per prompt (targets included) on a copy of the
+    model whose weights the earlier layers' updates were added to; the dense solve."""
+    from memit_adapter.hooks import capture_inputs, capture_outputs
+    from memit_adapter.solve import layer_update
+    from memit_adapter.tokens import encode_fact
+
+    ref = copy.deepcopy(model)
+    spec, last, out = get_arch_spec(ref), max(cfg.layers), {}
+    for pos, layer in enumerate(cfg.layers):
+        keys, cur = [], []
+        for r in reqs:
+            k = []
+            for j, t in enumerate(templates):
+                fact = encode_fact(tok, t.replace("{}", r.prompt), r.subject, r.target_new)
+                with torch.no_grad(), capture_inputs(spec.mlp_out_module(ref, layer)) as k_in, \
+                        capture_outputs(spec.blocks(ref)[last]) as outs:
+                    ref.base_model(input_ids=torch.tensor([fact.ids]))
+                k.append(k_in[0][0, fact.lookup])
+                if j == 0:
+                    cur.append(outs[0][0, fact.lookup])
+            keys.append(0.5 * (k[0] + torch.stack(k[1:]).mean(0)))
+        residuals = (zs - torch.stack(cur)).T / (len(cfg.layers) - pos)
+        B, A = layer_update(torch.stack(keys).T, residuals, stats[layer].mom2, cfg.mom2_update_weight)
+        with torch.no_grad():
+            spec.mlp_out_module(ref, layer).weight += spec.delta_to_weight((B @ A).float())
+        out[spec.mlp_out_name(layer)] = (B @ A).float()
+    return out
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "gpt_neox"])
+@pytest.mark.parametrize("chunk", [None, 1, 3])
+def test_spreading_equals_full_forwards_on_edited_weights(arch, chunk):
+    """Keys and cur from passes that stop at the block they need, on prompts cut after the subject, in chunks, with
+    the earlier layers' updates hooked in (and solved by the Woodbury route): the same updates as full forwards
+    of whole prompts on a model whose weights carry the earlier updates."""
+    model, tok = model_and_tokenizer(arch)
+    snap = _snapshot(model)
+    reqs = _varied_requests()
+    # not GPT-NeoX's layer 0: its MLP reads the token alone, so over this corpus's ~120 words C is singular and the
+    # update swings with the last bits of the keys
+    cfg = config(layers=[1, 2], context_templates=TEMPLATES, v_batch_size=chunk)
+    stats = collect_stats(model, tok, corpus(), cfg.layers, n_samples=cfg.mom2_n_samples, progress=False)
+    g = torch.Generator().manual_seed(0)
+    zs = torch.randn(len(reqs), model.config.hidden_size, generator=g)
+    spec = get_arch_spec(model)
+    deltas = engine_mod._spread_over_layers(model, spec, tok, reqs, TEMPLATES, cfg, zs, stats, False,
+                                            keep_factors=True)
+    assert all(stats[layer].has_factor() for layer in cfg.layers)  # n = 4 edits << d_in: the Woodbury route
+    _assert_untouched(model, snap)
+    want = _reference_spread(model, tok, reqs, TEMPLATES, cfg, zs, stats)
+    for layer in cfg.layers:
+        got = deltas[layer].weight_delta()
+        w = want[spec.mlp_out_name(layer)]
+        assert (got - w).abs().max() <= 1e-5 * w.abs().max(), layer
+
+
+def test_key_passes_stop_where_they_have_what_they_measure():
+    """Each pass runs the templated prompts up to layer l's W_out and the bare ones up to block L; no block after L,
+    and no final norm, ever runs; every row ends at the subject's last token."""
+    model, tok = model_and_tokenizer("gpt2")
+    spec, reqs = get_arch_spec(model), _varied_requests()
+    cfg = config(layers=[1, 2], context_templates=TEMPLATES)
+    stats = collect_stats(model, tok, corpus(40), cfg.layers, n_samples=40, progress=False)
+    calls = {i: [] for i in range(4)}
+    handles = [block.register_forward_pre_hook(lambda _m, args, i=i: calls[i].append(args[0].shape[:2]))
+               for i, block in enumerate(spec.blocks(model))]
+    handles.append(model.transformer.ln_f.register_forward_pre_hook(lambda *_: calls.setdefault("norm", [])))
+    try:
+        engine_mod._spread_over_layers(model, spec, tok, reqs, TEMPLATES, cfg, torch.zeros(4, 32), stats, False,
+                                       keep_factors=False)
+    finally:
+        for h in handles:
+            h.remove()
+    assert calls[3] == [] and "norm" not in calls
+    bare, templated = 4, 4 * (len(TEMPLATES) - 1)
+    assert [rows for rows, _ in calls[0]] == [bare, templated] * 2
+    assert [rows for rows, _ in calls[2]] == [bare, bare, templated]  # templated rows reach block 2 for layer 2 only
+    rows = engine_mod._key_rows(tok, reqs, TEMPLATES)
+    widths = [max(map(len, rows.bare)), max(len(s) for r in rows.templated for s in r)]
+    assert [width for _, width in calls[0]] == widths * 2
+    cut = rows.bare[1]  # "the mother tongue of danielle darrieux" without " is"
+    assert tok.decode(cut) == "the mother tongue of danielle darrieux"
+
+
+@pytest.mark.parametrize("n", [4, 40])  # below and above n* = 128 * 32 / 160 = 25.6: factors, then the dense ΔW
+def test_hooked_deltas_add_their_update(n):
+    from memit_adapter import LayerDelta
+
+    model, _ = model_and_tokenizer("gpt2")
+    spec, g = get_arch_spec(model), torch.Generator().manual_seed(0)
+    delta = LayerDelta(B=torch.randn(32, n, generator=g), A=torch.randn(n, 128, generator=g) / n)
+    x = torch.randn(2, 5, 128, generator=g)
+    module = spec.mlp_out_module(model, 1)
+    with torch.no_grad():
+        base = module(x)
+        with engine_mod._hooked_deltas(model, spec) as active:
+            active[1] = delta
+            got = module(x)
+        torch.testing.assert_close(got, base + x @ delta.weight_delta().T, rtol=1e-5, atol=1e-5)
+        assert torch.equal(module(x), base)

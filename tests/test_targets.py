@@ -11,6 +11,7 @@ from memit_adapter.targets import (
     _batch_parts,
     _build_batch,
     _forward_step,
+    _select_parts,
     compute_targets,
     context_templates,
 )
@@ -105,7 +106,8 @@ def _check_steps(model, spec, layer, batch, subsets):
         parts, final, as_tuple = _batch_parts(model, spec, layer, batch)
         for live in map(torch.tensor, subsets):
             sub, rows = batch.subset(live)
-            got = _forward_step(model, spec, layer, parts, rows, delta[live][sub.row_request], as_tuple)
+            got = _forward_step(model, spec, layer, _select_parts(parts, rows), delta[live][sub.row_request],
+                                as_tuple)
             want = _reference_states(model, spec, layer, sub, delta[live][sub.row_request])
             for r, w in enumerate(want):
                 n = len(w) - int(sub.lookup[r])
@@ -125,7 +127,7 @@ def _check_steps(model, spec, layer, batch, subsets):
 def _reference_targets(model, spec, tok, req, templates, cfg, layer):
     """An independent MEMIT z loop for one request (full forwards, δ hooked in at the lookup): ``h`` and, for
     each step, the loss and the δ it was computed with (the loop never stops early; the caller picks the stop)."""
-    from memit_adapter.targets import KL_PROMPT, _logits_at
+    from memit_adapter.targets import KL_PROMPT
     from memit_adapter.tokens import encode_fact
 
     block = spec.blocks(model)[layer]
@@ -137,7 +139,7 @@ def _reference_targets(model, spec, tok, req, templates, cfg, layer):
             return model.base_model(input_ids=torch.tensor([ids])).last_hidden_state[0]
 
     with torch.no_grad(), capture_outputs(block) as seen:
-        before = torch.log_softmax(_logits_at(model, final(essence, essence.ids, 0.0)[essence.lookup]), -1)
+        before = torch.log_softmax(_logits(model, final(essence, essence.ids, 0.0)[essence.lookup]), -1)
         model.base_model(input_ids=torch.tensor([facts[0].ids]))
     h = seen[-1][0, facts[0].lookup]
     delta = torch.zeros_like(h, requires_grad=True)
@@ -146,9 +148,9 @@ def _reference_targets(model, spec, tok, req, templates, cfg, layer):
     for _ in range(cfg.v_num_grad_steps):
         nll = []
         for f in facts:
-            logp = torch.log_softmax(_logits_at(model, final(f, f.ids[:-1], delta)[f.target_positions]), -1)
+            logp = torch.log_softmax(_logits(model, final(f, f.ids[:-1], delta)[f.target_positions]), -1)
             nll.append(-logp[torch.arange(len(f.target_ids)), f.target_ids].mean())
-        now = torch.log_softmax(_logits_at(model, final(essence, essence.ids, delta)[essence.lookup]), -1)
+        now = torch.log_softmax(_logits(model, final(essence, essence.ids, delta)[essence.lookup]), -1)
         kl = (now.exp() * (now - before)).sum()
         loss = torch.stack(nll).mean() + cfg.kl_factor * kl + cfg.v_weight_decay * delta.norm() / h.norm() ** 2
         history.append((loss.item(), delta.detach().clone()))
@@ -212,6 +214,13 @@ def test_relative_step_equals_absolute_step_times_hidden_rms():
     assert not torch.allclose(z_rel, h)
 
 
+def _logits(model, hidden):
+    """The LM head's float32 logits, as the model computes them (its own module, softcap included)."""
+    logits = model.get_output_embeddings()(hidden).float()
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    return torch.tanh(logits / cap) * cap if cap else logits
+
+
 @contextmanager
 def _added_at(block, pos: int, delta):
     """``delta`` added to ``block``'s output at position ``pos`` of the (single) sequence, inside the block."""
@@ -261,8 +270,6 @@ def test_requests_about_one_subject_share_their_delta():
 def test_shared_delta_minimises_the_mean_loss_of_its_requests():
     """With one subject, the shared row is the one-request optimisation of the summed objective:
     compare to an independent Adam loop on the two requests' mean NLL (no KL, no decay, no clamp)."""
-    from memit_adapter.targets import _logits_at
-
     model, tok = model_and_tokenizer("gpt2")
     spec = get_arch_spec(model)
     reqs = [r for r in _same_subject_requests() if r.subject == "alpha beta"]
@@ -282,7 +289,7 @@ def test_shared_delta_minimises_the_mean_loss_of_its_requests():
 
             with _added_at(block, subj_last, delta):
                 final = model.base_model(input_ids=torch.tensor([ids[:-1]])).last_hidden_state
-            logp = torch.log_softmax(_logits_at(model, final[0, n_subj - 1:]), -1)
+            logp = torch.log_softmax(_logits(model, final[0, n_subj - 1:]), -1)
             tgt = torch.tensor(ids[n_subj:])
             nll.append(-logp[torch.arange(len(tgt)), tgt].mean())
         loss = torch.stack(nll).mean()
@@ -333,8 +340,6 @@ def _preserve_pair(true_of_alpha=None):
 def test_preserve_term_is_the_kl_of_the_subjects_other_relations():
     """Against an independent Adam loop on NLL(new object) + f * KL(now || before) of the next token after
     "alpha beta lives in" (the relation another request of the batch edits)."""
-    from memit_adapter.targets import _logits_at
-
     model, tok = model_and_tokenizer("gpt2")
     spec = get_arch_spec(model)
     reqs = _preserve_pair()
@@ -351,15 +356,15 @@ def test_preserve_term_is_the_kl_of_the_subjects_other_relations():
     kept_ids = torch.tensor([tok("alpha beta lives in", add_special_tokens=False)["input_ids"]])
     with torch.no_grad():
         last = model.base_model(input_ids=kept_ids).last_hidden_state[0, -1]
-        before = torch.log_softmax(_logits_at(model, last), -1)
+        before = torch.log_softmax(_logits(model, last), -1)
     delta = torch.zeros(h.shape[1], requires_grad=True)
     opt = torch.optim.Adam([delta], lr=0.3)
     for _ in range(5):
         with _added_at(block, subj_last, delta):
             final = model.base_model(input_ids=torch.tensor([ids[:-1]])).last_hidden_state
             kept = model.base_model(input_ids=kept_ids).last_hidden_state[0, -1]
-        nll = -torch.log_softmax(_logits_at(model, final[0, -1]), -1)[ids[-1]]
-        now = torch.log_softmax(_logits_at(model, kept), -1)
+        nll = -torch.log_softmax(_logits(model, final[0, -1]), -1)[ids[-1]]
+        now = torch.log_softmax(_logits(model, kept), -1)
         loss = nll + f * (now.exp() * (now - before)).sum()
         opt.zero_grad()
         loss.backward()
@@ -383,3 +388,144 @@ def test_kept_prompt_answered_with_the_old_object_is_dropped():
     kept = run(_preserve_pair(tok.decode([other])), cfg)
     torch.testing.assert_close(dropped[0], plain[0])
     assert not torch.allclose(kept[0], plain[0], atol=1e-3)
+
+
+class _FakeMemory:
+    """A device of ``free`` bytes on which a chunk takes ``fixed + per_request x requests`` at its peak."""
+
+    def __init__(self, free: int, per_request: int, fixed: int = 0):
+        self.free, self.per_request, self.fixed, self.peak_now, self.released = free, per_request, fixed, 0, 0
+
+    def available(self):
+        return self.free
+
+    def start(self):
+        self.peak_now = 0
+        return 0
+
+    def peak(self):
+        return self.peak_now
+
+    def release(self):
+        self.released += 1
+
+    def use(self, n: int):
+        if self.fixed + self.per_request * n > self.free:
+            raise torch.OutOfMemoryError("fake: out of memory")
+        self.peak_now = self.fixed + self.per_request * n
+
+
+def test_chunk_sizer_probes_then_fills_free_memory_and_halves_on_oom():
+    from memit_adapter.targets import ChunkSizer
+
+    memory = _FakeMemory(free=1000, per_request=10, fixed=40)
+    sizer = ChunkSizer(None, "cpu", probe=4, fill=0.8, memory=memory)
+    seen = []
+
+    def work(chunk):
+        memory.use(len(chunk))
+        seen.append(list(chunk))
+
+    groups = [[i] for i in range(200)]
+    sizer.run(groups, work, progress=False)
+    # the probe's 4 requests took 80 bytes: 20 a request -> 40 at once; then 440 for 40: 11 a request -> 72
+    assert [len(c) for c in seen[:3]] == [4, 40, 72] and sum(seen, []) == list(range(200))
+    # a device that has less free memory than measured (longer rows than before): halve and go on at that size
+    memory = _FakeMemory(free=500, per_request=30)
+    sizer = ChunkSizer(None, "cpu", probe=4, memory=memory)
+    sizer.per_request = 10.0  # as if a chunk of short rows had been measured: 40 at once
+    seen.clear()
+    sizer.run([[0, 1], *[[i] for i in range(2, 60)]], work, progress=False)
+    assert memory.released == 2 and sizer.cap == 10 and [len(c) for c in seen] == [10] * 6  # 40 -> 20 -> 10
+    assert sum(seen, []) == list(range(60))
+    with pytest.raises(torch.OutOfMemoryError):  # one group that does not fit cannot be halved
+        ChunkSizer(None, "cpu", probe=50, memory=_FakeMemory(free=100, per_request=10)).run(
+            [list(range(50))], work, progress=False)
+    # a given size, or the CPU: no measuring
+    seen.clear()
+    ChunkSizer(3, "cpu").run([[0, 1], [2], [3, 4], [5]], work, progress=False)
+    assert seen == [[0, 1, 2], [3, 4, 5]]
+    assert ChunkSizer(None, "cpu").memory is None
+
+
+def test_targets_sized_from_free_memory_equal_targets_at_once(monkeypatch):
+    """batch_size None on a device that reports its memory: chunks sized by it, some halved after running out of
+    memory; z is the same as in one batch."""
+    from memit_adapter import targets as targets_mod
+
+    model, tok = model_and_tokenizer("gpt2")
+    spec, reqs = get_arch_spec(model), _same_subject_requests() + requests()
+    cfg = config(v_num_grad_steps=4)
+    z_all, h_all = compute_targets(model, spec, tok, reqs, ["{}"], cfg, 1, progress=False)
+    memory = _FakeMemory(free=100, per_request=30)
+    sizes = []
+    real = targets_mod.optimise_deltas
+
+    def fake_device(*args, **kwargs):
+        memory.use(len(args[3]))
+        sizes.append(len(args[3]))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(targets_mod._DeviceMemory, "of", classmethod(lambda cls, device: memory))
+    monkeypatch.setattr(targets_mod, "optimise_deltas", fake_device)
+    z, h = compute_targets(model, spec, tok, reqs, ["{}"], cfg, 1, progress=False)
+    assert memory.released >= 1 and max(sizes) <= 3 and sum(sizes) == len(reqs)
+    torch.testing.assert_close(z, z_all, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(h, h_all, rtol=1e-5, atol=1e-5)
+
+
+def test_a_step_reads_one_value_list_back_from_the_device(monkeypatch):
+    """Past the set-up, each step of the z loop reads the device once (which rows go on, the loss shown): no
+    ``.item()``, ``int(tensor)``, ``if tensor`` or ``nonzero`` in targets.py while the set of rows stays."""
+    import sys
+
+    model, tok = model_and_tokenizer("gpt2")
+    spec = get_arch_spec(model)
+    reads = []
+
+    def counting(name):
+        real = getattr(torch.Tensor, name)
+
+        def counted(self, *args, **kwargs):
+            if sys._getframe(1).f_code.co_filename.endswith("targets.py"):
+                reads.append(name)
+            return real(self, *args, **kwargs)
+        return counted
+
+    for name in ("item", "tolist", "nonzero", "__bool__", "__int__", "__float__", "__index__"):
+        monkeypatch.setattr(torch.Tensor, name, counting(name))
+
+    def run(steps):
+        reads.clear()
+        cfg = config(v_num_grad_steps=steps, v_loss_threshold=0.0)  # no row stops early
+        compute_targets(model, spec, tok, requests(), ["{}", "the man said . {}"], cfg, 1, progress=False)
+        return list(reads)
+
+    few, more = run(3), run(7)
+    assert len(more) - len(few) == 4 and more[-4:] == ["tolist"] * 4
+
+
+def test_non_finite_loss_is_an_error_not_a_stop():
+    """A forward that overflows gives a NaN loss, which no threshold compares below: it raises, where it would
+    otherwise have ended the row as if it had converged."""
+    from memit_adapter import MemitError
+
+    model, tok = model_and_tokenizer("gpt2")
+    with torch.no_grad():
+        model.transformer.h[3].mlp.c_fc.weight.fill_(float("inf"))
+    with pytest.raises(MemitError, match="not finite at step 0"):
+        compute_targets(model, get_arch_spec(model), tok, requests()[:2], ["{}"], config(), 1, progress=False)
+
+
+def test_half_precision_head_gives_float32_logits():
+    from memit_adapter.targets import _Head
+
+    model = tiny_model("llama", dtype=torch.bfloat16, initializer_range=0.1)
+    hidden = (torch.randn(5, 32, generator=torch.Generator().manual_seed(0)) * 30).bfloat16()
+    logits = _Head(model)(hidden)
+    want = hidden.float() @ model.lm_head.weight.float().T
+    assert logits.dtype == torch.float32
+    torch.testing.assert_close(logits, want, rtol=1e-6, atol=1e-5)
+    assert not torch.allclose(model.lm_head(hidden).float(), want, rtol=1e-6, atol=1e-5)  # bf16 rounds them
+    model32 = tiny_model("gpt2")
+    assert _Head(model32).weight.data_ptr() == model32.lm_head.weight.data_ptr()  # float32: no copy
