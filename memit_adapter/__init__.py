@@ -24,9 +24,11 @@ from .errors import (
     FingerprintMismatchError,
     InvalidRequestError,
     MemitError,
+    OverwriteError,
     PackError,
     StatisticsError,
     UnsupportedArchitectureError,
+    WeightsChangedError,
 )
 from .evaluation import CounterFactResult, evaluate_counterfact, evaluate_pack
 from .pack import EditPack, LayerDelta
@@ -51,11 +53,13 @@ __all__ = [
     "MemitConfig",
     "MemitError",
     "MergeReport",
+    "OverwriteError",
     "PackError",
     "SecondMoment",
     "StatisticsError",
     "StatsCache",
     "UnsupportedArchitectureError",
+    "WeightsChangedError",
     "active_packs",
     "collect_stats",
     "compute_edits",

@@ -3,7 +3,8 @@
 Usage::
 
     report = merge(pack, model)      # in place; report.restore_bytes, report.delta_rel_error
-    unmerge(pack, model)             # every weight bit for bit as before
+    unmerge(pack, model)             # every weight bit for bit as before; WeightsChangedError if other code
+                                     # changed them since (nothing done), force=True restores anyway and warns
     with applied(pack, model):       # forward hooks: W x + B (A x); the weights are not touched
         model.generate(**batch)
     attach(pack, model); detach(pack, model)
@@ -15,8 +16,11 @@ element, or a plain copy of the weight when that is smaller (deltas as large as 
 Measured on rank-10 deltas of 512 x 2048 weights: with ``‖Δ‖/‖W‖ = 1e-2`` 1.2-1.3% of the elements
 in fp32, fp16 and bf16 (0.07-0.1 bytes per weight element instead of 2-4 for a copy); 7.5% at 1e-1,
 0.2% at 1e-3. The cost is never more than one copy of the edited weights. Deltas are formed in float64, one block of
-rows at a time, so that ``unmerge`` recomputes exactly what ``merge`` computed; a checksum of the
-original bits confirms the restore.
+rows at a time, so that ``unmerge`` recomputes exactly what ``merge`` computed.
+
+Unmerge is a transaction. ``merge`` keeps a digest of every stored row before and after (16 bytes per
+row); ``unmerge`` first checks that the weights are still the ones merge left, then restores on copies,
+checks every row against the original digests, and only then writes the weights and drops the pack.
 
 State lives on the model (attribute ``_memit_adapter_edits``), like PEFT's per-layer ``merged``
 flags: which packs are merged (in order) and which are attached.
@@ -35,9 +39,9 @@ from types import SimpleNamespace
 import torch
 from torch import nn
 
-from .errors import FingerprintMismatchError, PackError
+from .errors import FingerprintMismatchError, PackError, WeightsChangedError
 from .fingerprint import weights_fingerprint
-from .pack import EditPack, LayerDelta, check_compatible
+from .pack import EditPack, LayerDelta, check_compatible, check_finite
 
 logger = logging.getLogger(__name__)
 
@@ -50,15 +54,17 @@ _INT_VIEW = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 class _Restore:
     index: torch.Tensor  # (n_fix,) flat positions where (W' - Δ) does not give W back
     values: torch.Tensor  # (n_fix,) the original values there
-    checksum: int  # sum of the original bits, checked after the restore
+    before: torch.Tensor  # (rows,) int64 digests of W's stored rows, on CPU: the restore is checked against them
+    after: torch.Tensor  # (rows,) digests of W' = what merge left: unmerge checks that nobody changed it since
     full: torch.Tensor | None = None  # the whole original weight, when that is smaller than index + values
 
     @property
     def nbytes(self) -> int:
+        """Bytes of the restore record proper; the two digests add 16 bytes per stored row."""
         return sum(t.numel() * t.element_size() for t in (self.index, self.values, self.full) if t is not None)
 
 
-@dataclass
+@dataclass(eq=False)
 class _Merged:
     pack: EditPack
     pack_id: str
@@ -86,7 +92,8 @@ class _ModelEdits:
 class MergeReport:
     """What a merge did. ``delta_rel_error``: ``‖(W' − W) − Δ‖ / ‖Δ‖``, the share of the delta lost to rounding
     into the weight dtype (0 in fp32; large in bf16 for small deltas). ``restore_bytes``: memory kept for the
-    exact unmerge; ``restore_fraction``: share of the edited elements that needed it."""
+    exact unmerge (plus 16 bytes per stored row for the digests that check it); ``restore_fraction``: share of
+    the edited elements that needed it."""
 
     dtype: torch.dtype
     delta_rel_error: float
@@ -159,6 +166,7 @@ def merge(pack: EditPack, model: nn.Module, *, force: bool = False, loss_warn_th
     if any(m.pack_id == pid for m in state.merged) or pid in state.attached:
         warnings.warn("this pack is already merged into or attached to the model; nothing done", stacklevel=2)
         return None
+    check_finite(pack, "merge")
     check_fits(pack, model, force=force)
     new_weights, restores, errors = {}, {}, {}
     for name, d in pack.deltas.items():
@@ -178,30 +186,97 @@ def merge(pack: EditPack, model: nn.Module, *, force: bool = False, loss_warn_th
     return report
 
 
-def unmerge(pack: EditPack, model: nn.Module) -> None:
-    """Undo :func:`merge` bit for bit. Packs merged later on the same modules are taken off and put back."""
+def unmerge(pack: EditPack, model: nn.Module, *, force: bool = False) -> None:
+    """Undo :func:`merge` bit for bit, as one transaction. Packs merged later on the same modules are taken off
+    and put back.
+
+    First checks that every weight involved still holds what the merges left (a digest per stored row); if
+    other code changed one since, raises :class:`WeightsChangedError` naming the modules and rows, with nothing
+    changed. ``force=True`` restores anyway and warns what it overwrote: every element nobody changed gets its
+    pre-merge bits back, and so do the changed ones where the merge kept a copy of the original weight (large
+    deltas) or of the element; the other changed elements hold their current value minus the delta.
+    """
     state = model_edits(model)
     pid = pack.pack_id
     pos = next((i for i, m in enumerate(state.merged) if m.pack_id == pid), None)
     if pos is None:
         warnings.warn("this pack is not merged into the model; nothing to unmerge", stacklevel=2)
         return
-    later = [m for m in state.merged[pos + 1:] if set(m.pack.module_names) & set(pack.module_names)]
-    for m in reversed(later):
-        _restore(model, m)
-        state.merged.remove(m)
-    _restore(model, state.merged.pop(pos))
+    chain = _merged_on_top(state.merged, pos)
+    names = list(dict.fromkeys(name for m in chain for name in m.restores))
+    changed = _changed_rows(model, state.merged, names, force=force)
+    weights = {name: model.get_submodule(name).weight.detach().clone() for name in names}
+    inexact: dict[str, int] = {}
+    for i, m in reversed(list(enumerate(chain))):  # on copies: the model changes only once all is computed
+        for name, d in m.pack.deltas.items():
+            bad = _restore_weight(weights[name], d, m.restores[name], m.pack.fan_in_fan_out)
+            allowed = torch.zeros_like(bad)
+            if name in changed:
+                allowed[changed[name]] = True
+            if (bad & ~allowed).any():
+                raise PackError(f"{name}: the restored weight differs from the original bits in rows nobody changed; "
+                                "the delta was recomputed differently than at merge time (was the model moved to "
+                                "another device, or torch upgraded?); nothing was changed")
+            if all(name not in c.restores for c in chain[:i]):  # the first merge into this module: the base
+                inexact[name] = int(bad.sum())
+    remerged = []
+    for m in chain[1:]:
+        restores = {}
+        for name, d in m.pack.deltas.items():
+            weights[name], restores[name], _ = _merged_weight(weights[name], d, m.pack.fan_in_fan_out, name)
+        remerged.append(_Merged(m.pack, m.pack_id, restores))
+    with torch.no_grad():
+        for name, w in weights.items():
+            model.get_submodule(name).weight.copy_(w)
+    gone = {id(m) for m in chain}
+    state.merged[:] = [m for m in state.merged if id(m) not in gone] + remerged
     state.verified.clear()
-    for m in later:
-        merge(m.pack, model, force=True, loss_warn_threshold=math.inf)
+    if changed:
+        shown = "; ".join(f"{name}: {int(rows.numel())} row(s), {int(rows.numel()) - inexact[name]} of them back "
+                          f"to their pre-merge bits" for name, rows in changed.items())
+        warnings.warn(f"unmerge(force=True) overwrote weights changed after the merge ({shown}). Rows not back to "
+                      "their pre-merge bits hold, in the changed elements, their current value minus the delta "
+                      "(the restore record keeps no copy of those elements).", stacklevel=2)
 
 
-def _restore(model: nn.Module, merged: _Merged) -> None:
-    for name, d in merged.pack.deltas.items():
-        _restore_weight(model.get_submodule(name).weight, d, merged.restores[name], merged.pack.fan_in_fan_out, name)
+def _merged_on_top(merged: list[_Merged], pos: int) -> list[_Merged]:
+    """``merged[pos]`` and every later merge that shares a module with it or with one already taken."""
+    chain, names = [merged[pos]], set(merged[pos].restores)
+    for m in merged[pos + 1:]:
+        if names & set(m.restores):
+            chain.append(m)
+            names |= set(m.restores)
+    return chain
 
 
-def _restore_weight(w: torch.Tensor, d: LayerDelta, r: _Restore, transposed: bool, name: str) -> None:
+def _changed_rows(model: nn.Module, merged: list[_Merged], names: list[str], *, force: bool
+                  ) -> dict[str, torch.Tensor]:
+    """Stored rows of each weight in ``names`` that differ from what the last merge into it left; raises
+    :class:`WeightsChangedError` if there are any and not ``force``, or if a weight changed shape or dtype."""
+    changed, shown = {}, []
+    for name in names:
+        last = next(m for m in reversed(merged) if name in m.restores).restores[name]
+        w = model.get_submodule(name).weight
+        ref = last.full if last.full is not None else last.values
+        if w.dim() != 2 or w.shape[0] != last.after.numel() or w.dtype != ref.dtype:
+            raise WeightsChangedError(
+                f"cannot unmerge: {name}'s weight is now {w.dtype} of shape {tuple(w.shape)}, not the "
+                f"{ref.dtype} weight with {last.after.numel()} rows the pack was merged into; nothing was changed. "
+                "Cast or reload the model as it was when merged, or reload the base model.")
+        rows = (_row_digests(w) != last.after).nonzero().squeeze(1)
+        if rows.numel():
+            changed[name] = rows
+            shown.append(f"{name} ({rows.numel()} of {w.shape[0]} stored rows, first {rows[:3].tolist()})")
+    if changed and not force:
+        raise WeightsChangedError(
+            f"cannot unmerge exactly: weights were changed after the merge by other code: {'; '.join(shown)}. "
+            "Nothing was changed. Reload the base model, or pass force=True to restore the pre-merge weights "
+            "anyway (overwriting those changes; see unmerge).")
+    return changed
+
+
+def _restore_weight(w: torch.Tensor, d: LayerDelta, r: _Restore, transposed: bool) -> torch.Tensor:
+    """``W' -> W`` in place on ``w``; returns the ``(rows,)`` mask of stored rows that did not come back."""
     with torch.no_grad():
         if r.full is not None:
             w.copy_(r.full)
@@ -209,20 +284,22 @@ def _restore_weight(w: torch.Tensor, d: LayerDelta, r: _Restore, transposed: boo
             for rows, delta in _delta_blocks(d, w, transposed):
                 w[rows] = (w[rows].to(delta.dtype) - delta).to(w.dtype)
             w.view(-1)[r.index.long()] = r.values
-    if _checksum(w) != r.checksum:
-        raise PackError(f"{name}: the restored weight differs from the original bits; the delta was "
-                        "recomputed differently than at merge time (device or library changed?)")
+    return _row_digests(w) != r.before
 
 
-def _base_fingerprint(model: nn.Module, state: _ModelEdits, names: list[str]) -> str:
+def _base_fingerprint(model: nn.Module, state: _ModelEdits, names: list[str]) -> str | None:
     """Fingerprint of ``names`` with every merged pack taken off, computed on copies: packs computed
-    independently on the same base may be merged one after the other."""
+    independently on the same base may be merged one after the other. ``None`` when the weights were changed
+    since a merge (the base cannot be recovered exactly)."""
     base = {}
     for name in names:
+        merges = [m for m in state.merged if name in m.restores]
         w = model.get_submodule(name).weight.detach().clone()
-        for m in reversed(state.merged):
-            if name in m.restores:
-                _restore_weight(w, m.pack.deltas[name], m.restores[name], m.pack.fan_in_fan_out, name)
+        if merges and not torch.equal(_row_digests(w), merges[-1].restores[name].after):
+            return None
+        for m in reversed(merges):
+            if _restore_weight(w, m.pack.deltas[name], m.restores[name], m.pack.fan_in_fan_out).any():
+                return None
         base[name] = w
     return weights_fingerprint(_Weights(base), names)
 
@@ -261,31 +338,43 @@ def _merged_weight(w: torch.Tensor, d: LayerDelta, transposed: bool, name: str
             new[rows] = merged
     index = torch.cat(fixes_idx)
     index = index.to(torch.int32) if w.numel() < 2**31 else index
+    before, after = _row_digests(w), _row_digests(new)
     if index.numel() * (index.element_size() + w.element_size()) >= w.numel() * w.element_size():
         # large deltas (‖Δ‖ ≳ ‖W‖) leave few elements exactly recoverable: a plain copy is smaller
         empty = index[:0]
-        return new, _Restore(empty, empty.to(w.dtype), _checksum(w), full=w.detach().clone()), (lost2, norm2)
-    return new, _Restore(index, torch.cat(fixes_val), _checksum(w)), (lost2, norm2)
+        return new, _Restore(empty, empty.to(w.dtype), before, after, full=w.detach().clone()), (lost2, norm2)
+    return new, _Restore(index, torch.cat(fixes_val), before, after), (lost2, norm2)
+
+
+def _row_blocks(w: torch.Tensor) -> Iterator[slice]:
+    step = max(1, _BLOCK_ELEMENTS // max(1, w.shape[1]))
+    for start in range(0, w.shape[0], step):
+        yield slice(start, min(start + step, w.shape[0]))
 
 
 def _delta_blocks(d: LayerDelta, w: torch.Tensor, transposed: bool) -> Iterator[tuple[slice, torch.Tensor]]:
     """Yield ``(rows, Δ[rows])`` in the weight's storage layout, float64 (float32 where the device has no fp64)."""
     acc = torch.float32 if w.device.type == "mps" else torch.float64
-    step = max(1, _BLOCK_ELEMENTS // max(1, w.shape[1]))
     if d.is_dense:
         full = d.dense.T if transposed else d.dense
-        for start in range(0, w.shape[0], step):
-            rows = slice(start, min(start + step, w.shape[0]))
+        for rows in _row_blocks(w):
             yield rows, full[rows].to(device=w.device, dtype=acc)
         return
     B, A = d.B.to(device=w.device, dtype=acc), d.A.to(device=w.device, dtype=acc)
-    for start in range(0, w.shape[0], step):
-        rows = slice(start, min(start + step, w.shape[0]))
+    for rows in _row_blocks(w):
         yield rows, (A[:, rows].T @ B.T) if transposed else (B[rows] @ A)  # (rows, cols) of the stored weight
 
 
-def _checksum(w: torch.Tensor) -> int:
-    return int(w.detach().view(_INT_VIEW[w.element_size()]).to(torch.int64).sum())
+def _row_digests(w: torch.Tensor) -> torch.Tensor:
+    """``(rows,)`` int64 on CPU: ``Σ_j bits(w[i, j]) · (2j + 1)`` mod 2⁶⁴ for each stored row ``i``. The weights
+    are odd, hence invertible mod 2⁶⁴: changing any one element always changes its row's digest, and a swap of
+    two different elements does too. Integer sums wrap, so the value does not depend on the summation order."""
+    ints = w.detach().view(_INT_VIEW[w.element_size()])
+    cols = torch.arange(1, 2 * w.shape[1], 2, dtype=torch.int64, device=w.device)
+    out = torch.empty(w.shape[0], dtype=torch.int64)
+    for rows in _row_blocks(w):
+        out[rows] = (ints[rows].to(torch.int64) * cols).sum(dim=1).cpu()
+    return out
 
 
 def _report(model: nn.Module, pack: EditPack, restores: dict[str, _Restore],
@@ -315,6 +404,7 @@ def attach(pack: EditPack, model: nn.Module, *, force: bool = False) -> bool:
     if pid in state.attached or any(m.pack_id == pid for m in state.merged):
         warnings.warn("this pack is already attached to or merged into the model; nothing done", stacklevel=2)
         return False
+    check_finite(pack, "attach")
     check_fits(pack, model, force=force)
     handles = []
     try:

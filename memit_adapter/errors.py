@@ -36,3 +36,11 @@ class PackError(MemitError, ValueError):
 
 class FingerprintMismatchError(PackError):
     """The pack was computed on other base weights than the model it is applied to."""
+
+
+class WeightsChangedError(PackError):
+    """Weights a pack was merged into were changed by other code since; ``unmerge`` would not restore them exactly."""
+
+
+class OverwriteError(PackError):
+    """Saving would replace or mix with files that are not an edit pack written by this library."""

@@ -58,6 +58,9 @@ class LayerDelta:
             raise PackError("LayerDelta tensors must be 2-D torch tensors")
         if low_rank and self.B.shape[1] != self.A.shape[0]:
             raise PackError(f"B {tuple(self.B.shape)} and A {tuple(self.A.shape)} disagree on the rank")
+        if n := _non_finite(self):
+            raise PackError(f"a LayerDelta of shape {self.shape} would hold {n} NaN/inf value(s); non-finite deltas "
+                            "never enter a pack (an overflow in a cast, or a failed solve?)")
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, LayerDelta):
@@ -177,6 +180,7 @@ class EditPack:
         self.deltas = dict(self.deltas)
         self.requests = list(self.requests)
         self.parents = list(self.parents)
+        check_finite(self, "EditPack")
         self.set_representation(self.representation)
 
     @property
@@ -219,10 +223,16 @@ class EditPack:
         """
         if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
             raise PackError(f"rank must be an int >= 1, got {rank!r}")
-        discarded = total = 0.0
-        for name, d in self.deltas.items():
-            self.deltas[name], lost, norm2 = d.truncated(rank)
+        check_finite(self, "compress")
+        truncated, discarded, total = {}, 0.0, 0.0
+        for name, d in self.deltas.items():  # all or nothing: the pack changes only once every SVD succeeded
+            try:
+                truncated[name], lost, norm2 = d.truncated(rank)
+            except torch.linalg.LinAlgError as e:
+                raise PackError(f"compress: the SVD of the delta of {name} {d.shape} did not converge ({e}); "
+                                "nothing was changed. Keep the pack uncompressed, or compress in float64.") from e
             discarded, total = discarded + lost, total + norm2
+        self.deltas.update(truncated)
         self.set_representation(self.representation)
         return math.sqrt(discarded / total) if total > 0 else 0.0
 
@@ -274,11 +284,15 @@ class EditPack:
 
         return merge(self, model, force=force, loss_warn_threshold=loss_warn_threshold)
 
-    def unmerge(self, model: nn.Module) -> None:
-        """Restore the weights this pack's :meth:`merge` changed, bit for bit."""
+    def unmerge(self, model: nn.Module, *, force: bool = False) -> None:
+        """Restore the weights this pack's :meth:`merge` changed, bit for bit (:func:`memit_adapter.apply.unmerge`).
+
+        Raises :class:`~memit_adapter.errors.WeightsChangedError`, changing nothing, if other code changed those
+        weights since the merge; ``force=True`` restores them anyway and warns what it overwrote.
+        """
         from .apply import unmerge
 
-        unmerge(self, model)
+        unmerge(self, model, force=force)
 
     def attach(self, model: nn.Module, *, force: bool = False) -> bool:
         """Add the deltas in the forward pass (forward hooks) without touching the weights; False if already active."""
@@ -301,11 +315,16 @@ class EditPack:
             yield model
 
     # -- files and Hub (see memit_adapter.persistence, memit_adapter.hub) --------------------------------
-    def save_pretrained(self, save_directory: str, *, dense_file: bool = False, card: bool = True) -> None:
-        """Write the pack as a PEFT LoRA adapter plus metadata; see :func:`memit_adapter.persistence.save_pack`."""
+    def save_pretrained(self, save_directory: str, *, dense_file: bool = False, card: bool = True,
+                        overwrite: bool = False) -> None:
+        """Write the pack as a PEFT LoRA adapter plus metadata; see :func:`memit_adapter.persistence.save_pack`.
+
+        A folder holding an earlier pack is replaced as a whole, atomically. A folder holding anything else
+        raises :class:`~memit_adapter.errors.OverwriteError` unless ``overwrite=True``.
+        """
         from .persistence import save_pack
 
-        save_pack(self, save_directory, dense_file=dense_file, card=card)
+        save_pack(self, save_directory, dense_file=dense_file, card=card, overwrite=overwrite)
 
     @classmethod
     def from_pretrained(cls, path_or_repo_id: str, *, revision: str | None = None, subfolder: str | None = None,
@@ -343,6 +362,22 @@ def check_compatible(packs: Sequence[EditPack]) -> None:
             f"{len(pairs)} contradicting fact(s) between packs (same subject and prompt, different targets): "
             f"{shown}. Drop one of the packs or recompute one batch with the intended target."
         )
+
+
+def check_finite(pack: EditPack, action: str) -> None:
+    """Raise :class:`PackError` naming the module if a delta holds NaN/inf (changed in place after construction).
+
+    Usage: ``check_finite(pack, "attach")`` at the start of anything that would put the pack into a model or a file.
+    """
+    for name, d in pack.deltas.items():
+        if n := _non_finite(d):
+            raise PackError(f"{action}: the delta of {name} holds {n} NaN/inf value(s); nothing was changed. "
+                            "Non-finite deltas never enter a pack, a model or a file: recompute the pack, or load "
+                            "a saved copy if it was changed in place.")
+
+
+def _non_finite(d: LayerDelta) -> int:
+    return sum(int((~torch.isfinite(t)).sum()) for t in (d.B, d.A, d.dense) if t is not None)
 
 
 def _add(a: LayerDelta, b: LayerDelta) -> LayerDelta:

@@ -16,18 +16,27 @@ per-module ranks go through ``rank_pattern``/``alpha_pattern``. ``adapter_config
 keys every PEFT version since 0.7 knows; our own metadata lives in ``edit_pack.json``. A dense delta
 (more edits than ``min(d_in, d_out)``) is stored exactly with one identity factor.
 
-Writes are atomic: a new folder is built beside the target and renamed into place; into an existing
-folder each file is replaced atomically and ``edit_pack.json``, written last, records the SHA-256 of
-the weights file, so a mixed or damaged set is detected on load. Loading reads safetensors and JSON only.
+A save changes the folder as a whole: the files are written into a new folder beside the target, which
+then takes the target's place in one step, so a reader (``EditPack.from_pretrained`` or stock PEFT) sees
+the old pack or the new one, never a mixture, even if the save is killed. ``edit_pack.json`` records the
+SHA-256 of every other file: a damaged weights file is refused on load, and a file changed by hand is not
+overwritten by the next save without ``overwrite=True``. Loading reads safetensors and JSON only.
 """
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import hashlib
 import json
 import os
+import secrets
 import shutil
-import tempfile
+import sys
+import time
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from importlib import resources
 from pathlib import Path
 from string import Template
@@ -38,9 +47,14 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .config import MemitConfig
-from .errors import MemitError, PackError
-from .pack import EditPack, LayerDelta
+from .errors import MemitError, OverwriteError, PackError
+from .pack import EditPack, LayerDelta, check_finite
 from .requests import EditRequest
+
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None
 
 FORMAT_NAME = "memit_adapter.edit_pack"
 FORMAT_VERSION = 1
@@ -51,60 +65,261 @@ ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
 DENSE_WEIGHTS_FILE = "edit_deltas.safetensors"
 CARD_FILE = "README.md"
 PACK_FILES = (ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, DENSE_WEIGHTS_FILE, REQUESTS_FILE, CARD_FILE, METADATA_FILE)
+_LOADER_FILES = frozenset(PACK_FILES) - {CARD_FILE}  # never carried over from an old folder: a loader reads them
+_TMP_MARK = ".memit-tmp-"  # .NAME.memit-tmp-HEX: a save in progress, or after its swap the old folder being deleted
+_OLD_MARK = ".memit-old-"  # .NAME.memit-old-HEX: the old folder moved aside where two folders cannot be exchanged
+_STALE_AFTER_S = 24 * 3600  # where folders cannot be locked (no fcntl), leftovers older than this are removed
 _PEFT_PREFIX = "base_model.model."
 _CARD_ROWS = 50
 
 
 # -- writing ----------------------------------------------------------------------------------------
-def save_pack(pack: EditPack, save_directory: str | os.PathLike, *, dense_file: bool = False,
-              card: bool = True) -> Path:
-    """Write ``pack`` to ``save_directory`` atomically; returns the folder.
+def save_pack(pack: EditPack, save_directory: str | os.PathLike, *, dense_file: bool = False, card: bool = True,
+              overwrite: bool = False) -> Path:
+    """Write ``pack`` to ``save_directory`` as one atomic change; returns the folder.
 
     ``dense_file=True`` writes ``edit_deltas.safetensors`` (each delta as held: dense matrices or
     ``B``/``A``) instead of ``adapter_config.json`` + ``adapter_model.safetensors``: smaller when a pack
     has more edits than ``d_in·d_out/(d_in + d_out)``, but loadable only by ``EditPack.from_pretrained``.
+
+    The files go into a new folder beside the target (``.NAME.memit-tmp-*``; with the mode of the folder it
+    replaces, or of any new folder: ``0o777`` less the umask), which then takes the target's place in one
+    step (Linux ``renameat2(RENAME_EXCHANGE)``; elsewhere two renames, and a save killed between them is
+    rolled back to the old pack by the next save into the same parent). Leftovers of killed saves in the
+    parent are removed on the next save there. A folder that cannot be swapped (a mount point, the working
+    directory, a parent without write permission) has its files replaced one by one instead, with a warning.
+
+    Saving over a folder that holds an earlier pack replaces it: the normal way to update a pack. A folder
+    holding anything else (a model checkpoint, a README.md of one's own, a pack file changed by hand) raises
+    :class:`OverwriteError` unless ``overwrite=True``; then the pack's files replace those of the same names
+    and every other file is kept (hard-linked into the new folder, or copied).
     """
-    target = Path(save_directory)
+    check_finite(pack, "save")
+    given = Path(save_directory)
+    target = Path(os.path.abspath(given.resolve() if given.is_symlink() else given))  # the folder a link points to
     if target.exists() and not target.is_dir():
-        raise PackError(f"{target} exists and is not a directory")
+        raise PackError(f"{given} exists and is not a directory")
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
+    swap = _swappable(target)
+    _clean_leftovers(target.parent if swap else target)
+    foreign = _foreign_entries(target)
+    if foreign and not overwrite:
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise OverwriteError(
+            f"{given} holds files that are not an edit pack written by memit_adapter ({shown}); nothing was "
+            "written. Save into a new or empty folder, or pass overwrite=True to replace the pack's files there "
+            "and keep the others.")
+    with _staging(target.parent if swap else target, target.name) as tmp:
+        if target.is_dir():
+            os.chmod(tmp, target.stat().st_mode & 0o7777 | 0o700)  # as shared as the folder it replaces
         written = _write_files(pack, tmp, dense_file=dense_file, card=card)
-        if not target.exists() or not any(target.iterdir()):
-            if target.exists():
-                target.rmdir()
-            os.replace(tmp, target)  # the whole folder appears at once
-            return target
-        for name in written:  # the sidecar last: it vouches for the weights file by hash
-            os.replace(tmp / name, target / name)
-        for stale in set(PACK_FILES) - set(written):
-            (target / stale).unlink(missing_ok=True)
-        return target
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if swap:
+            for name in foreign:
+                if name not in written and name not in _LOADER_FILES:
+                    _carry(target / name, tmp / name)
+            _fsync(tmp)
+            _swap_in(tmp, target)
+        else:
+            _replace_files(tmp, target, written, foreign)
+    return given
+
+
+def _swappable(target: Path) -> bool:
+    """Whether a sibling folder can take ``target``'s place: not a mount point, not holding the working
+    directory, in a parent folder we may write."""
+    if not target.is_dir():
+        return True
+    cwd = Path.cwd()
+    return (not os.path.ismount(target) and cwd != target and target not in cwd.parents
+            and os.access(target.parent, os.W_OK | os.X_OK))
+
+
+def _replace_files(new: Path, target: Path, written: list[str], foreign: list[str]) -> None:
+    """The fallback where the folder cannot be swapped: its files are replaced one by one, the sidecar last."""
+    warnings.warn(f"{target} cannot be replaced as a whole (a mount point, the working directory, or a parent "
+                  "folder without write permission): its files are replaced one by one. A save killed midway "
+                  "leaves a folder EditPack.from_pretrained refuses (the sidecar's hashes) and stock PEFT may "
+                  "misread; save into a subfolder to avoid that.", stacklevel=4)
+    for name in written:  # the sidecar, written last, vouches for the others by hash
+        os.replace(new / name, target / name)
+    for name in PACK_FILES:
+        if name not in written and (name in _LOADER_FILES or name not in foreign):
+            (target / name).unlink(missing_ok=True)
+    _fsync(target)
 
 
 def _write_files(pack: EditPack, folder: Path, *, dense_file: bool, card: bool) -> list[str]:
+    mode = folder.stat().st_mode & 0o666  # the new folder's mode less x: what open() gives under this umask
+    files = []
+
+    def done(name: str) -> None:
+        os.chmod(folder / name, mode)  # safetensors creates its files 0o600
+        _fsync(folder / name)
+        files.append(name)
+
     if dense_file:
         weights_file, tensors = DENSE_WEIGHTS_FILE, _native_tensors(pack)
-        files = [weights_file]
     else:
         weights_file, tensors = ADAPTER_WEIGHTS_FILE, _peft_tensors(pack)
         _write_json(folder / ADAPTER_CONFIG_FILE, peft_config_dict(pack))
-        files = [ADAPTER_CONFIG_FILE, weights_file]
+        done(ADAPTER_CONFIG_FILE)
     save_file(tensors, str(folder / weights_file),
               metadata={"format": "pt", "memit_adapter_format": str(FORMAT_VERSION), "pack_id": pack.pack_id})
-    _fsync(folder / weights_file)
+    done(weights_file)
     with open(folder / REQUESTS_FILE, "w", encoding="utf-8") as f:
         f.writelines(json.dumps(r.to_dict(), ensure_ascii=False) + "\n" for r in pack.requests)
-    files.append(REQUESTS_FILE)
+    done(REQUESTS_FILE)
     if card:
         (folder / CARD_FILE).write_text(render_card(pack), encoding="utf-8")
-        files.append(CARD_FILE)
-    meta = metadata_dict(pack, weights_file=weights_file, weights_sha256=_sha256(folder / weights_file))
+        done(CARD_FILE)
+    hashes = {name: _sha256(folder / name) for name in files}
+    meta = metadata_dict(pack, weights_file=weights_file, weights_sha256=hashes[weights_file])
+    meta["files"] = hashes
     _write_json(folder / METADATA_FILE, meta)
-    return files + [METADATA_FILE]
+    done(METADATA_FILE)
+    return files
+
+
+def _foreign_entries(folder: Path) -> list[str]:
+    """Names in ``folder`` that are not files of an edit pack we wrote, as its sidecar vouches for them: every
+    entry when there is no sidecar of ours; else those not listed with their current hash (sidecars written
+    before the hashes were recorded vouch for the pack's file names)."""
+    if not folder.is_dir():
+        return []
+    names = [n for n in sorted(os.listdir(folder)) if _TMP_MARK not in n and _OLD_MARK not in n]  # a save's own
+    try:
+        meta = json.loads((folder / METADATA_FILE).read_text(encoding="utf-8"))
+        ours = meta.get("format") == FORMAT_NAME
+    except (OSError, ValueError, AttributeError):
+        ours = False
+    if not ours:
+        return names
+    hashes = meta.get("files")
+    if not isinstance(hashes, dict):
+        return [n for n in names if n not in PACK_FILES]
+    return [n for n in names if n != METADATA_FILE and not (
+        n in hashes and (folder / n).is_file() and not (folder / n).is_symlink() and _sha256(folder / n) == hashes[n])]
+
+
+def _carry(src: Path, dst: Path) -> None:
+    """Put ``src`` (a file, a folder or a link) at ``dst`` without copying data where a hard link does."""
+    if src.is_symlink():
+        os.symlink(os.readlink(src), dst)
+    elif src.is_dir():
+        shutil.copytree(src, dst, symlinks=True, copy_function=_link_or_copy)
+    else:
+        _link_or_copy(src, dst)
+
+
+def _link_or_copy(src: str | Path, dst: str | Path) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+# -- swapping folders -------------------------------------------------------------------------------
+@contextmanager
+def _staging(parent: Path, name: str) -> Iterator[Path]:
+    """A new empty folder ``parent/.NAME.memit-tmp-*``, locked while this process writes it, removed on exit
+    (after :func:`_swap_in` it holds the old folder)."""
+    while True:
+        tmp = parent / f".{name}{_TMP_MARK}{secrets.token_hex(6)}"
+        try:
+            os.mkdir(tmp)  # 0o777 less the umask; tempfile.mkdtemp would make it 0o700
+        except FileExistsError:
+            continue
+        lock = _lock(tmp, block=True)
+        try:
+            if lock is None or os.path.samestat(os.fstat(lock), os.stat(tmp)):
+                break  # not removed as a leftover by another save between mkdir and lock
+        except FileNotFoundError:
+            pass
+        _unlock(lock)
+    try:
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        _unlock(lock)
+
+
+def _swap_in(new: Path, target: Path) -> None:
+    """Put folder ``new`` at ``target`` in one step; what was at ``target`` ends up at ``new``."""
+    if not target.exists():
+        os.rename(new, target)
+    elif not _exchange(new, target):
+        old = target.parent / f".{target.name}{_OLD_MARK}{secrets.token_hex(6)}"
+        lock = _lock(target, block=True)
+        try:
+            os.rename(target, old)  # killed here: _clean_leftovers renames it back
+            os.rename(new, target)
+            shutil.rmtree(old, ignore_errors=True)
+        finally:
+            _unlock(lock)
+    _fsync(target.parent)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths atomically with Linux ``renameat2(RENAME_EXCHANGE)``; False where that is not available."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except AttributeError:  # a C library older than glibc 2.28
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):  # a file system (NFS, ...) or kernel without it
+        return False
+    raise OSError(err, os.strerror(err), str(a), None, str(b))
+
+
+def _clean_leftovers(parent: Path) -> None:
+    """Remove the temporary folders of killed saves in ``parent``, and put back a folder a killed save had
+    moved aside. A save in progress holds a lock on its folder; the kernel drops it when the process dies."""
+    try:
+        entries = [e for e in os.scandir(parent) if e.name.startswith(".") and e.is_dir(follow_symlinks=False)]
+    except OSError:
+        return
+    for entry in entries:
+        name, path = entry.name, Path(entry.path)
+        mark = _TMP_MARK if _TMP_MARK in name else _OLD_MARK if _OLD_MARK in name else None
+        if mark is None:
+            continue
+        try:
+            lock = _lock(path, block=False)
+            if lock is None and (fcntl is not None or time.time() - path.stat().st_mtime < _STALE_AFTER_S):
+                continue  # a save in progress
+            try:
+                original = parent / name[1:name.rindex(mark)]
+                if mark == _OLD_MARK and not original.exists():
+                    os.rename(path, original)  # killed between its two renames: the old pack is the consistent one
+                else:
+                    shutil.rmtree(path, ignore_errors=True)
+            finally:
+                _unlock(lock)
+        except OSError:
+            continue  # never let cleaning up fail a save
+
+
+def _lock(folder: Path, *, block: bool) -> int | None:
+    """A descriptor holding an exclusive ``flock`` on ``folder``; None if busy (``block=False``) or without fcntl."""
+    if fcntl is None:
+        return None
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | (0 if block else fcntl.LOCK_NB))
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def _unlock(fd: int | None) -> None:
+    if fd is not None:
+        os.close(fd)  # closing drops the flock
 
 
 def peft_config_dict(pack: EditPack) -> dict[str, Any]:
@@ -187,12 +402,18 @@ def _plain(t: torch.Tensor) -> torch.Tensor:
 
 def _write_json(path: Path, data: Any) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
-    _fsync(path)
 
 
 def _fsync(path: Path) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
+    """Flush a file, or a folder's entries, to disk (before a rename makes them visible)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # folders cannot be opened on Windows
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _sha256(path: Path) -> str:
@@ -278,6 +499,10 @@ def _pack_from(folder: Path, meta: dict[str, Any]) -> EditPack:
         raise PackError(f"{path} does not match the hash recorded in {METADATA_FILE}: the file is damaged, or "
                         "comes from another save. Save the pack again.")
     tensors = _read_safetensors(path)
+    for key, t in tensors.items():
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise PackError(f"{path}: tensor {key} holds {int((~torch.isfinite(t)).sum())} NaN/inf value(s); a "
+                            "pack with non-finite deltas is refused. Recompute the pack.")
     modules = meta["modules"]
     if weights_file == ADAPTER_WEIGHTS_FILE:
         _check_peft_config(folder, meta)

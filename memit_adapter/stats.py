@@ -16,7 +16,8 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
+import secrets
+import warnings
 import weakref
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -24,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
@@ -120,7 +121,9 @@ def _is_dataset(obj: Any) -> bool:
 class StatsCache:
     """Second moments on disk as safetensors, one file per (model, layer, corpus, samples, dtype) key.
 
-    Writes are atomic (temporary file + rename), so an interrupted run leaves no partial entry.
+    Writes are atomic (temporary file + rename), so an interrupted run leaves no partial entry. The cache
+    only saves time: :func:`collect_stats` warns and still returns its result when the cache cannot be
+    read or written; an entry that exists but is damaged raises :class:`StatisticsError` naming the file.
     """
 
     def __init__(self, directory: str | os.PathLike) -> None:
@@ -132,31 +135,68 @@ class StatsCache:
 
     def load(self, key: dict[str, Any]) -> SecondMoment | None:
         path = self.path(key)
-        if not path.is_file():
+        if not _is_file(path):
             return None
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                meta = f.metadata() or {}
-                mom2 = f.get_tensor("mom2")
-        except Exception as e:  # noqa: BLE001 - any unreadable file is a cache miss we must report
-            raise StatisticsError(f"statistics cache file {path.name} is unreadable ({e}); delete it") from e
-        if json.loads(meta.get("key", "{}")) != key:
-            raise StatisticsError(f"statistics cache file {path.name} holds another key; delete it")
-        return SecondMoment(mom2=mom2, count=int(meta["count"]))
+        stored, stat = _read_entry(path, with_tensor=True)
+        if stored != key:
+            raise StatisticsError(f"statistics cache file {path} holds another key; delete it")
+        return stat
 
     def save(self, key: dict[str, Any], stat: SecondMoment) -> Path:
+        """Write one entry; raises ``OSError`` when the directory cannot be written (``collect_stats`` warns)."""
         path = self.path(key)
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".safetensors")
-        os.close(fd)
+        tmp = path.parent / f".tmp-{secrets.token_hex(6)}.safetensors"
         try:
-            save_file({"mom2": stat.mom2.contiguous().cpu()}, tmp,
+            with open(tmp, "xb"):  # 0o666 less the umask: the mode the entry gets (safetensors writes 0o600)
+                pass
+            mode = tmp.stat().st_mode & 0o777
+            save_file({"mom2": stat.mom2.contiguous().cpu()}, str(tmp),
                       metadata={"key": json.dumps(key, sort_keys=True), "count": str(stat.count)})
+            os.chmod(tmp, mode)
             os.replace(tmp, path)
         finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+            tmp.unlink(missing_ok=True)
         return path
+
+
+def _read_entry(path: Path, *, with_tensor: bool) -> tuple[dict[str, Any], SecondMoment | None]:
+    """The key of a cache file and, ``with_tensor``, its statistics; :class:`StatisticsError` if it is damaged."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            mom2 = f.get_tensor("mom2") if with_tensor else None
+        key = json.loads(meta["key"])
+        stat = SecondMoment(mom2=mom2, count=int(meta["count"])) if with_tensor else None
+    except Exception as e:  # noqa: BLE001 - safetensors, JSON and missing fields: all mean a damaged entry
+        raise StatisticsError(f"statistics cache file {path} is unreadable ({type(e).__name__}: {e}); "
+                              "delete it") from e
+    if not isinstance(key, dict):
+        raise StatisticsError(f"statistics cache file {path} is unreadable (its key is not an object); delete it")
+    return key, stat
+
+
+def _is_file(path: Path) -> bool:
+    try:
+        return path.is_file()
+    except OSError as e:  # a cache directory we may not read: a miss, the statistics are computed
+        _warn_cache(path.parent, e, "read")
+        return False
+
+
+def _warn_cache(directory: Path, error: Exception, action: str) -> None:
+    warnings.warn(f"could not {action} the statistics cache in {directory} ({type(error).__name__}: {error}); "
+                  "the statistics are computed and returned but not cached there", stacklevel=4)
+
+
+def _save_all(cache: StatsCache, keys: dict[int, dict[str, Any] | None], stats: dict[int, SecondMoment]) -> None:
+    """Write fresh statistics to ``cache``; one that cannot be written costs a warning, never the pass."""
+    for layer, stat in stats.items():
+        try:
+            cache.save(keys[layer], stat)
+        except (OSError, SafetensorError) as e:
+            _warn_cache(cache.directory, e, "write")
+            return
 
 
 def model_id(model: nn.Module) -> str:
@@ -229,9 +269,9 @@ def collect_stats(
                             getattr(torch, dtype), progress, max_tokens=max_tokens)
         for layer, stat in fresh.items():
             stat.check_finite(layer)
-            if cache is not None:
-                cache.save(keys[layer], stat)
             out[layer] = stat
+        if cache is not None:
+            _save_all(cache, keys, fresh)
     for layer, stat in out.items():
         stat.check_finite(layer)
     return {layer: out[layer] for layer in layers}
@@ -248,13 +288,15 @@ def _cache_keys(model, layers, corpus, corpus_id, n, dtype, max_length, max_toke
 
 def _find_any(cache: StatsCache, model, layer: int, dtype: str) -> SecondMoment | None:
     """Without a corpus, accept any cached entry of this model, layer and dtype (the newest)."""
-    if not cache.directory.is_dir():
+    try:
+        paths = list(cache.directory.glob(f"mom2_layer{layer}_*.safetensors")) if cache.directory.is_dir() else []
+    except OSError as e:
+        _warn_cache(cache.directory, e, "read")
         return None
     mid = model_id(model)
     found = []
-    for path in cache.directory.glob(f"mom2_layer{layer}_*.safetensors"):
-        with safe_open(str(path), framework="pt") as f:
-            key = json.loads((f.metadata() or {}).get("key", "{}"))
+    for path in paths:
+        key, _ = _read_entry(path, with_tensor=False)
         if key.get("model") == mid and key.get("layer") == layer and key.get("dtype") == dtype:
             found.append((path.stat().st_mtime, key))
     return cache.load(max(found, key=lambda x: x[0])[1]) if found else None

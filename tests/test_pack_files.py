@@ -12,7 +12,7 @@ from safetensors import safe_open
 from tiny import tiny_model
 
 from memit_adapter import persistence
-from memit_adapter.errors import PackError
+from memit_adapter.errors import OverwriteError, PackError
 from memit_adapter.pack import EditPack
 
 # keys every PEFT version since 0.7 accepts in a LoRA adapter_config.json
@@ -120,13 +120,17 @@ def test_dense_file_keeps_low_rank_factors(gpt2, tmp_path):
     assert EditPack.from_pretrained(str(tmp_path)) == pack
 
 
-def test_resave_replaces_files_and_removes_stale_ones(gpt2, tmp_path):
-    (tmp_path / "other.txt").write_text("kept")
+def test_resave_replaces_the_pack_and_removes_stale_files(gpt2, tmp_path):
     random_pack(gpt2, seed=1).save_pretrained(tmp_path, dense_file=True)
     second = random_pack(gpt2, seed=2)
-    second.save_pretrained(tmp_path)
-    assert not (tmp_path / "edit_deltas.safetensors").exists() and (tmp_path / "other.txt").read_text() == "kept"
+    second.save_pretrained(tmp_path)  # a folder of ours: replaced, no option needed
+    assert not (tmp_path / "edit_deltas.safetensors").exists()
     assert EditPack.from_pretrained(str(tmp_path)) == second
+    (tmp_path / "other.txt").write_text("kept")
+    with pytest.raises(OverwriteError, match="other.txt"):  # a file of someone else's: refused (tests/test_faults.py)
+        random_pack(gpt2, seed=3).save_pretrained(tmp_path, dense_file=True)
+    random_pack(gpt2, seed=3).save_pretrained(tmp_path, dense_file=True, overwrite=True)
+    assert (tmp_path / "other.txt").read_text() == "kept" and not (tmp_path / "adapter_model.safetensors").exists()
 
 
 def test_interrupted_save_leaves_nothing_half_written(gpt2, tmp_path, monkeypatch):
@@ -136,7 +140,7 @@ def test_interrupted_save_leaves_nothing_half_written(gpt2, tmp_path, monkeypatc
     def boom(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(persistence, "_write_json", boom)  # dies after the weights, before the sidecar
+    monkeypatch.setattr(persistence, "_write_json", boom)  # dies while the new folder is being written
     with pytest.raises(KeyboardInterrupt):
         random_pack(gpt2, seed=2).save_pretrained(tmp_path / "new")
     with pytest.raises(KeyboardInterrupt):
