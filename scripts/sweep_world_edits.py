@@ -48,9 +48,10 @@ def published(model, **fields) -> MemitConfig:
     """The published method's settings (20 z steps of lr 0.5, clamp 0.75, KL 0.0625, weight decay 0.5,
     threshold 0.05) at layers 0-2 and λ 300, with for_model's statistics budget so that only the method differs."""
     scaled = MemitConfig.for_model(model)
-    return MemitConfig(layers=[0, 1, 2], mom2_update_weight=300.0, v_num_grad_steps=20,
-                       mom2_max_tokens=scaled.mom2_max_tokens, mom2_max_length=scaled.mom2_max_length,
-                       stats_batch_size=scaled.stats_batch_size, **fields)
+    values = dict(layers=[0, 1, 2], mom2_update_weight=300.0, v_num_grad_steps=20,
+                  mom2_max_tokens=scaled.mom2_max_tokens, mom2_max_length=scaled.mom2_max_length,
+                  stats_batch_size=scaled.stats_batch_size)
+    return MemitConfig(**{**values, **fields})
 
 
 def neighbor_split(records) -> dict[str, list[tuple[str, str, str]]]:
