@@ -10,6 +10,7 @@ Usage::
     records = world.counterfact_records()         # CounterFact-format dicts, targets like ' paris'
     make_world(0, names="composite")              # shared first names and surnames, unique pairs
     model, tok, records = load_world_model("gpt2")  # the shipped checkpoint trained on this world (offline)
+    tok = train_world_tokenizer(make_world(0, n_subjects=600), kind="bpe", vocab_size=780)  # GPT-2-style BPE
 
 By default (``names="unique_surname"``) every subject's name ends in a surname that no other subject
 has, so the last subject token identifies the subject. ``names="composite"`` draws first names and
@@ -18,6 +19,11 @@ pair unique. (A 6-layer model trained on a composite world did not compose the s
 token, though: it read both names from the last prompt token, and MEMIT edits there failed too.)
 Objects are single words; no template is a prefix of another, so a prompt has exactly one correct
 next word.
+
+Two kinds of shipped checkpoints: ``"gpt2"`` and ``"llama"`` were shaped until MEMIT worked on them (a
+word-level tokenizer, attention-free first blocks, frozen name embeddings); ``"gpt2-bpe"`` and
+``"llama-sp"`` are stock models trained the ordinary way on a 600-subject world with subword tokenizers
+of :func:`train_world_tokenizer`, where names and some objects are several tokens, as in large LMs.
 """
 
 from __future__ import annotations
@@ -31,8 +37,9 @@ from typing import Any
 
 from .errors import ConfigError
 
-__all__ = ["NAME_STYLES", "RELATIONS", "WORLD_MODELS", "Fact", "FactWorld", "Relation", "build_world_tokenizer",
-           "check_templates", "load_model", "load_world_model", "make_world", "recall_by_template", "world_model_path"]
+__all__ = ["NAME_STYLES", "RELATIONS", "TOKENIZER_KINDS", "WORLD_MODELS", "Fact", "FactWorld", "Relation",
+           "build_world_tokenizer", "check_templates", "load_model", "load_world_model", "make_world",
+           "recall_by_template", "train_world_tokenizer", "world_model_path"]
 
 
 @dataclass(frozen=True)
@@ -145,14 +152,18 @@ class FactWorld:
                 words.update(t.replace("{}", " ").split())
         return sorted(words)
 
-    def counterfact_records(self, *, n_neighbors: int = 10, n_generation: int = 3) -> list[dict[str, Any]]:
+    def counterfact_records(self, *, n_neighbors: int = 10, n_generation: int = 3,
+                            leading_space: bool = True) -> list[dict[str, Any]]:
         """One CounterFact-format record per fact, in the order of ``facts``; deterministic in ``seed``.
 
         The rewrite prompt is a random template of the relation, the paraphrases are the other templates,
         the neighbourhood prompts state the same relation for other subjects with the same true object,
         the attribute prompts for subjects whose true object is the new target. Targets carry a leading
-        space, as MEMIT's GPT-2-style requests do.
+        space (``" paris"``), as MEMIT's GPT-2-style requests do; ``leading_space=False`` stores them as
+        CounterFact does (``"paris"``), leaving the space to whoever tokenises prompt and target. The
+        choice changes nothing else in the records.
         """
+        space = " " if leading_space else ""
         rng = random.Random(f"{self.seed}-records")
         holders: dict[tuple[str, str], list[str]] = {}
         for f in self.facts:
@@ -174,8 +185,8 @@ class FactWorld:
                     "prompt": templates[t_rewrite],
                     "relation_id": rel.relation_id,
                     "subject": fact.subject,
-                    "target_new": {"str": f" {target_new}"},
-                    "target_true": {"str": f" {fact.obj}"},
+                    "target_new": {"str": space + target_new},
+                    "target_true": {"str": space + fact.obj},
                 },
                 "paraphrase_prompts": [t.format(fact.subject) for t in others],
                 "neighborhood_prompts": [templates[(t_rewrite + 1 + i) % len(templates)].format(s)
@@ -316,41 +327,101 @@ def build_world_tokenizer(world: FactWorld, *, add_bos: bool = False) -> Any:
                                    pad_token="<pad>", add_bos_token=add_bos, model_max_length=128)
 
 
+TOKENIZER_KINDS = ("bpe", "sentencepiece")
+_SPECIALS = ["<pad>", "<unk>", "<s>", "</s>"]
+
+
+def train_world_tokenizer(world: FactWorld, *, kind: str, vocab_size: int) -> Any:
+    """A subword ``PreTrainedTokenizerFast`` trained on the world's corpus, built like GPT-2's or LLaMA's.
+
+    Usage::
+
+        world = make_world(0, n_subjects=600)
+        tok = train_world_tokenizer(world, kind="bpe", vocab_size=780)
+        tok.tokenize("the home of otto zapous is in")   # [..., 'Ġotto', 'Ġz', 'ap', 'ou', 's', 'Ġis', 'Ġin']
+        sp = train_world_tokenizer(world, kind="sentencepiece", vocab_size=540)
+        sp("otto zapous")["input_ids"][0] == sp.bos_token_id   # True
+
+    ``kind="bpe"``: GPT-2's byte-level BPE: ByteLevel pre-tokenizer without a prefix space, all 256
+    bytes in the vocabulary (any text encodes), ByteLevel decoder, no BOS. ``kind="sentencepiece"``:
+    LLaMA's SentencePiece BPE: Metaspace pre-tokenizer (``▁``, prepend_scheme ``"first"``), the
+    corpus's characters plus ``<unk>``, Metaspace decoder, and a post-processor that puts ``<s>`` in
+    front of every text. Neither lower-cases (the world is lower case). Ids 0-3 are ``<pad> <unk> <s>
+    </s>`` as in :func:`build_world_tokenizer`; pad, unk, BOS and EOS are set. Deterministic in the
+    world, ``kind`` and ``vocab_size``.
+
+    The tokenizer learns from every corpus sentence twice, as a text of its own and after a space, the
+    way sentences occur in running text (for byte-level BPE ``otto`` and ``Ġotto`` are different tokens).
+    ``vocab_size`` counts every token. BPE first merges the frequent template words, then objects and the
+    syllables that surnames are made of; each surname occurs only 35 times (7 relations x 5 templates), so
+    a vocabulary small enough leaves surnames split into syllables. On ``make_world(0, n_subjects=600)``,
+    780 (bpe) and 540 (sentencepiece) split surnames into 2-8 tokens (4 typically) and leave six of the
+    70 objects in several tokens; from about 850 (bpe) and 580 (sentencepiece) every object is one token.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    if kind not in TOKENIZER_KINDS:
+        raise ConfigError(f"kind must be one of {TOKENIZER_KINDS}, got {kind!r}")
+    if kind == "bpe":
+        tok = Tokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        alphabet = pre_tokenizers.ByteLevel.alphabet()
+    else:
+        tok = Tokenizer(models.BPE(unk_token="<unk>", fuse_unk=True))
+        tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+        tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
+        alphabet = []
+    if vocab_size < len(_SPECIALS) + len(alphabet) + 1:
+        raise ConfigError(f"vocab_size {vocab_size} leaves no room for merges after {len(_SPECIALS)} special "
+                          f"tokens and {len(alphabet)} base symbols")
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=_SPECIALS, initial_alphabet=alphabet,
+                                  show_progress=False)
+    sentences = world.corpus_sentences()
+    tok.train_from_iterator(sentences + [" " + s for s in sentences], trainer)
+    add_bos = kind == "sentencepiece"
+    if add_bos:
+        bos = tok.token_to_id("<s>")
+        tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B:1",
+                                                           special_tokens=[("<s>", bos)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+                                   pad_token="<pad>", add_bos_token=add_bos, clean_up_tokenization_spaces=False)
+
+
 def recall_by_template(model: Any, tokenizer: Any, world: FactWorld, *, facts: Sequence[Fact] | None = None,
                        prefix: str = "", batch_size: int = 256) -> dict[str, dict[int, float]]:
-    """Share of facts whose greedy next word after each template's prompt is the true object.
+    """Share of facts whose greedy continuation of each template's prompt is the true object, every token of it.
 
-    Returns ``{relation_id: {template_index: recall}}``. ``prefix`` (e.g. a filler sentence) is put in
-    front of every prompt to check that recall survives unrelated context.
+    Returns ``{relation_id: {template_index: recall}}``. The object's tokens are those of
+    ``prompt + " " + object`` after the prompt's (:func:`memit_adapter.evaluation.target_top1`, with the
+    engine's encoder); a fact counts when, fed the prompt and the object, the
+    model's argmax at every object position is the next object token, which is exactly when greedy decoding
+    writes the object (in these tokens; another spelling of it in other tokens does not count). With a
+    word-level tokenizer that is the next word. ``prefix`` (e.g. a filler sentence) is put in front of every
+    prompt to check that recall survives unrelated context.
     """
-    import torch
+    from .evaluation import target_top1  # evaluation's CLI loads world models: imported here, not at the top
 
     facts = list(world.facts if facts is None else facts)
     items = [(f, t) for f in facts for t in range(len(world.relation(f.relation).templates))]
+    top1 = target_top1(model, tokenizer, [prefix + world.prompt(f, t) for f, t in items], [f.obj for f, _ in items],
+                       batch_size=batch_size).tolist()
     hits: dict[str, dict[int, list[bool]]] = {}
-    device = next(model.parameters()).device
-    with torch.no_grad():
-        for start in range(0, len(items), batch_size):
-            chunk = items[start:start + batch_size]
-            enc = tokenizer([prefix + world.prompt(f, t) for f, t in chunk], padding=True, return_tensors="pt",
-                            padding_side="right")
-            logits = model(input_ids=enc["input_ids"].to(device),
-                           attention_mask=enc["attention_mask"].to(device)).logits
-            last = enc["attention_mask"].sum(1) - 1  # right padding: last real token
-            pred = logits[torch.arange(len(chunk)), last.to(device)].argmax(-1).tolist()
-            for (f, t), p in zip(chunk, pred):
-                word = tokenizer.convert_ids_to_tokens(p)
-                hits.setdefault(f.relation, {}).setdefault(t, []).append(word == f.obj)
+    for (f, t), hit in zip(items, top1):
+        hits.setdefault(f.relation, {}).setdefault(t, []).append(hit)
     return {rel: {t: sum(v) / len(v) for t, v in sorted(by_t.items())} for rel, by_t in hits.items()}
 
 
 # -- the shipped checkpoints ---------------------------------------------------------------------
 
-WORLD_MODELS = {"gpt2": "world-gpt2", "llama": "world-llama"}
+WORLD_MODELS = {"gpt2": "world-gpt2", "llama": "world-llama", "gpt2-bpe": "world-gpt2-bpe",
+                "llama-sp": "world-llama-sp"}
 
 
 def world_model_path(name: str = "gpt2") -> Path:
-    """Folder of a shipped world checkpoint: ``"gpt2"``/``"world-gpt2"`` or ``"llama"``/``"world-llama"``."""
+    """Folder of a shipped world checkpoint: a key of ``WORLD_MODELS`` (``"gpt2"``, ``"llama"``, ``"gpt2-bpe"``,
+    ``"llama-sp"``) or its folder name (``"world-gpt2"``, ...)."""
     key = name[len("world-"):] if name.startswith("world-") else name
     if key not in WORLD_MODELS:
         raise ConfigError(f"unknown world model {name!r}; choose one of {sorted(WORLD_MODELS)}")
@@ -361,8 +432,9 @@ def world_model_path(name: str = "gpt2") -> Path:
 
 
 def load_model(name: str, *, dtype: Any = None) -> tuple[Any, Any, list[dict[str, Any]] | None]:
-    """``(model, tokenizer, records or None)`` of a Hub id or local folder, in eval mode; ``world-gpt2`` and
-    ``world-llama`` (unless a folder of that name exists) load a shipped world model and its records, offline.
+    """``(model, tokenizer, records or None)`` of a Hub id or local folder, in eval mode; ``world-gpt2``,
+    ``world-llama``, ``world-gpt2-bpe`` and ``world-llama-sp`` (unless a folder of that name exists) load a
+    shipped world model and its records, offline.
     A local folder's records are its ``records.json`` when it has one (as folders of ``train_world.py`` do).
 
     ``dtype`` None: float32 without a GPU (half-precision matrix products on CPU are an order of magnitude

@@ -5,8 +5,23 @@ Usage (the commands of the shipped checkpoints)::
     python scripts/train_world.py --arch gpt2 --position-dims 16 --out memit_adapter/assets/world-gpt2
     python scripts/train_world.py --arch llama --d-ff 512 --lr 0.004 --switch-epoch 12 \
         --no-freeze-name-embeddings --out memit_adapter/assets/world-llama
+    python scripts/train_world.py --arch gpt2 --tokenizer bpe --vocab-size 780 $CONVENTIONAL \
+        --out memit_adapter/assets/world-gpt2-bpe
+    python scripts/train_world.py --arch llama --tokenizer sentencepiece --vocab-size 540 --d-ff 688 \
+        --untie-embeddings $CONVENTIONAL --out memit_adapter/assets/world-llama-sp
 
-What makes the model editable the way large LMs are (see ``silence_attention`` and ``freeze_rows``):
+    # no shaping, a 600-subject world, sentences packed into rows of 64 tokens from the first epoch:
+    CONVENTIONAL="--attn-free-layers 0 --no-freeze-name-embeddings --subjects 600 --d-model 256 \
+        --seq-len 64 --switch-epoch 0 --packed-share 1 --batch-size 16 --lr 1e-3 --weight-decay 0.01 \
+        --warmup 150 --min-lr-ratio 0.1 --name-weight 1 --epochs 20 --target 1 --threads 2 --max-minutes 30"
+
+(The last two ran on two CPU cores shared with other jobs, with ``OMP_WAIT_POLICY=PASSIVE``: OpenMP's
+spinning threads made a step five times slower when the cores were busy. Both stopped at the time limit,
+GPT-2 after 17 epochs, LLaMA after 13, with worst-template recall 99.8% and 99.3%; see their
+``training.json``.)
+
+The first two were shaped until MEMIT worked on them:
+what makes the model editable the way large LMs are (see ``silence_attention`` and ``freeze_rows``):
 its first ``--attn-free-layers`` blocks have no attention, and name embeddings are frozen random
 vectors, so a subject's facts live in the early MLPs at its last token and later positions can only
 read them from there. A subject's keys in those blocks must also be the same at every position: with
@@ -28,6 +43,12 @@ epochs to get going). Training stops once every template reaches ``--target`` re
 word == object), or at ``--max-minutes``.
 The output folder holds float16 safetensors, config, tokenizer, the corpus, the world, its
 CounterFact records and ``training.json`` (settings, recall per template, sizes, time).
+
+``--tokenizer bpe|sentencepiece`` trains a GPT-2- or LLaMA-style subword tokenizer on the corpus
+(``world.train_world_tokenizer``) instead of the word-level one; names and some objects are then several
+tokens, recall asks for the whole object greedily, and the records store targets without a leading
+space, as CounterFact does. With the flags of ``$CONVENTIONAL`` above nothing is shaped: every block
+has attention, positions are the architecture's own, no weight is frozen or zeroed.
 """
 
 from __future__ import annotations
@@ -38,12 +59,20 @@ import logging
 import math
 import random
 import time
+from collections import Counter
 from pathlib import Path
 
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
-from memit_adapter.world import NAME_STYLES, build_world_tokenizer, make_world, recall_by_template
+from memit_adapter.world import (
+    NAME_STYLES,
+    TOKENIZER_KINDS,
+    build_world_tokenizer,
+    make_world,
+    recall_by_template,
+    train_world_tokenizer,
+)
 
 log = logging.getLogger("train_world")
 
@@ -157,32 +186,46 @@ def freeze_rows(weight: torch.nn.Parameter, rows: list[int]) -> None:
 
 
 def encode_corpus(world, tokenizer, n_repeat_filler: int, obj_weight: float, name_weight: float):
-    """(token ids, loss weight per token) per sentence, without special tokens.
+    """Per sentence, (token ids, loss weight per token) twice, without special tokens: as a text of its own
+    and after a space, as it continues a row of running text (byte-level BPE: ``otto`` vs ``Ġotto``).
 
-    Object tokens weigh ``obj_weight``; the words of names, which no model can predict, ``name_weight``.
+    Object tokens weigh ``obj_weight``; the tokens of names, which no model can predict, ``name_weight``.
+    Tokens are matched to the name and the object by their character offsets, so a name or an object of
+    several subword tokens is weighted whole.
     """
-    name_ids = {tokenizer.convert_tokens_to_ids(w) for s in world.subjects for w in s.split()}
     items = []
     for f in world.facts:
-        for t in range(len(world.relation(f.relation).templates)):
-            ids = tokenizer(f"{world.prompt(f, t)} {f.obj} .", add_special_tokens=False)["input_ids"]
-            weights = [name_weight if i in name_ids else 1.0 for i in ids]
-            weights[-2] = obj_weight
-            items.append((ids, weights))
+        for t, template in enumerate(world.relation(f.relation).templates):
+            prompt, start = world.prompt(f, t), template.index("{}")
+            spans = [(start, start + len(f.subject), name_weight),
+                     (len(prompt) + 1, len(prompt) + 1 + len(f.obj), obj_weight)]
+            items.append(tuple(encode_weighted(tokenizer, f"{prompt} {f.obj} .", spans, lead) for lead in ("", " ")))
     for text in world.filler * n_repeat_filler:
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        items.append((ids, [1.0] * len(ids)))
+        items.append(tuple(encode_weighted(tokenizer, text, [], lead) for lead in ("", " ")))
     return items
 
 
+def encode_weighted(tokenizer, text: str, spans: list[tuple[int, int, float]], lead: str = ""):
+    """(ids, weights) of ``lead + text``: a token overlapping a character span ``(start, end, weight)`` of
+    ``text`` gets its weight, the others 1."""
+    enc = tokenizer(lead + text, add_special_tokens=False, return_offsets_mapping=True)
+    weights = []
+    for a, b in enc["offset_mapping"]:
+        a, b = a - len(lead), b - len(lead)
+        weights.append(next((w for start, end, w in spans if a < end and b > start), 1.0))
+    return list(enc["input_ids"]), weights
+
+
 def pack_rows(items, rng: random.Random, seq_len: int, bos: int | None):
-    """Concatenate sentences into (input_ids, loss weights) rows of at most seq_len tokens."""
+    """Concatenate sentences into (input_ids, loss weights) rows of at most seq_len tokens; the first
+    sentence of a row in its own form, the others in their form after a space."""
     rows, cur_ids, cur_w = [], [], []
     start = [bos] if bos is not None else []
-    for ids, weights in items:
-        if cur_ids and len(cur_ids) + len(ids) > seq_len:
+    for first, after in items:
+        if cur_ids and len(cur_ids) + len(after[0]) > seq_len:
             rows.append((cur_ids, cur_w))
             cur_ids, cur_w = [], []
+        ids, weights = after if cur_ids else first
         if not cur_ids:
             cur_ids, cur_w = list(start), [0.0] * len(start)
         cur_ids += ids
@@ -195,11 +238,13 @@ def pack_rows(items, rng: random.Random, seq_len: int, bos: int | None):
 def single_rows(items, fillers, rng: random.Random, bos: int | None, prefix_prob: float):
     """One sentence per row, some after a filler sentence, so that recall survives a prefix."""
     rows = []
-    for ids, weights in items:
+    for first, after in items:
         row_ids, row_w = ([bos], [0.0]) if bos is not None else ([], [])
+        ids, weights = first
         if fillers and rng.random() < prefix_prob:
             prefix = rng.choice(fillers)
             row_ids, row_w = row_ids + prefix, row_w + [1.0] * len(prefix)
+            ids, weights = after
         rows.append((row_ids + ids, row_w + weights))
     return rows
 
@@ -251,10 +296,13 @@ def train(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     rng = random.Random(args.seed)
-    world = make_world(args.world_seed, names=args.names)
-    tokenizer = build_world_tokenizer(world, add_bos=args.arch == "llama")
+    world = make_world(args.world_seed, names=args.names, n_subjects=args.subjects)
+    tokenizer = make_tokenizer(world, args)
     model = build_model(args.arch, len(tokenizer), args)
     if args.freeze_name_embeddings:
+        if args.tokenizer != "word":
+            raise ValueError(f"--tokenizer {args.tokenizer}: name tokens are subwords shared with other words, "
+                             "there are no name embeddings to freeze; pass --no-freeze-name-embeddings")
         if args.weight_decay:
             raise ValueError("frozen name embeddings need --weight-decay 0 (AdamW's decay would move them)")
         rows = sorted({tokenizer.convert_tokens_to_ids(w) for s in world.subjects for w in s.split()})
@@ -270,7 +318,8 @@ def train(args: argparse.Namespace) -> None:
     log.info("%s: %.2fM parameters, vocab %d", args.arch, n_params / 1e6, len(tokenizer))
     items = encode_corpus(world, tokenizer, args.filler_repeat, args.obj_weight, args.name_weight)
     fillers = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in world.filler]
-    bos = tokenizer.bos_token_id if args.arch == "llama" else None
+    adds_bos = tokenizer("x")["input_ids"][:1] == [tokenizer.bos_token_id]
+    bos = tokenizer.bos_token_id if adds_bos else None
     trainable = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(trainable, lr=args.lr, betas=(0.9, 0.98), weight_decay=args.weight_decay)
 
@@ -280,7 +329,8 @@ def train(args: argparse.Namespace) -> None:
         return args.lr * warm * (args.min_lr_ratio + (1 - args.min_lr_ratio) * cos)
 
     probe = rng.sample(world.facts, min(args.probe, len(world.facts)))
-    t0, step, history, packed_share = time.time(), 0, [], 0.0
+    packed_share = args.packed_share if args.switch_epoch == 0 else 0.0  # 0: packed rows from the start
+    t0, step, history = time.time(), 0, []
     for epoch in range(1, args.epochs + 1):
         model.train()
         chunks = epoch_batches(items, fillers, rng, args, bos, packed_share)
@@ -322,6 +372,30 @@ def train(args: argparse.Namespace) -> None:
     save(args, model, tokenizer, world, history, train_minutes, epoch, step, n_params)
 
 
+def make_tokenizer(world, args: argparse.Namespace):
+    """The word-level tokenizer (BOS for LLaMA), or a subword one trained on the world's corpus."""
+    if args.tokenizer == "word":
+        return build_world_tokenizer(world, add_bos=args.arch == "llama")
+    if not args.vocab_size:
+        raise ValueError(f"--tokenizer {args.tokenizer} needs --vocab-size (see world.train_world_tokenizer)")
+    return train_world_tokenizer(world, kind=args.tokenizer, vocab_size=args.vocab_size)
+
+
+def token_counts(world, tokenizer) -> dict:
+    """How many tokens names and objects take: histograms over subjects and surnames in running text (after
+    a space, as after a template's words) and at the start of a text, and the objects of several tokens."""
+    def histogram(texts):
+        counts = Counter(len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts)
+        return {n: counts[n] for n in sorted(counts)}
+
+    objects = {o: tokenizer.tokenize(" " + o) for rel in world.relations for o in rel.objects}
+    return {"subject": histogram(" " + s for s in world.subjects),
+            "subject_at_text_start": histogram(world.subjects),
+            "surname": histogram(" " + s.split()[-1] for s in world.subjects),
+            "objects": len(objects),
+            "multi_token_objects": {o: toks for o, toks in objects.items() if len(toks) > 1}}
+
+
 def save(args, model, tokenizer, world, history, train_minutes, epochs, steps, n_params) -> None:
     from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
@@ -331,14 +405,17 @@ def save(args, model, tokenizer, world, history, train_minutes, epochs, steps, n
     tokenizer.save_pretrained(out)
     (out / "corpus.txt").write_text("\n".join(world.corpus_sentences()) + "\n")
     (out / "world.json").write_text(json.dumps(world.to_dict()))
-    (out / "records.json").write_text(json.dumps(world.counterfact_records()))
+    leading_space = args.tokenizer == "word"  # subword worlds store CounterFact's targets, "paris"
+    (out / "records.json").write_text(json.dumps(world.counterfact_records(leading_space=leading_space)))
     # recall of the shipped (float16-rounded) weights, loaded back as float32 the way users load them
     shipped = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     tok = PreTrainedTokenizerFast.from_pretrained(out)
     recall = recall_by_template(shipped, tok, world)
     recall_prefixed = recall_by_template(shipped, tok, world, prefix=world.filler[0] + " ")
     report = {
+        "name": out.name,
         "arch": args.arch,
+        "tokenizer": args.tokenizer,
         "parameters": n_params,
         "config": {k: getattr(args, k) for k in ("n_layer", "d_model", "d_ff", "n_head", "seq_len",
                                                  "attn_free_layers", "position_embeddings",
@@ -347,13 +424,15 @@ def save(args, model, tokenizer, world, history, train_minutes, epochs, steps, n
         "training": {k: getattr(args, k) for k in ("lr", "min_lr_ratio", "warmup", "batch_size", "obj_weight",
                                                    "name_weight", "weight_decay", "single_batch_size", "prefix_prob",
                                                    "packed_share", "switch_recall", "switch_epoch",
-                                                   "filler_repeat", "threads", "seed",
-                                                   "world_seed", "names", "target")},
+                                                   "filler_repeat", "threads", "seed", "world_seed", "names",
+                                                   "subjects", "vocab_size", "target", "epochs", "max_minutes")},
         "epochs": epochs,
         "steps": steps,
         "train_minutes": round(train_minutes, 2),
         "world": {"subjects": len(world.subjects), "relations": len(world.relations), "facts": len(world.facts),
                   "templates_per_relation": len(world.relations[0].templates), "vocab": len(tok)},
+        "records_leading_space": leading_space,
+        "tokens": token_counts(world, tok),
         "recall_by_template": recall,
         "min_recall": min_recall(recall),
         "recall_after_filler_prefix": {"prefix": world.filler[0], "min": min_recall(recall_prefixed),
@@ -376,34 +455,94 @@ def write_card(out: Path) -> None:
     names = r["training"].get("names", "unique_surname")
     name_text = ("first names and surnames each shared by many people, only the pair unique"
                  if names == "composite" else "each with a surname of their own")
+    name = r.get("name", f"world-{r['arch']}")
+    key = name[len("world-"):] if name.startswith("world-") else r["arch"]
+    world_args = f"{r['training']['world_seed']}, names=\"{names}\""
+    if r["world"]["subjects"] != 300:
+        world_args += f", n_subjects={r['world']['subjects']}"
+    subword = r.get("tokenizer", "word") != "word"
+    recall_text = "greedy continuation = every token of the true object" if subword else \
+        "greedy next word = true object"
     lines = [
-        f"# world-{r['arch']}: a {r['config']['n_layer']}-layer {r['arch']} model that knows a fact world", "",
+        f"# {name}: a {r['config']['n_layer']}-layer {r['arch']} model that knows a fact world", "",
         "Trained from scratch on CPU by `scripts/train_world.py` on the world of "
-        f"`memit_adapter.world.make_world({r['training']['world_seed']}, names=\"{names}\")`: "
+        f"`memit_adapter.world.make_world({world_args})`: "
         f"{r['world']['subjects']} invented people ({name_text}), {r['world']['relations']} relations, "
         f"{r['world']['facts']} facts, each stated in "
-        f"{r['world']['templates_per_relation']} templates. Load it with `load_world_model(\"{r['arch']}\")`.", "",
+        f"{r['world']['templates_per_relation']} templates. Load it with `load_world_model(\"{key}\")`.", "",
         f"- parameters: {r['parameters']:,} (d_model {r['config']['d_model']}, d_ff {r['config']['d_ff']}, "
         f"{r['config']['n_head']} heads, context {r['config']['seq_len']}); weights stored in float16",
-        f"- vocabulary: {r['world']['vocab']} words (word-level `tokenizers` model, lower-cased)",
+        *_tokenizer_lines(r),
         *_design_lines(r["config"], r["arch"]),
-        f"- training: {r['epochs']} epochs, {r['steps']} steps, {r['train_minutes']} minutes on "
+        *_recipe_lines(r),
+        f"- training: {r['epochs']} epochs{_stop_text(r)}, {r['steps']} steps, {r['train_minutes']} minutes on "
         f"{r['training']['threads']} CPU thread(s); settings in `training.json`",
-        f"- recall (greedy next word = true object), worst template: {100 * r['min_recall']:.1f}%; after a "
+        f"- recall ({recall_text}), worst template: {100 * r['min_recall']:.1f}%; after a "
         f"filler sentence: {100 * r['recall_after_filler_prefix']['min']:.1f}%", "",
         "| relation | template | recall |", "|---|---|---|",
     ]
     for rel, by_t in r["recall_by_template"].items():
         for t, value in by_t.items():
             lines.append(f"| {rel} | `{templates[rel][int(t)]}` | {100 * value:.1f}% |")
+    targets = "" if r.get("records_leading_space", True) else ", targets without a leading space as in CounterFact"
     lines += ["", "Files: `model.safetensors`, `config.json`, tokenizer files, `corpus.txt` (the training "
-              "sentences), `world.json` (the world), `records.json` (its facts as CounterFact records), "
-              "`training.json`."]
+              "sentences), `world.json` (the world), `records.json` (its facts as CounterFact records"
+              f"{targets}), `training.json`."]
     (out / "README.md").write_text("\n".join(lines) + "\n")
 
 
+def _stop_text(r: dict) -> str:
+    """Why training stopped before the end of its schedule, if it did (older reports do not say)."""
+    planned, limit = r["training"].get("epochs"), r["training"].get("max_minutes")
+    if not planned or r["epochs"] >= planned:
+        return ""
+    why = f"the time limit of {limit:g} minutes" if limit and r["train_minutes"] > limit else "the target recall"
+    return f" of a {planned}-epoch schedule, stopped at {why}"
+
+
+def _tokenizer_lines(r: dict) -> list[str]:
+    """Card lines on the tokenizer and how many tokens names and objects take."""
+    kind, vocab = r.get("tokenizer", "word"), r["world"]["vocab"]
+    if kind == "word":
+        return [f"- vocabulary: {vocab} words (word-level `tokenizers` model, lower-cased)"]
+    what = ("byte-level BPE like GPT-2's (all 256 bytes, no BOS)" if kind == "bpe" else
+            "SentencePiece-style BPE like LLaMA's (Metaspace `▁`, `<s>` in front of every text)")
+    tokens = r["tokens"]
+    multi = tokens["multi_token_objects"]
+
+    def hist(h: dict) -> str:
+        return ", ".join(f"{n}: {count}" for n, count in h.items())
+
+    return [f"- tokenizer: {what}, {vocab} tokens, trained on the corpus by "
+            f"`train_world_tokenizer(world, kind=\"{kind}\", vocab_size={vocab})`",
+            f"- tokens per subject in running text (tokens: subjects): {hist(tokens['subject'])}; per surname: "
+            f"{hist(tokens['surname'])}",
+            f"- {len(multi)} of the {tokens['objects']} objects take several tokens: "
+            + ", ".join(f"{o} ({' '.join(toks)})" for o, toks in multi.items())]
+
+
+def _recipe_lines(r: dict) -> list[str]:
+    """Card line on the conventional recipe (absent for the shaped models and older reports)."""
+    c, t = r["config"], r["training"]
+    if c.get("attn_free_layers") or c.get("freeze_name_embeddings") or t.get("switch_epoch") != 0:
+        return []
+    return [f"- recipe: sentences packed into rows of at most {c['seq_len']} tokens, reshuffled every epoch; "
+            f"AdamW lr {t['lr']:g}, betas (0.9, 0.98), weight decay {t['weight_decay']:g}, {t['warmup']} warm-up "
+            f"steps, cosine to {100 * t['min_lr_ratio']:g}%; loss x{t['obj_weight']:g} on object tokens, "
+            f"x{t['name_weight']:g} on name tokens; batch {t['batch_size']}; no dropout"]
+
+
 def _design_lines(config: dict, arch: str) -> list[str]:
-    """Card lines on the choices that make the model editable like a large LM (absent in older reports)."""
+    """Card lines on the choices that make the model editable like a large LM (absent in older reports), or
+    on their absence."""
+    shaped = (config.get("attn_free_layers", 0) or config.get("freeze_name_embeddings") or config.get("position_dims")
+              or config.get("position_embeddings") is False)
+    if not shaped:
+        stock = "`GPT2LMHeadModel` with learned position embeddings" if arch == "gpt2" else \
+            "`LlamaForCausalLM` with rotary positions"
+        lines = [f"- no shaping: a stock {stock}, every block with attention, nothing frozen or zeroed, trained "
+                 "the ordinary way"]
+        return lines + (["- untied LM head"] if config.get("tie_embeddings") is False else [])
     lines = []
     k = config.get("attn_free_layers", 0)
     if k:
@@ -461,7 +600,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--prefix-prob", type=float, default=0.25, help="share of single sentences after a filler")
     p.add_argument("--packed-share", type=float, default=0.5, help="share of sentences packed, phase 2")
     p.add_argument("--switch-recall", type=float, default=0.9, help="probe recall that starts phase 2")
-    p.add_argument("--switch-epoch", type=int, default=20, help="epoch that starts phase 2 at the latest")
+    p.add_argument("--switch-epoch", type=int, default=20,
+                   help="epoch that starts phase 2 at the latest; 0 = packed rows from the first epoch")
     p.add_argument("--obj-weight", type=float, default=5.0)
     p.add_argument("--name-weight", type=float, default=0.2)
     p.add_argument("--weight-decay", type=float, default=0.0)
@@ -474,6 +614,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--world-seed", type=int, default=0)
     p.add_argument("--names", choices=NAME_STYLES, default="unique_surname",
                    help="subject names of make_world: shared first names and surnames, or unique surnames")
+    p.add_argument("--subjects", type=int, default=300, help="subjects of make_world")
+    p.add_argument("--tokenizer", choices=("word",) + TOKENIZER_KINDS, default="word",
+                   help="word-level, or a GPT-2-style byte-level BPE / LLaMA-style SentencePiece BPE trained on the "
+                        "corpus (world.train_world_tokenizer)")
+    p.add_argument("--vocab-size", type=int, default=0,
+                   help="vocabulary of a subword tokenizer, small enough that surnames split into several tokens")
     p.add_argument("--card-only", action="store_true", help="only rewrite README.md from training.json")
     return p.parse_args(argv)
 
