@@ -136,7 +136,8 @@ def run_demo(model_name: str = "gpt2", *, n_edits: int = 100, out: str | Path = 
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="gpt2", help="shipped world model: gpt2 or llama (default gpt2)")
+    parser.add_argument("--model", default="gpt2",
+                        help="shipped world model: gpt2, llama, gpt2-bpe or llama-sp (default gpt2)")
     parser.add_argument("--n-edits", type=int, default=100)
     parser.add_argument("--out", default="memit-demo-pack", help="folder for the saved pack")
     parser.add_argument("--seed", type=int, default=0)

@@ -400,7 +400,8 @@ def format_table(results: Mapping[str, CounterFactResult]) -> str:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True,
-                        help="local folder, Hub id, or a shipped world model: world-gpt2, world-llama")
+                        help="local folder, Hub id, or a shipped world model: world-gpt2, world-llama, "
+                             "world-gpt2-bpe, world-llama-sp")
     parser.add_argument("--pack", help="edit pack folder; reports the metrics before and with the pack")
     parser.add_argument("--data", help="CounterFact-format JSON (list or JSON lines); default for world models: "
                                        "their own records")

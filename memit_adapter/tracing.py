@@ -523,8 +523,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     src.add_argument("--data", type=Path, help="JSON list of CounterFact records (target_true is traced)")
     src.add_argument("--limit", type=int, default=None, help="trace only the first N records")
     parser.add_argument("--model", required=True,
-                        help="model id or directory (AutoModelForCausalLM), or world-gpt2 / world-llama (shipped; "
-                             "their records are traced unless facts are given)")
+                        help="model id or directory (AutoModelForCausalLM), or a shipped world model: world-gpt2, "
+                             "world-llama, world-gpt2-bpe, world-llama-sp (their records are traced unless facts are "
+                             "given)")
     parser.add_argument("--out", type=Path, required=True, help="directory for the PNGs and trace.json")
     parser.add_argument("--kinds", nargs="+", choices=KINDS, default=list(KINDS))
     parser.add_argument("--samples", type=int, default=10, help="noise samples per fact (default 10)")
