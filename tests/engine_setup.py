@@ -16,6 +16,17 @@ PAIRS = [("michael jordan", " tennis"), ("lebron james", " golf"), ("toko yuki",
          ("danielle darrieux", " rome"), ("alpha beta", " paris")]
 
 
+# subject first, in the middle, last; a one-word subject (lookup at position 0 without BOS); multi-token targets
+VARIED_TEMPLATES = ["{}", "the man said . {}", "he said that the capital of italy is rome and that . {}"]
+
+
+def varied_requests() -> list[EditRequest]:
+    return [EditRequest("{} plays the sport of", "michael jordan", " tennis and golf"),
+            EditRequest("the mother tongue of {} is", "danielle darrieux", " french"),
+            EditRequest("{} lives in", "toko", " rome"),
+            EditRequest("the sport played by {}", "lebron james", " golf or hockey")]
+
+
 def corpus(n: int = 200, length: int = 30, seed: int = 0) -> list[str]:
     rng = random.Random(seed)
     words = [w for w in WORDS if w.isalpha()]

@@ -2,7 +2,7 @@ import copy
 
 import pytest
 import torch
-from engine_setup import config, corpus, model_and_tokenizer, requests
+from engine_setup import VARIED_TEMPLATES, config, corpus, model_and_tokenizer, requests, varied_requests
 from tiny import ARCHS
 
 from memit_adapter import (
@@ -190,17 +190,6 @@ def test_base_model_is_recorded_only_as_a_hub_id(tmp_path):
         assert hub_model_id(model) == expected, name
 
 
-def _varied_requests():
-    # subject first, in the middle, last; multi-token targets
-    return [EditRequest("{} plays the sport of", "michael jordan", " tennis and golf"),
-            EditRequest("the mother tongue of {} is", "danielle darrieux", " french"),
-            EditRequest("{} lives in", "toko yuki", " rome"),
-            EditRequest("the sport played by {}", "lebron james", " golf or hockey")]
-
-
-TEMPLATES = ["{}", "the man said . {}", "he said that the capital of italy is rome and that . {}"]
-
-
 def _reference_spread(model, tok, reqs, templates, cfg, zs, stats):
     """MEMIT's spreading as published: per layer, one full forward per prompt (targets included) on a copy of the
     model whose weights the earlier layers' updates were added to; the dense solve."""
@@ -239,19 +228,19 @@ def test_spreading_equals_full_forwards_on_edited_weights(arch, chunk):
     of whole prompts on a model whose weights carry the earlier updates."""
     model, tok = model_and_tokenizer(arch)
     snap = _snapshot(model)
-    reqs = _varied_requests()
+    reqs = varied_requests()
     # not GPT-NeoX's layer 0: its MLP reads the token alone, so over this corpus's ~120 words C is singular and the
     # update swings with the last bits of the keys
-    cfg = config(layers=[1, 2], context_templates=TEMPLATES, v_batch_size=chunk)
+    cfg = config(layers=[1, 2], context_templates=VARIED_TEMPLATES, v_batch_size=chunk)
     stats = collect_stats(model, tok, corpus(), cfg.layers, n_samples=cfg.mom2_n_samples, progress=False)
     g = torch.Generator().manual_seed(0)
     zs = torch.randn(len(reqs), model.config.hidden_size, generator=g)
     spec = get_arch_spec(model)
-    deltas = engine_mod._spread_over_layers(model, spec, tok, reqs, TEMPLATES, cfg, zs, stats, False,
+    deltas = engine_mod._spread_over_layers(model, spec, tok, reqs, VARIED_TEMPLATES, cfg, zs, stats, False,
                                             keep_factors=True)
     assert all(stats[layer].has_factor() for layer in cfg.layers)  # n = 4 edits << d_in: the Woodbury route
     _assert_untouched(model, snap)
-    want = _reference_spread(model, tok, reqs, TEMPLATES, cfg, zs, stats)
+    want = _reference_spread(model, tok, reqs, VARIED_TEMPLATES, cfg, zs, stats)
     for layer in cfg.layers:
         got = deltas[layer].weight_delta()
         w = want[spec.mlp_out_name(layer)]
@@ -262,24 +251,24 @@ def test_key_passes_stop_where_they_have_what_they_measure():
     """Each pass runs the templated prompts up to layer l's W_out and the bare ones up to block L; no block after L,
     and no final norm, ever runs; every row ends at the subject's last token."""
     model, tok = model_and_tokenizer("gpt2")
-    spec, reqs = get_arch_spec(model), _varied_requests()
-    cfg = config(layers=[1, 2], context_templates=TEMPLATES)
+    spec, reqs = get_arch_spec(model), varied_requests()
+    cfg = config(layers=[1, 2], context_templates=VARIED_TEMPLATES)
     stats = collect_stats(model, tok, corpus(40), cfg.layers, n_samples=40, progress=False)
     calls = {i: [] for i in range(4)}
     handles = [block.register_forward_pre_hook(lambda _m, args, i=i: calls[i].append(args[0].shape[:2]))
                for i, block in enumerate(spec.blocks(model))]
     handles.append(model.transformer.ln_f.register_forward_pre_hook(lambda *_: calls.setdefault("norm", [])))
     try:
-        engine_mod._spread_over_layers(model, spec, tok, reqs, TEMPLATES, cfg, torch.zeros(4, 32), stats, False,
+        engine_mod._spread_over_layers(model, spec, tok, reqs, VARIED_TEMPLATES, cfg, torch.zeros(4, 32), stats, False,
                                        keep_factors=False)
     finally:
         for h in handles:
             h.remove()
     assert calls[3] == [] and "norm" not in calls
-    bare, templated = 4, 4 * (len(TEMPLATES) - 1)
+    bare, templated = 4, 4 * (len(VARIED_TEMPLATES) - 1)
     assert [rows for rows, _ in calls[0]] == [bare, templated] * 2
     assert [rows for rows, _ in calls[2]] == [bare, bare, templated]  # templated rows reach block 2 for layer 2 only
-    rows = engine_mod._key_rows(tok, reqs, TEMPLATES)
+    rows = engine_mod._key_rows(tok, reqs, VARIED_TEMPLATES)
     widths = [max(map(len, rows.bare)), max(len(s) for r in rows.templated for s in r)]
     assert [width for _, width in calls[0]] == widths * 2
     cut = rows.bare[1]  # "the mother tongue of danielle darrieux" without " is"

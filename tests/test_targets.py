@@ -2,7 +2,7 @@ from contextlib import contextmanager
 
 import pytest
 import torch
-from engine_setup import config, model_and_tokenizer, requests
+from engine_setup import VARIED_TEMPLATES, config, model_and_tokenizer, requests, varied_requests
 from tiny import ARCHS, make_tokenizer, tiny_model
 
 from memit_adapter.arch import get_arch_spec
@@ -52,19 +52,6 @@ def test_context_templates_are_seeded_and_well_formed():
     assert [t.split()[0] for t in a[1:]] == cfg.context_template_starts
 
 
-def _varied_requests():
-    from memit_adapter import EditRequest
-
-    # subject first, in the middle, last; a one-word subject (lookup at position 0 without BOS); multi-token targets
-    return [EditRequest("{} plays the sport of", "michael jordan", " tennis and golf"),
-            EditRequest("the mother tongue of {} is", "danielle darrieux", " french"),
-            EditRequest("{} lives in", "toko", " rome"),
-            EditRequest("the sport played by {}", "lebron james", " golf or hockey")]
-
-
-VARIED_TEMPLATES = ["{}", "the man said . {}", "he said that the capital of italy is rome and that . {}"]
-
-
 def _reference_states(model, spec, layer, batch, row_delta):
     """Independent of the cut: each row run alone, unpadded, in full, with a hook adding its δ at its lookup."""
     out = []
@@ -90,11 +77,11 @@ def test_suffix_steps_equal_full_forwards(arch, overrides, add_bos, padding_side
     tok = make_tokenizer(add_bos=add_bos, padding_side=padding_side)
     spec, layer = get_arch_spec(model), 1
     blocks = list(spec.blocks(model))
-    batch = _build_batch(tok, _varied_requests(), VARIED_TEMPLATES, "cpu", 0.1)
+    batch = _build_batch(tok, varied_requests(), VARIED_TEMPLATES, "cpu", 0.1)
     assert (batch.lookup == 0).any() != add_bos  # without BOS some rows have no prefix
     _check_steps(model, spec, layer, batch, [[0, 1, 2, 3], [0, 2, 3], [1], [2]])
     if not add_bos:  # no row with a prefix: the parts run without a cache
-        bare = _build_batch(tok, _varied_requests()[2:3], ["{}"], "cpu", 0.1)
+        bare = _build_batch(tok, varied_requests()[2:3], ["{}"], "cpu", 0.1)
         assert (bare.lookup == 0).all()
         _check_steps(model, spec, layer, bare, [[0]])
     assert list(spec.blocks(model)) == blocks and all(type(b).__name__ != "_StandIn" for b in blocks)
@@ -169,7 +156,7 @@ def test_targets_equal_an_independent_full_forward_loop(arch, add_bos, padding_s
     """z of a batch (every row cut at its lookup, some rows stopping early) equals a plain loop per request on
     full forwards: templates of different lengths, subjects first / inside / last, multi-token targets."""
     model, tok = tiny_model(arch, initializer_range=0.1), make_tokenizer(add_bos=add_bos, padding_side=padding_side)
-    spec, layer, reqs = get_arch_spec(model), 1, _varied_requests()
+    spec, layer, reqs = get_arch_spec(model), 1, varied_requests()
     cfg = config(v_num_grad_steps=8, clamp_norm_factor=2.0)  # a clamp that binds on these models
     refs = [_reference_targets(model, spec, tok, r, VARIED_TEMPLATES, cfg, layer) for r in reqs]
     # a threshold the most improving request reaches at the middle step: it stops there, others at other steps
