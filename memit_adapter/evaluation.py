@@ -420,6 +420,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_cli(args: argparse.Namespace) -> int:
+    if args.n is not None and args.n < 1:
+        raise SystemExit(f"memit-adapter eval: --n must be at least 1, got {args.n}")
+    out = Path(args.out)
+    if not out.parent.is_dir() or out.is_dir():
+        raise SystemExit(f"memit-adapter eval: cannot write results to {out} (no such folder, or it is a folder)")
     model, tokenizer, world_records = load_model(args.model)
     if args.device:
         model.to(args.device)
@@ -429,7 +434,7 @@ def run_cli(args: argparse.Namespace) -> int:
         everything = normalize_records(world_records)
     else:
         raise SystemExit("memit-adapter eval: --data is required unless --model is a shipped world model")
-    records = everything[: args.n] if args.n else everything
+    records = everything if args.n is None else everything[: args.n]
     kwargs = dict(batch_size=args.batch_size, generation=not args.no_generation, max_new_tokens=args.max_new_tokens,
                   exclude_edited_neighbors=args.exclude_edited_neighbors,
                   retention_records=everything if args.retention else None)

@@ -384,3 +384,16 @@ def test_retention_is_greedy_recall_of_the_facts_the_batch_leaves(model_tok):
     assert result.retention == pytest.approx(sum(recalled[1:]) / 4)
     assert "retention" in format_table({"m": result})
     assert evaluate_counterfact(model, tok, batch, generation=False).retention is None
+
+
+@pytest.mark.parametrize("argv, message", [(["--n", "0"], "--n must be at least 1"),
+                                           (["--out", "no-such-folder/res.json"], "cannot write results")])
+def test_cli_eval_refuses_bad_arguments_before_loading_anything(tmp_path, monkeypatch, argv, message):
+    from memit_adapter import evaluation
+    from memit_adapter.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(evaluation, "load_model", lambda name: pytest.fail("loaded a model before checking"))
+    with pytest.raises(SystemExit, match=message):
+        main(["eval", "--model", "world-gpt2", *argv])
+    assert list(tmp_path.iterdir()) == []
