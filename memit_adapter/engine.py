@@ -25,6 +25,7 @@ from .arch import ArchSpec, get_arch_spec, max_positions
 from .config import MemitConfig
 from .errors import ConfigError, InvalidRequestError, StatisticsError
 from .fingerprint import weights_fingerprint
+from .hooks import StopForward
 from .pack import EditPack, LayerDelta
 from .requests import EditRequest, as_requests, check_requests
 from .solve import cov_factor, layer_update, woodbury_pays
@@ -73,14 +74,12 @@ def compute_edits(
     n_layers = spec.num_layers(model)
     if max(config.layers) >= n_layers:
         raise ConfigError(f"layers {config.layers} out of range: the model has {n_layers} layers (0..{n_layers - 1})")
-    for req in requests:  # tokenisation errors (subject without tokens, empty target) before any work
-        encode_fact(tokenizer, req.prompt, req.subject, req.target_new)
     names = [spec.mlp_out_name(layer) for layer in config.layers]
     fingerprint = weights_fingerprint(model, names)
 
     with _eval_mode(model):
         templates = context_templates(model, tokenizer, config)
-        _check_lengths(tokenizer, requests, templates, max_positions(model))  # before any long work
+        _check_encodings(tokenizer, requests, templates, max_positions(model))  # before any long work
         keep_factors = stats is not None  # the caller's statistics: a factor of C computed now serves later packs
         if stats is None:
             stats = collect_stats(model, tokenizer, corpus, config.layers, n_samples=config.mom2_n_samples,
@@ -193,10 +192,6 @@ def _keys_and_outputs(model, spec, rows: _KeyRows, pad: int, layer: int, last: i
     return keys, cur
 
 
-class _Enough(Exception):
-    """Raised by a hook once a forward has given what it was run for: the blocks after it would be wasted."""
-
-
 def _run_until(model, spec, seqs: list[list[int]], pad: int, device, layer: int, last: int | None = None
                ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The input of ``layer``'s ``W_out`` at the last token of each of ``seqs`` ``(rows, d_in)`` and, with ``last``,
@@ -209,18 +204,18 @@ def _run_until(model, spec, seqs: list[list[int]], pad: int, device, layer: int,
     def at_key(_mod, args):
         seen["keys"] = args[0][rows, at].float()
         if last is None:
-            raise _Enough
+            raise StopForward
 
     def at_output(_mod, _args, output):
         seen["cur"] = (output[0] if isinstance(output, tuple) else output)[rows, at].float()
-        raise _Enough
+        raise StopForward
 
     handles = [spec.mlp_out_module(model, layer).register_forward_pre_hook(at_key)]
     if last is not None:
         handles.append(spec.blocks(model)[last].register_forward_hook(at_output))
     try:
         model.base_model(input_ids=ids, attention_mask=mask, use_cache=False)
-    except _Enough:
+    except StopForward:
         pass
     finally:
         for h in handles:
@@ -270,15 +265,14 @@ def _eval_mode(model: nn.Module) -> Iterator[None]:
         model.train(was_training)
 
 
-def _check_lengths(tokenizer, requests: list[EditRequest], templates: list[str], limit: int | None) -> None:
-    """Raise :class:`InvalidRequestError` naming the first request whose longest prompt (with a context
-    template) and target exceed the model's context of ``limit`` positions."""
-    if limit is None:
-        return
+def _check_encodings(tokenizer, requests: list[EditRequest], templates: list[str], limit: int | None) -> None:
+    """Encode every request with every context template: tokenisation errors (a subject without tokens of its
+    own, an empty target) raise here, and :class:`InvalidRequestError` names the first request whose longest
+    prompt and target exceed the model's context of ``limit`` positions."""
     for req in requests:
         longest = max(len(encode_fact(tokenizer, t.replace("{}", req.prompt), req.subject, req.target_new).ids)
                       for t in templates)
-        if longest > limit:
+        if limit is not None and longest > limit:
             raise InvalidRequestError(f"request {req.text!r} -> {req.target_new!r} is {longest} tokens with its "
                                       f"longest context template, past the model's {limit} positions; shorten it")
 

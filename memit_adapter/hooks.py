@@ -17,6 +17,11 @@ import torch
 from torch import nn
 
 
+class StopForward(Exception):
+    """Raised by a hook once a forward has given what it was run for: the blocks after it would be wasted.
+    The caller runs the forward inside ``try: ... except StopForward: pass``."""
+
+
 @contextmanager
 def capture_inputs(module: nn.Module, *, detach: bool = True) -> Iterator[list[torch.Tensor]]:
     """Record the first positional input of every call of ``module``."""

@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 from .arch import ArchSpec, get_arch_spec, max_positions
 from .errors import StatisticsError
 from .fingerprint import tensor_bytes
+from .hooks import StopForward
 from .solve import CovFactor, cov_factor
 from .tokens import pad_id, pad_right
 
@@ -215,10 +216,6 @@ def model_id(model: nn.Module) -> str:
 
 # -- the pass ----------------------------------------------------------------------------------
 
-class _StopForward(Exception):
-    """Raised by a hook once the deepest layer needed has been seen: the rest of the forward is wasted."""
-
-
 def collect_stats(
     model: nn.Module,
     tokenizer,
@@ -320,7 +317,7 @@ def _accumulate(model, tokenizer, texts, layers, spec, max_length, batch_size, a
             sums[layer].addmm_(k.T, k)
             counts[layer] += k.shape[0]
             if stop_early and layer == deepest:
-                raise _StopForward
+                raise StopForward
         return hook
 
     handles = [spec.mlp_out_module(model, layer).register_forward_pre_hook(make_hook(layer)) for layer in layers]
@@ -337,7 +334,7 @@ def _accumulate(model, tokenizer, texts, layers, spec, max_length, batch_size, a
             mask_box[:] = [mask.reshape(-1).bool()]
             try:
                 model(input_ids=ids, attention_mask=mask, use_cache=False)
-            except _StopForward:
+            except StopForward:
                 pass
             if max_tokens is not None and counts[deepest] >= max_tokens:
                 break
