@@ -1,7 +1,7 @@
 """A toy base model for the examples: a 4-layer GPT-2 built from a config with a word-level tokenizer.
 
 It downloads nothing. Real use starts from ``AutoModelForCausalLM.from_pretrained("<hub id>")``; the
-trained world model (``memit_adapter.world.load_world_model``) is a better toy once it is installed.
+trained world model (``memit_adapter.demo.load_world_model``) is a better toy once it is installed.
 """
 
 from __future__ import annotations

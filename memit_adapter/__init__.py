@@ -35,7 +35,6 @@ from .pack import EditPack, LayerDelta
 from .requests import EditRequest
 from .stats import SecondMoment, StatsCache, collect_stats
 from .tracing import suggest_layers, trace_fact, trace_facts, trace_severed
-from .world import load_world_model, make_world
 
 __version__ = "0.1.0"
 
@@ -67,8 +66,6 @@ __all__ = [
     "evaluate_pack",
     "get_arch_spec",
     "load_counterfact",
-    "load_world_model",
-    "make_world",
     "register_architecture",
     "suggest_layers",
     "trace_fact",

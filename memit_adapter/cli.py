@@ -11,7 +11,7 @@ import logging
 import sys
 
 COMMANDS = {
-    "demo": ("memit_adapter.demo", "edit 100 facts of the shipped world model, end to end (offline)"),
+    "demo": ("memit_adapter.demo.run", "edit 100 facts of the shipped world model, end to end (offline)"),
     "eval": ("memit_adapter.evaluation", "CounterFact metrics of a model, optionally with an edit pack"),
     "trace": ("memit_adapter.tracing", "causal tracing of facts; suggests the layers to edit"),
     "bench": ("memit_adapter.bench", "batched vs serial z, one-pass vs per-layer statistics, peak memory"),

@@ -45,8 +45,8 @@ from torch import nn
 from .arch import max_positions
 from .counterfact import load_counterfact, normalize_records
 from .errors import MemitError
+from .models import load_model
 from .tokens import encode_continuation, fill, pad_id, pad_right
-from .world import load_model
 
 __all__ = ["CounterFactResult", "edited_prompts", "evaluate_counterfact", "evaluate_pack", "format_table",
            "generation_entropy", "greedy_generate", "ngram_entropy", "retained_facts", "scored_neighbors",

@@ -35,9 +35,9 @@ from tqdm.auto import tqdm
 from .arch import ArchSpec, get_arch_spec
 from .errors import ConfigError, InvalidRequestError, UnsupportedArchitectureError
 from .hooks import capture_outputs, edit_output
+from .models import load_model
 from .requests import EditRequest
 from .tokens import encode_fact, fill
-from .world import load_model
 
 logger = logging.getLogger(__name__)
 

@@ -23,8 +23,9 @@ from pathlib import Path
 import torch
 
 from memit_adapter import EditRequest, MemitConfig, collect_stats, compute_edits
+from memit_adapter.demo import world_model_path
 from memit_adapter.evaluation import edited_prompts, evaluate_counterfact, scored_neighbors, target_nll
-from memit_adapter.world import load_model, world_model_path
+from memit_adapter.models import load_model
 
 
 def corpus_of(name: str) -> Path:

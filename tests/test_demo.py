@@ -4,7 +4,7 @@ import transformers.integrations.peft as tf_peft
 from tiny import tiny_model
 
 from memit_adapter.compat import stock_adapter_refusal
-from memit_adapter.demo import run_demo
+from memit_adapter.demo.run import run_demo
 from memit_adapter.pack import EditPack
 
 

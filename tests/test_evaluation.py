@@ -341,9 +341,9 @@ def test_neighbours_that_the_batch_edits_leave_ns(model_tok):
 
 
 def test_load_model_reads_a_half_precision_folder_as_float32_on_cpu(tmp_path):
-    """A float16 checkpoint (as train_world.py writes) loads as float32 without a GPU, with the same weights,
+    """A float16 checkpoint (as memit_adapter.demo.train writes) loads as float32 without a GPU, with the same weights,
     unless a dtype is asked for; the folder's records come along."""
-    from memit_adapter.world import load_model
+    from memit_adapter.models import load_model
 
     model, tok = tiny_model("gpt2", seed=5), make_tokenizer()
     model.half().save_pretrained(tmp_path / "m")

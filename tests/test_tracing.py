@@ -198,7 +198,7 @@ def test_cli_single_fact_and_batch(tmp_path):
 
 # -- the shipped world model ---------------------------------------------------------------------
 def _world():
-    from memit_adapter.world import load_world_model
+    from memit_adapter.demo import load_world_model
 
     model, tok, records = load_world_model("gpt2")  # shipped with the package: a missing one is a failure
     facts = [EditRequest.from_dict(r) for r in records]

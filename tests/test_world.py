@@ -7,20 +7,19 @@ from collections import Counter
 import pytest
 import torch
 
-from memit_adapter.errors import ConfigError
-from memit_adapter.evaluation import evaluate_counterfact
-from memit_adapter.requests import EditRequest, check_requests
-from memit_adapter.world import (
+from memit_adapter.demo.checkpoints import load_world_model, world_model_path
+from memit_adapter.demo.world import (
     RELATIONS,
     FactWorld,
     Relation,
     build_world_tokenizer,
     check_templates,
-    load_world_model,
     make_world,
     recall_by_template,
-    world_model_path,
 )
+from memit_adapter.errors import ConfigError
+from memit_adapter.evaluation import evaluate_counterfact
+from memit_adapter.requests import EditRequest, check_requests
 
 
 @pytest.fixture(scope="module")
@@ -214,15 +213,13 @@ def test_cli_eval_on_world_model(tmp_path, capsys):
 def test_training_script_writes_a_loadable_checkpoint(tmp_path):
     import subprocess
     import sys
-    from pathlib import Path
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    script = Path(__file__).parent.parent / "scripts" / "train_world.py"
     out = tmp_path / "tiny-world"
-    subprocess.run([sys.executable, str(script), "--arch", "llama", "--out", str(out), "--n-layer", "1",
-                    "--d-model", "32", "--d-ff", "64", "--epochs", "2", "--switch-epoch", "1", "--probe", "20",
-                    "--attn-free-layers", "0"],
+    subprocess.run([sys.executable, "-m", "memit_adapter.demo.train", "--arch", "llama", "--out", str(out),
+                    "--n-layer", "1", "--d-model", "32", "--d-ff", "64", "--epochs", "2", "--switch-epoch", "1",
+                    "--probe", "20", "--attn-free-layers", "0"],
                    check=True, capture_output=True)
     report = json.loads((out / "training.json").read_text())
     assert report["epochs"] == 2 and report["history"][1]["packed_share"] == 0.5
@@ -235,14 +232,9 @@ def test_training_script_writes_a_loadable_checkpoint(tmp_path):
 
 
 def _train_world_module():
-    import importlib.util
-    from pathlib import Path
+    from memit_adapter.demo import train
 
-    path = Path(__file__).parent.parent / "scripts" / "train_world.py"
-    spec = importlib.util.spec_from_file_location("train_world", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return train
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])

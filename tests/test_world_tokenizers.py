@@ -9,8 +9,7 @@ from statistics import median
 import pytest
 import torch
 
-from memit_adapter.errors import ConfigError
-from memit_adapter.world import (
+from memit_adapter.demo import (
     FactWorld,
     load_world_model,
     make_world,
@@ -18,6 +17,7 @@ from memit_adapter.world import (
     train_world_tokenizer,
     world_model_path,
 )
+from memit_adapter.errors import ConfigError
 
 VOCAB = {"bpe": 780, "sentencepiece": 540}  # the sizes of the shipped checkpoints
 SHIPPED = {"gpt2-bpe": ("gpt2", "bpe"), "llama-sp": ("llama", "sentencepiece")}

@@ -2,13 +2,13 @@
 
 Usage (the commands of the shipped checkpoints)::
 
-    python scripts/train_world.py --arch gpt2 --position-dims 16 --out memit_adapter/assets/world-gpt2
-    python scripts/train_world.py --arch llama --d-ff 512 --lr 0.004 --switch-epoch 12 \
-        --no-freeze-name-embeddings --out memit_adapter/assets/world-llama
-    python scripts/train_world.py --arch gpt2 --tokenizer bpe --vocab-size 780 $CONVENTIONAL \
-        --out memit_adapter/assets/world-gpt2-bpe
-    python scripts/train_world.py --arch llama --tokenizer sentencepiece --vocab-size 540 --d-ff 688 \
-        --untie-embeddings $CONVENTIONAL --out memit_adapter/assets/world-llama-sp
+    python -m memit_adapter.demo.train --arch gpt2 --position-dims 16 --out memit_adapter/demo/assets/world-gpt2
+    python -m memit_adapter.demo.train --arch llama --d-ff 512 --lr 0.004 --switch-epoch 12 \
+        --no-freeze-name-embeddings --out memit_adapter/demo/assets/world-llama
+    python -m memit_adapter.demo.train --arch gpt2 --tokenizer bpe --vocab-size 780 $CONVENTIONAL \
+        --out memit_adapter/demo/assets/world-gpt2-bpe
+    python -m memit_adapter.demo.train --arch llama --tokenizer sentencepiece --vocab-size 540 --d-ff 688 \
+        --untie-embeddings $CONVENTIONAL --out memit_adapter/demo/assets/world-llama-sp
 
     # no shaping, a 600-subject world, sentences packed into rows of 64 tokens from the first epoch:
     CONVENTIONAL="--attn-free-layers 0 --no-freeze-name-embeddings --subjects 600 --d-model 256 \
@@ -65,7 +65,7 @@ from pathlib import Path
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
-from memit_adapter.world import (
+from memit_adapter.demo.world import (
     NAME_STYLES,
     TOKENIZER_KINDS,
     build_world_tokenizer,
@@ -465,8 +465,8 @@ def write_card(out: Path) -> None:
         "greedy next word = true object"
     lines = [
         f"# {name}: a {r['config']['n_layer']}-layer {r['arch']} model that knows a fact world", "",
-        "Trained from scratch on CPU by `scripts/train_world.py` on the world of "
-        f"`memit_adapter.world.make_world({world_args})`: "
+        "Trained from scratch on CPU by `python -m memit_adapter.demo.train` on the world of "
+        f"`memit_adapter.demo.world.make_world({world_args})`: "
         f"{r['world']['subjects']} invented people ({name_text}), {r['world']['relations']} relations, "
         f"{r['world']['facts']} facts, each stated in "
         f"{r['world']['templates_per_relation']} templates. Load it with `load_world_model(\"{key}\")`.", "",

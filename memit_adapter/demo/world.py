@@ -9,7 +9,6 @@ Usage::
     sentences = world.corpus_sentences()          # every fact in every template, plus a little filler
     records = world.counterfact_records()         # CounterFact-format dicts, targets like ' paris'
     make_world(0, names="composite")              # shared first names and surnames, unique pairs
-    model, tok, records = load_world_model("gpt2")  # the shipped checkpoint trained on this world (offline)
     tok = train_world_tokenizer(make_world(0, n_subjects=600), kind="bpe", vocab_size=780)  # GPT-2-style BPE
 
 By default (``names="unique_surname"``) every subject's name ends in a surname that no other subject
@@ -28,18 +27,16 @@ of :func:`train_world_tokenizer`, where names and some objects are several token
 
 from __future__ import annotations
 
-import json
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError
+from ..errors import ConfigError
+from ..evaluation import target_top1
 
-__all__ = ["NAME_STYLES", "RELATIONS", "TOKENIZER_KINDS", "WORLD_MODELS", "Fact", "FactWorld", "Relation",
-           "build_world_tokenizer", "check_templates", "load_model", "load_world_model", "make_world",
-           "recall_by_template", "train_world_tokenizer", "world_model_path"]
+__all__ = ["NAME_STYLES", "RELATIONS", "TOKENIZER_KINDS", "Fact", "FactWorld", "Relation", "build_world_tokenizer",
+           "check_templates", "make_world", "recall_by_template", "train_world_tokenizer"]
 
 
 @dataclass(frozen=True)
@@ -401,8 +398,6 @@ def recall_by_template(model: Any, tokenizer: Any, world: FactWorld, *, facts: S
     word-level tokenizer that is the next word. ``prefix`` (e.g. a filler sentence) is put in front of every
     prompt to check that recall survives unrelated context.
     """
-    from .evaluation import target_top1  # evaluation's CLI loads world models: imported here, not at the top
-
     facts = list(world.facts if facts is None else facts)
     items = [(f, t) for f in facts for t in range(len(world.relation(f.relation).templates))]
     top1 = target_top1(model, tokenizer, [prefix + world.prompt(f, t) for f, t in items], [f.obj for f, _ in items],
@@ -411,60 +406,3 @@ def recall_by_template(model: Any, tokenizer: Any, world: FactWorld, *, facts: S
     for (f, t), hit in zip(items, top1):
         hits.setdefault(f.relation, {}).setdefault(t, []).append(hit)
     return {rel: {t: sum(v) / len(v) for t, v in sorted(by_t.items())} for rel, by_t in hits.items()}
-
-
-# -- the shipped checkpoints ---------------------------------------------------------------------
-
-WORLD_MODELS = {"gpt2": "world-gpt2", "llama": "world-llama", "gpt2-bpe": "world-gpt2-bpe",
-                "llama-sp": "world-llama-sp"}
-
-
-def world_model_path(name: str = "gpt2") -> Path:
-    """Folder of a shipped world checkpoint: a key of ``WORLD_MODELS`` (``"gpt2"``, ``"llama"``, ``"gpt2-bpe"``,
-    ``"llama-sp"``) or its folder name (``"world-gpt2"``, ...)."""
-    key = name[len("world-"):] if name.startswith("world-") else name
-    if key not in WORLD_MODELS:
-        raise ConfigError(f"unknown world model {name!r}; choose one of {sorted(WORLD_MODELS)}")
-    path = Path(__file__).parent / "assets" / WORLD_MODELS[key]
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"the world checkpoint {path.name} is not installed (expected {path})")
-    return path
-
-
-def load_model(name: str, *, dtype: Any = None) -> tuple[Any, Any, list[dict[str, Any]] | None]:
-    """``(model, tokenizer, records or None)`` of a Hub id or local folder, in eval mode; ``world-gpt2``,
-    ``world-llama``, ``world-gpt2-bpe`` and ``world-llama-sp`` (unless a folder of that name exists) load a
-    shipped world model and its records, offline.
-    A local folder's records are its ``records.json`` when it has one (as folders of ``train_world.py`` do).
-
-    ``dtype`` None: float32 without a GPU (half-precision matrix products on CPU are an order of magnitude
-    slower, and a float16 checkpoint would otherwise load as float16), the checkpoint's own dtype with one.
-    """
-    import torch
-
-    if dtype is None:
-        dtype = "auto" if torch.cuda.is_available() else torch.float32
-    if name.startswith("world-") and name[len("world-"):] in WORLD_MODELS and not Path(name).exists():
-        return load_world_model(name, dtype=None if dtype == "auto" else dtype)
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    records_file = Path(name) / "records.json"
-    records = json.loads(records_file.read_text()) if records_file.is_file() else None
-    model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
-    return model.eval(), AutoTokenizer.from_pretrained(name), records
-
-
-def load_world_model(name: str = "gpt2", *, dtype: Any = None) -> tuple[Any, Any, list[dict[str, Any]]]:
-    """Load a shipped world model, its tokenizer and its CounterFact records, offline; model in eval mode.
-
-    Weights are stored in float16 to keep the package small and loaded as float32 unless ``dtype`` says
-    otherwise.
-    """
-    import torch
-    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
-
-    path = world_model_path(name)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32, local_files_only=True)
-    tokenizer = PreTrainedTokenizerFast.from_pretrained(path, local_files_only=True)
-    records = json.loads((path / "records.json").read_text())
-    return model.eval(), tokenizer, records

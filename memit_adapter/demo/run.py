@@ -2,8 +2,8 @@
 
 Usage::
 
-    memit-adapter demo                     # GPT-2-architecture world model, 100 edits, pack in ./memit-demo-pack
-    memit-adapter demo --model llama --n-edits 50 --out /tmp/pack
+    memit-adapter demo                     # GPT-2 + byte-level BPE world model, 100 edits, pack in ./memit-demo-pack
+    memit-adapter demo --model llama-sp --n-edits 50 --out /tmp/pack
 
 Loads the world model, shows what it believes, computes one MEMIT pack for all edits, shows the new
 answers on the rewrite prompt and a paraphrase and that a neighbour (a subject the batch does not edit)
@@ -22,18 +22,24 @@ from pathlib import Path
 
 import torch
 
-from .compat import stock_adapter_refusal
-from .config import MemitConfig
-from .engine import compute_edits
-from .evaluation import evaluate_counterfact, format_table
-from .requests import EditRequest
-from .world import load_world_model, world_model_path
+from ..compat import stock_adapter_refusal
+from ..engine import compute_edits
+from ..evaluation import evaluate_counterfact, format_table, target_top1
+from ..requests import EditRequest
+from .checkpoints import DEFAULT_WORLD, WORLD_MODELS, load_world_model, world_config, world_model_path
 
 
-def _answer(model, tokenizer, prompt: str) -> str:
+def _answer(model, tokenizer, prompt: str, max_tokens: int = 8) -> str:
+    """The first word the model writes after ``prompt``, decoding greedily (objects may be several tokens)."""
     ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+    start = ids.shape[1]
     with torch.no_grad():
-        return tokenizer.decode([int(model(ids).logits[0, -1].argmax())]).strip()
+        for _ in range(max_tokens):
+            ids = torch.cat([ids, model(ids).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+            words = tokenizer.decode(ids[0, start:], skip_special_tokens=True).split()
+            if len(words) > 1:
+                break
+    return words[0] if words else ""
 
 
 def _untouched(prompts: list[str], edited: set[str]) -> str:
@@ -71,8 +77,8 @@ def _load_stock(base, folder: str):
     return model, model.disable_adapter, f"stock PeftModel.from_pretrained(model, {folder!r})"
 
 
-def run_demo(model_name: str = "gpt2", *, n_edits: int = 100, out: str | Path = "memit-demo-pack", seed: int = 0,
-             progress: bool = True) -> dict:
+def run_demo(model_name: str = DEFAULT_WORLD, *, n_edits: int = 100, out: str | Path = "memit-demo-pack",
+             seed: int = 0, progress: bool = True) -> dict:
     """Run the demo; return the metrics before and after and the pack folder."""
     t0 = time.perf_counter()
     model, tok, records = load_world_model(model_name)
@@ -85,9 +91,7 @@ def run_demo(model_name: str = "gpt2", *, n_edits: int = 100, out: str | Path = 
     for req in requests[:3]:
         _say(f"  {req.text!r:48} -> {_answer(model, tok, req.text)!r}")
 
-    # for_model's 60 z steps are what 1,000 edits need (ES 98.6 -> 99.3); 100 edits reach the same
-    # quality in 40 (ES / PS 100, NS 96.5 on this sample), which keeps the demo within two minutes
-    cfg = MemitConfig.for_model(model, v_num_grad_steps=40)
+    cfg = world_config(model_name, model)  # the settings tuned for this world (its memit_config.json)
     _say(f"\nEditing {len(requests)} facts at once with MEMIT "
          f"(layers {cfg.layers}, λ = {cfg.mom2_update_weight:g})...")
     t_edit = time.perf_counter()
@@ -97,7 +101,8 @@ def run_demo(model_name: str = "gpt2", *, n_edits: int = 100, out: str | Path = 
 
     with pack.applied(model):
         answers = [_answer(model, tok, req.text) for req in requests]
-        took = [i for i, (a, req) in enumerate(zip(answers, requests)) if a == req.target_new.strip()]
+        greedy = target_top1(model, tok, [req.text for req in requests], [req.target_new for req in requests])
+        took = [i for i, hit in enumerate(greedy.tolist()) if hit]
         _say(f"\nWith the edits applied (weights untouched, deltas hooked in), {len(took)} of {len(requests)} "
              "rewrite prompts now give the new object as the top answer:")
         shown = (took + [i for i in range(len(requests)) if i not in took])[:3]
@@ -136,8 +141,8 @@ def run_demo(model_name: str = "gpt2", *, n_edits: int = 100, out: str | Path = 
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="gpt2",
-                        help="shipped world model: gpt2, llama, gpt2-bpe or llama-sp (default gpt2)")
+    parser.add_argument("--model", default=DEFAULT_WORLD, choices=list(WORLD_MODELS),
+                        help=f"shipped world model (default {DEFAULT_WORLD})")
     parser.add_argument("--n-edits", type=int, default=100)
     parser.add_argument("--out", default="memit-demo-pack", help="folder for the saved pack")
     parser.add_argument("--seed", type=int, default=0)
