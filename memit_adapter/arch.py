@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .errors import UnsupportedArchitectureError
+from .errors import ModelError, UnsupportedArchitectureError
 
 
 @dataclass(frozen=True)
@@ -95,6 +95,43 @@ def get_arch_spec(model: nn.Module, spec: ArchSpec | None = None) -> ArchSpec:
             "Pass arch=ArchSpec(...) or call memit_adapter.register_architecture(model_type, ArchSpec(...))."
         )
     return ARCHITECTURES[model_type]
+
+
+def check_model(model: nn.Module, tokenizer=None, spec: ArchSpec | None = None) -> ArchSpec:
+    """:func:`get_arch_spec`, after checking what would otherwise fail deep inside the work: every path of the
+    spec names a submodule of ``model`` and each edited projection has a 2-D weight
+    (:class:`UnsupportedArchitectureError`); no weight is on the meta device and ``tokenizer`` (when given) has
+    no id past the input embedding (:class:`ModelError`)."""
+    spec = get_arch_spec(model, spec)
+    name = type(model).__name__
+
+    def module(path: str) -> nn.Module:
+        try:
+            return model.get_submodule(path)
+        except AttributeError as e:
+            raise UnsupportedArchitectureError(
+                f"the ArchSpec does not fit {name}: {path!r} is not a submodule of it ({e}). Fix the spec passed as "
+                "arch= or given to register_architecture (print(model) shows the module names)") from None
+
+    blocks = module(spec.layers)
+    if not isinstance(blocks, (nn.ModuleList, nn.Sequential)) or len(blocks) == 0:
+        raise UnsupportedArchitectureError(f"the ArchSpec does not fit {name}: layers={spec.layers!r} is a "
+                                           f"{type(blocks).__name__}, not a non-empty ModuleList of blocks")
+    for path in [spec.embed, spec.final_norm] + [spec.mlp_out_name(i) for i in range(len(blocks))]:
+        weight = getattr(module(path), "weight", None)
+        if path != spec.final_norm and not (isinstance(weight, torch.Tensor) and weight.dim() == 2):
+            raise UnsupportedArchitectureError(f"the ArchSpec does not fit {name}: {path!r} has no 2-D weight")
+    meta = [n for n, p in model.named_parameters() if p.is_meta]
+    if meta:
+        raise ModelError(f"{len(meta)} weights of {name} are on the meta device (e.g. {meta[0]}) and hold no values; "
+                         "load the model's weights (not with init_empty_weights or device_map='meta') first")
+    if tokenizer is not None:
+        n_rows = module(spec.embed).weight.shape[0]
+        if len(tokenizer) > n_rows:
+            raise ModelError(f"the tokenizer has {len(tokenizer)} tokens but {name}'s input embedding only {n_rows} "
+                             "rows: is it this model's tokenizer? After adding tokens, call "
+                             "model.resize_token_embeddings(len(tokenizer))")
+    return spec
 
 
 def max_positions(model: nn.Module) -> int | None:

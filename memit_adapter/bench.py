@@ -19,6 +19,7 @@ import random
 import resource
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -155,6 +156,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_cli(args: argparse.Namespace) -> int:
+    if args.json and (not Path(args.json).resolve().parent.is_dir() or Path(args.json).is_dir()):
+        raise SystemExit(f"memit-adapter bench: cannot write {args.json} (no such folder, or it is a folder)")
     report = run_benchmark(size=args.size, n_requests=args.n_requests, z_steps=args.z_steps, n_texts=args.texts,
                            text_length=args.text_length, chunk=args.chunk, device=args.device,
                            progress=not args.quiet)

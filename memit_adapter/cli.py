@@ -1,6 +1,8 @@
 """The ``memit-adapter`` console script. Each subcommand lives in its own module, imported on use.
 
-A subcommand module defines ``add_arguments(parser)`` and ``run_cli(args) -> int``.
+A subcommand module defines ``add_arguments(parser)`` and ``run_cli(args) -> int``. An error the user can act on
+(a :class:`~memit_adapter.errors.MemitError`, a file or network error, a bad value) is one line on stderr and exit
+status 1; ``--verbose`` shows its traceback.
 """
 
 from __future__ import annotations
@@ -9,6 +11,8 @@ import argparse
 import importlib
 import logging
 import sys
+
+from .errors import MemitError
 
 COMMANDS = {
     "demo": ("memit_adapter.demo.run", "edit 100 facts of the shipped world model, end to end (offline)"),
@@ -40,7 +44,15 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "_missing", None):
         print(f"memit-adapter {args.command}: not available in this build ({args._missing} missing)", file=sys.stderr)
         return 2
-    return int(importlib.import_module(args._module).run_cli(args) or 0)
+    module = importlib.import_module(args._module)
+    try:
+        return int(module.run_cli(args) or 0)
+    except (MemitError, OSError, ValueError) as e:
+        if args.verbose:
+            raise
+        print(f"memit-adapter {args.command}: error: {e} ({type(e).__name__}; -v shows the traceback)",
+              file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -21,11 +21,12 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .arch import ArchSpec, get_arch_spec, max_positions
+from .arch import ArchSpec, check_model, max_positions
 from .config import MemitConfig
 from .errors import ConfigError, InvalidRequestError, StatisticsError
 from .fingerprint import weights_fingerprint
 from .hooks import StopForward
+from .modes import evaluating
 from .pack import EditPack, LayerDelta
 from .requests import EditRequest, as_requests, check_requests
 from .solve import cov_factor, layer_update, woodbury_pays
@@ -69,7 +70,7 @@ def compute_edits(
     """
     requests = as_requests(requests)
     check_requests(requests)
-    spec = get_arch_spec(model, arch)
+    spec = check_model(model, tokenizer, arch)
     config = config or MemitConfig.for_model(model)
     n_layers = spec.num_layers(model)
     if max(config.layers) >= n_layers:
@@ -77,7 +78,7 @@ def compute_edits(
     names = [spec.mlp_out_name(layer) for layer in config.layers]
     fingerprint = weights_fingerprint(model, names)
 
-    with _eval_mode(model):
+    with evaluating(model):
         templates = context_templates(model, tokenizer, config)
         _check_encodings(tokenizer, requests, templates, max_positions(model))  # before any long work
         keep_factors = stats is not None  # the caller's statistics: a factor of C computed now serves later packs
@@ -253,16 +254,6 @@ def _hooked_deltas(model, spec) -> Iterator[dict[int, LayerDelta]]:
     finally:
         for h in handles:
             h.remove()
-
-
-@contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    was_training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was_training)
 
 
 def _check_encodings(tokenizer, requests: list[EditRequest], templates: list[str], limit: int | None) -> None:

@@ -26,6 +26,10 @@ class UnsupportedArchitectureError(MemitError, KeyError):
         return str(self.args[0]) if self.args else ""
 
 
+class ModelError(MemitError, ValueError):
+    """The model cannot be worked on as it is: weights on the meta device, a tokenizer it does not fit, ..."""
+
+
 class StatisticsError(MemitError, RuntimeError):
     """Second-moment statistics are missing, unreadable or not finite."""
 

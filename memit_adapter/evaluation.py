@@ -46,6 +46,7 @@ from .arch import max_positions
 from .counterfact import load_counterfact, normalize_records
 from .errors import MemitError
 from .models import load_model
+from .modes import evaluating
 from .tokens import encode_continuation, fill, pad_id, pad_right
 
 __all__ = ["CounterFactResult", "edited_prompts", "evaluate_counterfact", "evaluate_pack", "format_table",
@@ -226,9 +227,7 @@ def evaluate_counterfact(model: nn.Module, tokenizer: Any, records: Sequence[Map
     records = normalize_records(records)
     if not records:
         raise ValueError("no records to evaluate")
-    was_training = model.training
-    model.eval()
-    try:
+    with evaluating(model):
         edited = edited_prompts(records) if exclude_edited_neighbors else set()
         per = _score_prompts(model, tokenizer, records, batch_size, edited)
         if generation:
@@ -236,8 +235,6 @@ def evaluate_counterfact(model: nn.Module, tokenizer: Any, records: Sequence[Map
         kept = retained_facts(records, retention_records) if retention_records is not None else None
         if kept:
             hits = target_top1(model, tokenizer, [p for p, _ in kept], [t for _, t in kept], batch_size=batch_size)
-    finally:
-        model.train(was_training)
     result = _summarize(per, keep=per_record)
     if kept:
         result.retention, result.retention_facts = float(hits.double().mean()), len(kept)

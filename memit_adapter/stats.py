@@ -30,10 +30,11 @@ from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from .arch import ArchSpec, get_arch_spec, max_positions
+from .arch import ArchSpec, check_model, max_positions
 from .errors import StatisticsError
 from .fingerprint import tensor_bytes
 from .hooks import StopForward
+from .modes import evaluating
 from .solve import CovFactor, cov_factor
 from .tokens import pad_id, pad_right
 
@@ -240,7 +241,7 @@ def collect_stats(
     Raises :class:`StatisticsError` when a layer is neither cached nor computable (no corpus) or comes
     out non-finite.
     """
-    spec = get_arch_spec(model, arch)
+    spec = check_model(model, tokenizer, arch)
     layers = sorted(set(layers))
     if isinstance(cache, (str, os.PathLike)):
         cache = StatsCache(cache)
@@ -321,26 +322,26 @@ def _accumulate(model, tokenizer, texts, layers, spec, max_length, batch_size, a
         return hook
 
     handles = [spec.mlp_out_module(model, layer).register_forward_pre_hook(make_hook(layer)) for layer in layers]
-    was_training = model.training
-    model.eval()
     pad = pad_id(tokenizer)
     try:
-        for i in tqdm(range(0, len(texts), batch_size), desc="second moments", unit="batch", disable=not progress):
-            seqs = [tokenizer(t, truncation=True, max_length=max_length)["input_ids"] for t in texts[i:i + batch_size]]
-            seqs = [s for s in seqs if s]
-            if not seqs:
-                continue
-            ids, mask = pad_right(seqs, pad, device)
-            mask_box[:] = [mask.reshape(-1).bool()]
-            try:
-                model(input_ids=ids, attention_mask=mask, use_cache=False)
-            except StopForward:
-                pass
-            if max_tokens is not None and counts[deepest] >= max_tokens:
-                break
+        with evaluating(model):
+            batches = tqdm(range(0, len(texts), batch_size), desc="second moments", unit="batch", disable=not progress)
+            for i in batches:
+                chunk = texts[i:i + batch_size]
+                seqs = [tokenizer(t, truncation=True, max_length=max_length)["input_ids"] for t in chunk]
+                seqs = [s for s in seqs if s]
+                if not seqs:
+                    continue
+                ids, mask = pad_right(seqs, pad, device)
+                mask_box[:] = [mask.reshape(-1).bool()]
+                try:
+                    model(input_ids=ids, attention_mask=mask, use_cache=False)
+                except StopForward:
+                    pass
+                if max_tokens is not None and counts[deepest] >= max_tokens:
+                    break
     finally:
         for h in handles:
             h.remove()
-        model.train(was_training)
     logger.info("second moments from %d texts, %d tokens, layers %s", len(texts), counts[deepest], layers)
     return {layer: SecondMoment(mom2=sums[layer] / counts[layer], count=counts[layer]) for layer in layers}

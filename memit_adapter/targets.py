@@ -35,6 +35,7 @@ from transformers import DynamicCache
 from .arch import ArchSpec
 from .config import MemitConfig
 from .errors import MemitError
+from .modes import evaluating
 from .requests import EditRequest
 from .tokens import EncodedFact, encode_fact, pad_id, pad_right
 
@@ -427,22 +428,10 @@ def optimise_deltas(model, spec: ArchSpec, tokenizer, requests, templates, confi
     """
     if relations is None:
         relations = relation_templates(requests)
-    with _no_param_grads(model):
+    # only δ needs gradients: with the weights' flags off, autograd does not keep the activations that weight
+    # gradients would need (most of the memory of a step)
+    with evaluating(model, freeze=True):
         return _optimise_deltas(model, spec, tokenizer, requests, templates, config, layer, progress, relations)
-
-
-@contextmanager
-def _no_param_grads(model: nn.Module) -> Iterator[None]:
-    """Only δ needs gradients: with the weights' flags off, autograd does not keep the activations that
-    weight gradients would need (most of the memory of a step). The flags are restored on exit."""
-    flags = [(p, p.requires_grad) for p in model.parameters()]
-    for p, _ in flags:
-        p.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for p, flag in flags:
-            p.requires_grad_(flag)
 
 
 @dataclass

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
@@ -32,10 +33,11 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .arch import ArchSpec, get_arch_spec
+from .arch import ArchSpec, check_model, get_arch_spec
 from .errors import ConfigError, InvalidRequestError, UnsupportedArchitectureError
 from .hooks import capture_outputs, edit_output
 from .models import load_model
+from .modes import evaluating
 from .requests import EditRequest
 from .tokens import encode_fact, fill
 
@@ -183,15 +185,9 @@ def _window(layer: int, window: int, n_layers: int) -> range:
 
 @contextmanager
 def _inference(model: nn.Module) -> Iterator[None]:
-    """Eval mode and no grad for a while; the training flags are put back, also on exceptions."""
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        with torch.no_grad():
-            yield
-    finally:
-        for m, mode in modes:
-            m.training = mode
+    """Eval mode and no grad for a while; every flag is put back, also on exceptions."""
+    with evaluating(model), torch.no_grad():
+        yield
 
 
 class _Row(NamedTuple):
@@ -335,6 +331,7 @@ _Triple = tuple[str, str, str | None]  # (prompt, subject, object or None)
 
 def _prepare(model, tokenizer, facts: Sequence[_Triple], opts: _Options) -> tuple[list[_Fact], float]:
     """Tokenise the facts (object None: the model's top prediction) and fix the noise std."""
+    check_model(model, tokenizer, opts.arch)
     encoded = [_encode_fact(tokenizer, p, s, t, model) for p, s, t in facts]
     std = opts.embed_std
     if std is None:
@@ -541,10 +538,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run_cli(args: argparse.Namespace) -> int:
     from . import plots
 
+    _check_out_folder(args.out)  # before the model is loaded: a bad path costs nothing
     model, tokenizer, shipped = _load(args.model, args.device)
     facts = _cli_facts(args, shipped)
     opts = dict(samples=args.samples, embed_std=args.embed_std, noise_factor=args.noise_factor, seed=args.seed,
                 batch_size=args.batch_size)
+    for prompt, subject, target in facts:  # a bad fact is refused before any folder is made
+        _encode_fact(tokenizer, prompt, subject, target, model)
     args.out.mkdir(parents=True, exist_ok=True)
     report: dict = {"model": args.model, "n_facts": len(facts), "traces": {}}
     traces = {}
@@ -563,6 +563,15 @@ def run_cli(args: argparse.Namespace) -> int:
     (args.out / "trace.json").write_text(json.dumps(report, indent=2))
     print(f"suggested layers: {report['suggested_layers']}  (figures and trace.json in {args.out})")
     return 0
+
+
+def _check_out_folder(out: Path) -> None:
+    """Refuse an output path that is a file, or whose nearest existing folder cannot be written."""
+    if out.exists() and not out.is_dir():
+        raise SystemExit(f"memit-adapter trace: --out {out} is a file, not a folder")
+    existing = next(p for p in [out, *out.parents] if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise SystemExit(f"memit-adapter trace: cannot create or write {out} ({existing} is not writable)")
 
 
 def _cli_facts(args: argparse.Namespace, shipped: list[dict] | None) -> list[_Triple]:

@@ -28,6 +28,7 @@ from memit_adapter import persistence, stats
 from memit_adapter.apply import active_packs
 from memit_adapter.errors import (
     FingerprintMismatchError,
+    InvalidRequestError,
     OverwriteError,
     PackError,
     StatisticsError,
@@ -518,3 +519,151 @@ def test_an_unreadable_cache_directory_is_a_miss_with_a_warning(tmp_path, monkey
         got = collect_stats(model, tok, corpus(5), [1], cache=tmp_path / "cache", progress=False)
     assert got[1].count > 0
     assert any("could not read the statistics cache" in str(w.message) for w in caught)
+
+
+# -- 6. models that cannot be worked on, and every flag restored -----------------------------------------
+def _edit(model, tok, **kw):
+    from engine_setup import config, requests
+
+    from memit_adapter import compute_edits
+
+    return compute_edits(model, tok, requests(), config(v_num_grad_steps=2), corpus=corpus(20), progress=False, **kw)
+
+
+def test_a_model_on_the_meta_device_is_refused_before_any_work():
+    from transformers import AutoModelForCausalLM
+
+    from memit_adapter.errors import ModelError
+
+    _, tok = model_and_tokenizer()
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(tiny_model("gpt2").config)
+    with pytest.raises(ModelError, match="meta device"):
+        _edit(model, tok)
+    with pytest.raises(ModelError, match="meta device"):
+        collect_stats(model, tok, corpus(5), [1], progress=False)
+
+
+@pytest.mark.parametrize("bad", [dict(layers="transformer.blocks"), dict(mlp_out="mlp.out_proj"),
+                                 dict(embed="transformer.embed"), dict(layers="transformer.ln_f")])
+def test_an_arch_spec_whose_paths_miss_the_model_is_named_before_any_work(bad):
+    from dataclasses import replace
+
+    from memit_adapter.arch import ARCHITECTURES
+    from memit_adapter.errors import UnsupportedArchitectureError
+
+    model, tok = model_and_tokenizer()
+    snap = snapshot(model)
+    spec = replace(ARCHITECTURES["gpt2"], **bad)
+    with pytest.raises(UnsupportedArchitectureError, match="ArchSpec does not fit GPT2LMHeadModel") as info:
+        _edit(model, tok, arch=spec)
+    assert next(iter(bad.values())) in str(info.value)
+    assert_same_model(model, snap)
+
+
+def test_a_tokenizer_larger_than_the_embedding_is_refused():
+    from memit_adapter.errors import ModelError
+
+    _, tok = model_and_tokenizer()
+    model = tiny_model("gpt2", vocab_size=len(tok) - 5)
+    snap = snapshot(model)
+    with pytest.raises(ModelError, match=rf"{len(tok)} tokens but .* {len(tok) - 5} rows"):
+        _edit(model, tok)
+    assert_same_model(model, snap)
+
+
+def _fail_in_targets(monkeypatch):
+    from memit_adapter import engine
+
+    def boom(*a, **k):
+        raise RuntimeError("injected")
+    monkeypatch.setattr(engine, "compute_targets", boom)
+
+
+@pytest.mark.parametrize("work", ["edit", "edit fails midway", "statistics", "evaluation", "tracing"])
+def test_every_module_flag_and_grad_flag_comes_back(work, monkeypatch):
+    """A model whose submodules do not share one train flag, with a frozen weight, comes back exactly so."""
+    from memit_adapter import evaluate_counterfact, trace_fact
+
+    _, tok = model_and_tokenizer()
+    model = mixed_flags_model()
+    snap = snapshot(model)
+    if work == "edit":
+        _edit(model, tok)
+    elif work == "edit fails midway":
+        _fail_in_targets(monkeypatch)
+        with pytest.raises(RuntimeError, match="injected"):
+            _edit(model, tok)
+    elif work == "statistics":
+        collect_stats(model, tok, corpus(5), [1, 2], progress=False)
+    elif work == "evaluation":
+        record = {"requested_rewrite": {"prompt": "{} lives in", "subject": "toko yuki",
+                                        "target_new": {"str": "rome"}, "target_true": {"str": "tokyo"}},
+                  "paraphrase_prompts": ["toko yuki lives in"], "neighborhood_prompts": ["alpha beta lives in"]}
+        evaluate_counterfact(model, tok, [record], generation=False)
+    else:
+        trace_fact(model, tok, "{} lives in", "toko yuki", samples=2)
+    assert_same_model(model, snap)
+
+
+# -- 7. the command line: one line per error the user can act on, checked before the work -------------
+@pytest.fixture
+def saved_model(tmp_path):
+    model, tok = model_and_tokenizer("llama")
+    model.save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    return tmp_path / "m"
+
+
+def _cli(argv, capsys) -> tuple[int, str]:
+    from memit_adapter.cli import main
+
+    rc = main(argv)
+    err = capsys.readouterr().err
+    assert "Traceback (most recent call last)" not in err
+    return rc, err.strip().splitlines()[-1]  # progress bars before it are fine
+
+
+def test_cli_runtime_errors_are_one_line_not_a_traceback(saved_model, tmp_path, capsys):
+    records = tmp_path / "r.json"
+    records.write_text(json.dumps([{"requested_rewrite": {"prompt": "{} lives in", "subject": "toko yuki",
+                                                          "target_new": {"str": "rome"},
+                                                          "target_true": {"str": "tokyo"}}}]))
+    rc, err = _cli(["eval", "--model", str(saved_model), "--data", str(records), "--pack", str(tmp_path / "nope"),
+                    "--out", str(tmp_path / "x.json")], capsys)
+    assert rc == 1 and err.startswith("memit-adapter eval: error:") and "nope" in err
+    rc, err = _cli(["trace", "--model", str(saved_model), "--prompt", "{} and {} live in", "--subject", "toko yuki",
+                    "--samples", "2", "--out", str(tmp_path / "t"), "--quiet"], capsys)
+    assert rc == 1 and err.startswith("memit-adapter trace: error:")
+    rc, err = _cli(["demo", "--n-edits", "0", "--out", str(tmp_path / "d"), "--quiet"], capsys)
+    assert rc == 1 and err.startswith("memit-adapter demo: error:")
+    from memit_adapter.cli import main
+
+    with pytest.raises(InvalidRequestError):  # -v: the traceback, for a bug report
+        main(["-v", "trace", "--model", str(saved_model), "--prompt", "{} and {} live in", "--subject", "toko yuki",
+              "--samples", "2", "--out", str(tmp_path / "t"), "--quiet"])
+
+
+def test_cli_trace_refuses_a_bad_fact_or_path_before_making_anything(saved_model, tmp_path, capsys, monkeypatch):
+    from memit_adapter import tracing
+
+    out = tmp_path / "traces"
+    rc, err = _cli(["trace", "--model", str(saved_model), "--prompt", "the sport of", "--subject", "toko yuki",
+                    "--out", str(out), "--quiet"], capsys)
+    assert rc == 1 and "the sport of" in err and not out.exists()  # subject not in the prompt: no empty folder
+    a_file = tmp_path / "file"
+    a_file.write_text("mine")
+    monkeypatch.setattr(tracing, "load_model", lambda *a, **k: pytest.fail("loaded the model before the check"))
+    with pytest.raises(SystemExit, match="is a file"):
+        _cli(["trace", "--model", str(saved_model), "--prompt", "{} lives in", "--subject", "toko yuki",
+              "--out", str(a_file)], capsys)
+    assert a_file.read_text() == "mine"
+
+
+def test_cli_bench_refuses_an_unwritable_json_path_before_the_work(tmp_path, monkeypatch):
+    from memit_adapter import bench
+    from memit_adapter.cli import main
+
+    monkeypatch.setattr(bench, "run_benchmark", lambda **k: pytest.fail("ran the benchmark before the check"))
+    with pytest.raises(SystemExit, match="cannot write"):
+        main(["bench", "--json", str(tmp_path / "missing" / "b.json")])
