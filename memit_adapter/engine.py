@@ -87,7 +87,7 @@ def compute_edits(
                                   max_length=config.mom2_max_length, max_tokens=config.mom2_max_tokens,
                                   batch_size=config.stats_batch_size,
                                   dtype=config.mom2_dtype, cache=StatsCache(cache_dir) if cache_dir else None,
-                                  arch=spec, progress=progress)
+                                  arch=spec, progress=progress, seed=config.seed)
         _check_stats(stats, config.layers)
         last = max(config.layers)
         zs, _ = compute_targets(model, spec, tokenizer, requests, templates, config, last,

@@ -77,10 +77,13 @@ def test_corpus_files_and_dataset(tmp_path):
     a, id_a = load_corpus(tmp_path / "c.txt", 100)
     b, id_b = load_corpus(str(tmp_path / "c.jsonl"), 100)
     c, id_c = load_corpus(texts, 4)
-    assert a == b == texts and id_a == id_b and c == texts[:4] and id_c != id_a
+    assert a == b and sorted(a) == sorted(texts) and id_a == id_b
+    assert len(set(c)) == 4 and set(c) <= set(texts) and id_c != id_a
+    assert load_corpus(texts, 100, seed=1) != (a, id_a) and load_corpus(texts, 100) == (a, id_a)  # seeded order
     datasets = pytest.importorskip("datasets")
     d, id_d = load_corpus(datasets.Dataset.from_dict({"text": texts}), 100)
-    assert d == texts and id_d == id_a
+    assert d == a and id_d == id_a
+
     (tmp_path / "bad.jsonl").write_text('{"txt": 1}\n')
     with pytest.raises(StatisticsError, match="text"):
         load_corpus(tmp_path / "bad.jsonl", 10)
@@ -88,6 +91,14 @@ def test_corpus_files_and_dataset(tmp_path):
         load_corpus(tmp_path / "missing.txt", 10)
     with pytest.raises(StatisticsError):
         load_corpus(42, 10)
+
+
+def test_a_budget_samples_the_whole_corpus_not_its_head():
+    """A corpus written in order (200 texts of one kind, then 200 of another): a budget of 50 texts reads both."""
+    texts = [f"alpha {i}" for i in range(200)] + [f"beta {i}" for i in range(200)]
+    sample, _ = load_corpus(texts, 50)
+    kinds = [t.split()[0] for t in sample]
+    assert 15 <= kinds.count("alpha") <= 35 and 15 <= kinds.count("beta") <= 35
 
 
 def test_no_corpus_and_no_cache_says_how_to_provide_one(tmp_path):
@@ -128,7 +139,7 @@ def test_token_budget_stops_the_pass_and_keys_the_cache(tmp_path):
     full = collect_stats(model, tok, texts, [1], batch_size=4, cache=tmp_path, progress=False)
     part = collect_stats(model, tok, texts, [1], batch_size=4, max_tokens=200, cache=tmp_path, progress=False)
     assert full[1].count == 1200 and part[1].count == 240  # two batches of 4 x 30 reach 200
-    expected, _ = _independent_mom2(model, tok, texts[:8], 1)
+    expected, _ = _independent_mom2(model, tok, load_corpus(texts, 40)[0][:8], 1)  # the first 8 in the seeded order
     torch.testing.assert_close(part[1].mom2.double(), expected, rtol=1e-4, atol=1e-6)
     assert len(list(tmp_path.iterdir())) == 2
 
