@@ -12,9 +12,11 @@ import importlib
 import logging
 import sys
 
+from . import __version__
 from .errors import MemitError
 
 COMMANDS = {
+    "edit": ("memit_adapter.edit", "compute an edit pack from a requests file, save it (and push it)"),
     "demo": ("memit_adapter.demo.run", "edit 100 facts of the shipped world model, end to end (offline)"),
     "eval": ("memit_adapter.evaluation", "CounterFact metrics of a model, optionally with an edit pack"),
     "trace": ("memit_adapter.tracing", "causal tracing of facts; suggests the layers to edit"),
@@ -24,7 +26,8 @@ COMMANDS = {
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="memit-adapter", description=__doc__.splitlines()[0])
-    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level, tracebacks on errors")
+    parser.add_argument("--version", action="version", version=f"memit-adapter {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (module_name, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)

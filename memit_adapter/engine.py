@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import time
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -78,6 +79,8 @@ def compute_edits(
     names = [spec.mlp_out_name(layer) for layer in config.layers]
     fingerprint = weights_fingerprint(model, names)
 
+    seconds: dict[str, float] = {}
+    clock = time.perf_counter()
     with evaluating(model):
         templates = context_templates(model, tokenizer, config)
         _check_encodings(tokenizer, requests, templates, max_positions(model))  # before any long work
@@ -89,15 +92,22 @@ def compute_edits(
                                   dtype=config.mom2_dtype, cache=StatsCache(cache_dir) if cache_dir else None,
                                   arch=spec, progress=progress, seed=config.seed)
         _check_stats(stats, config.layers)
+        seconds["statistics"], clock = time.perf_counter() - clock, time.perf_counter()
         last = max(config.layers)
-        zs, _ = compute_targets(model, spec, tokenizer, requests, templates, config, last,
-                                batch_size=config.v_batch_size, progress=progress)  # (n, d_model)
+        zs, _, z_loss = compute_targets(model, spec, tokenizer, requests, templates, config, last,
+                                        batch_size=config.v_batch_size, progress=progress, return_loss=True)
+        seconds["targets"], clock = time.perf_counter() - clock, time.perf_counter()
         deltas = _spread_over_layers(model, spec, tokenizer, requests, templates, config, zs, stats, progress,
                                      keep_factors=keep_factors)
+        seconds["update"] = time.perf_counter() - clock
 
-    return EditPack(deltas={name: deltas[layer] for name, layer in zip(names, config.layers)},
+    pack = EditPack(deltas={name: deltas[layer] for name, layer in zip(names, config.layers)},
                     requests=requests, config=config, model_type=model.config.model_type,
                     fan_in_fan_out=spec.transposed, base_model=hub_model_id(model), fingerprint=fingerprint)
+    losses = z_loss.tolist()
+    pack.report = {"seconds": seconds, "z_loss": losses,
+                   "unconverged": [i for i, x in enumerate(losses) if x >= config.v_loss_threshold]}
+    return pack
 
 
 def hub_model_id(model: nn.Module) -> str | None:

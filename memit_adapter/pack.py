@@ -152,7 +152,10 @@ class EditPack:
     ``representation`` picks how each delta is held: ``"auto"`` (dense when ``r·(d_in + d_out) >
     d_in·d_out``, low rank otherwise), ``"low_rank"`` or ``"dense"``. ``fingerprint`` is
     :func:`~memit_adapter.fingerprint.weights_fingerprint` of the edited modules' weights before the
-    edit; ``parents`` the :attr:`pack_id` of packs this one was computed on top of.
+    edit; ``parents`` the :attr:`pack_id` of packs this one was computed on top of. ``report`` (kept in memory,
+    not saved) says how :func:`~memit_adapter.compute_edits` made the pack: ``seconds`` per phase
+    (``statistics``, ``targets``, ``update``), each request's final target-vector loss ``z_loss`` and the indices
+    of the requests that ended at or above ``v_loss_threshold`` (``unconverged``).
     """
 
     deltas: dict[str, LayerDelta]
@@ -166,6 +169,7 @@ class EditPack:
     parents: list[str] = field(default_factory=list)
     metrics: dict[str, Any] = field(default_factory=dict)
     representation: str = "auto"
+    report: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.deltas, dict) or not self.deltas:

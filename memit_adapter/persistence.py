@@ -96,19 +96,10 @@ def save_pack(pack: EditPack, save_directory: str | os.PathLike, *, dense_file: 
     """
     check_finite(pack, "save")
     given = Path(save_directory)
-    target = Path(os.path.abspath(given.resolve() if given.is_symlink() else given))  # the folder a link points to
-    if target.exists() and not target.is_dir():
-        raise PackError(f"{given} exists and is not a directory")
+    target, foreign = _destination(given, overwrite)
     target.parent.mkdir(parents=True, exist_ok=True)
     swap = _swappable(target)
     _clean_leftovers(target.parent if swap else target)
-    foreign = _foreign_entries(target)
-    if foreign and not overwrite:
-        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
-        raise OverwriteError(
-            f"{given} holds files that are not an edit pack written by memit_adapter ({shown}); nothing was "
-            "written. Save into a new or empty folder, or pass overwrite=True to replace the pack's files there "
-            "and keep the others.")
     with _staging(target.parent if swap else target, target.name) as tmp:
         if target.is_dir():
             os.chmod(tmp, target.stat().st_mode & 0o7777 | 0o700)  # as shared as the folder it replaces
@@ -178,6 +169,26 @@ def _write_files(pack: EditPack, folder: Path, *, dense_file: bool, card: bool) 
     _write_json(folder / METADATA_FILE, meta)
     done(METADATA_FILE)
     return files
+
+
+def check_destination(save_directory: str | os.PathLike, *, overwrite: bool = False) -> None:
+    """Raise what :func:`save_pack` would raise about the folder itself (a file in its place, someone else's
+    files in it), before any work: :class:`PackError` / :class:`OverwriteError`."""
+    _destination(Path(save_directory), overwrite)
+
+
+def _destination(given: Path, overwrite: bool) -> tuple[Path, list[str]]:
+    target = Path(os.path.abspath(given.resolve() if given.is_symlink() else given))  # the folder a link points to
+    if target.exists() and not target.is_dir():
+        raise PackError(f"{given} exists and is not a directory")
+    foreign = _foreign_entries(target)
+    if foreign and not overwrite:
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise OverwriteError(
+            f"{given} holds files that are not an edit pack written by memit_adapter ({shown}); nothing was "
+            "written. Save into a new or empty folder, or pass overwrite=True to replace the pack's files there "
+            "and keep the others.")
+    return target, foreign
 
 
 def _foreign_entries(folder: Path) -> list[str]:

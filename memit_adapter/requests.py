@@ -6,12 +6,17 @@ Usage::
     req.text                      # 'Michael Jordan plays the sport of'
     reqs = [EditRequest.from_dict(r) for r in counterfact_records]
     check_requests(reqs)          # raises on malformed or conflicting requests
+    reqs = load_requests("edits.jsonl")   # .jsonl / .json (EditRequest fields or CounterFact records) / .csv
 """
 
 from __future__ import annotations
 
+import csv
+import json
+import os
 from collections.abc import Iterable, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
 from typing import Any
 
 from .errors import ConflictingRequestsError, InvalidRequestError
@@ -127,3 +132,51 @@ def check_requests(requests: list[EditRequest]) -> None:
         raise ConflictingRequestsError(
             f"{len(conflicts)} conflicting request pair(s) (same subject and prompt, different targets): {shown}"
         )
+
+
+def load_requests(path: str | os.PathLike) -> list[EditRequest]:
+    """Read edit requests from a file, checked (:func:`check_requests`) before any model is involved.
+
+    ``.jsonl``: one JSON object a line; ``.json``: a list of objects (or one); each object holds the fields of
+    :class:`EditRequest` or is a CounterFact record (``requested_rewrite``). ``.csv``: a header row naming
+    ``prompt``, ``subject``, ``target_new`` and optionally ``target_true``, ``case_id``, ``relation_id``.
+    Raises :class:`InvalidRequestError` naming the file and the line or record at fault; ``FileNotFoundError``.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no requests file at {path}")
+    kind = path.suffix.lower()
+    if kind not in (".jsonl", ".json", ".csv"):
+        raise InvalidRequestError(f"{path.name}: requests must be a .jsonl, .json or .csv file")
+    text = path.read_text(encoding="utf-8")
+    rows: list[tuple[str, Any]] = []
+    if kind == ".csv":
+        reader = csv.DictReader(text.splitlines())
+        known = {f.name for f in fields(EditRequest)}
+        missing = {"prompt", "subject", "target_new"} - set(reader.fieldnames or [])
+        if missing:
+            raise InvalidRequestError(f"{path.name}: the header lacks column(s) {sorted(missing)}")
+        rows = [(f"line {i}", {k: v for k, v in row.items() if k in known and v not in (None, "")})
+                for i, row in enumerate(reader, start=2)]
+    elif kind == ".jsonl":
+        for i, line in enumerate(text.splitlines(), start=1):
+            if line.strip():
+                rows.append((f"line {i}", _json(line, f"{path.name}, line {i}")))
+    else:
+        data = _json(text, path.name)
+        rows = [(f"record {i}", r) for i, r in enumerate(data if isinstance(data, list) else [data])]
+    requests = []
+    for where, row in rows:
+        try:
+            requests.append(EditRequest.from_dict(row))
+        except InvalidRequestError as e:
+            raise InvalidRequestError(f"{path.name}, {where}: {e}") from None
+    check_requests(requests)
+    return requests
+
+
+def _json(text: str, where: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise InvalidRequestError(f"{where}: not JSON ({e})") from None

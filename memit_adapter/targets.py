@@ -404,9 +404,9 @@ def delta_groups(requests: Sequence[EditRequest], config: MemitConfig) -> list[i
 
 def optimise_deltas(model, spec: ArchSpec, tokenizer, requests, templates, config: MemitConfig, layer: int,
                     progress: bool = True, relations: Mapping[str, str] | None = None
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Optimise the δ rows of :func:`delta_groups` together; return ``(z, h)``, both ``(n, d_model)``
-    float32, with ``z_i = h_i + δ`` of request i's row.
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Optimise the δ rows of :func:`delta_groups` together; return ``(z, h, loss)``, float32, shapes
+    ``(n, d_model)``, ``(n, d_model)``, ``(n,)``, with ``z_i = h_i + δ`` of request i's row and its row's final loss.
 
     What δ cannot change is run once: each row's prefix (the tokens before its lookup) through every block,
     its suffix (the lookup onwards) through the blocks up to ``layer``. A step runs only the suffixes, only
@@ -483,6 +483,7 @@ def _optimise_deltas(model, spec, tokenizer, requests, templates, config, layer,
     param = torch.zeros(n_groups, h.shape[1], device=device, requires_grad=True)
     opt = torch.optim.Adam([param], lr=config.v_lr)
     active = torch.ones(n_groups, dtype=torch.bool, device=device)
+    last_loss = torch.zeros(n_groups, device=device)  # each row's loss when it was last measured
     going = set(range(n_groups))
     live = _Live.of(batch, parts, kl_init, groups, going, h_norm)
     with tqdm(total=config.v_num_grad_steps, desc="target vectors", unit="step", disable=not progress,
@@ -493,6 +494,7 @@ def _optimise_deltas(model, spec, tokenizer, requests, templates, config, layer,
             req_loss, _ = _losses(head, live.sub, final, live.kl_init, delta[live.req_group], live.h_norm, config)
             loss = torch.zeros(n_groups, device=device).index_add(0, live.req_group, req_loss) / size  # mean per row
             shown = torch.where(active, loss.detach(), 0.0).sum() / len(going)
+            last_loss = torch.where(active, loss.detach(), last_loss)
             active = active & (loss.detach() >= config.v_loss_threshold)
             # the one read-back of a step: the loss shown, whether it is finite, which rows go on
             flags = torch.cat([shown[None], torch.isfinite(loss).all()[None].float(), active.float()]).tolist()
@@ -508,7 +510,7 @@ def _optimise_deltas(model, spec, tokenizer, requests, templates, config, layer,
             if still != going:
                 going = still
                 live = _Live.of(batch, parts, kl_init, groups, going, h_norm)
-    return (h + (param * unit).detach()[group]), h
+    return (h + (param * unit).detach()[group]), h, last_loss[group]
 
 
 def _adam_step(opt: torch.optim.Optimizer, param: torch.Tensor, loss: torch.Tensor, active: torch.Tensor,
@@ -541,11 +543,13 @@ def _drop_old_answers(batch: _Batch, kl_init: torch.Tensor, forbidden: Sequence[
 
 
 def compute_targets(model, spec: ArchSpec, tokenizer, requests, templates, config: MemitConfig, layer: int,
-                    *, batch_size: int | None = None, progress: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+                    *, batch_size: int | None = None, progress: bool = True, return_loss: bool = False):
     """:func:`optimise_deltas` over chunks of about ``batch_size`` requests (None: see :class:`ChunkSizer`, all
-    at once on the CPU, as many as fit on an accelerator).
+    at once on the CPU, as many as fit on an accelerator); ``(z, h)``, and with ``return_loss`` each request's
+    final loss too (of its δ row, when last measured).
 
-    A chunk holds whole δ rows (all requests of a shared subject), so chunking never changes a result.
+    A chunk holds whole δ rows (all requests of a shared subject), so chunking never changes a result. Requests
+    whose loss is still at or above ``v_loss_threshold`` after ``v_num_grad_steps`` are named in a warning.
     """
     groups = delta_groups(requests, config)
     members: dict[int, list[int]] = {}
@@ -555,13 +559,25 @@ def compute_targets(model, spec: ArchSpec, tokenizer, requests, templates, confi
     device = next(model.parameters()).device
     d_model = spec.weight_shape(model, layer)[0]
     z, h = (torch.empty(len(requests), d_model, device=device) for _ in range(2))  # before a chunk is measured
+    loss = torch.empty(len(requests), device=device)
 
     def run(chunk: list[int]) -> None:
-        z[chunk], h[chunk] = optimise_deltas(model, spec, tokenizer, [requests[i] for i in chunk], templates, config,
-                                             layer, progress, relations)
+        z[chunk], h[chunk], loss[chunk] = optimise_deltas(model, spec, tokenizer, [requests[i] for i in chunk],
+                                                          templates, config, layer, progress, relations)
 
     ChunkSizer(batch_size, device).run(list(members.values()), run, desc="request chunks", progress=progress)
-    return z, h
+    _warn_unconverged(requests, loss.tolist(), config)
+    return (z, h, loss) if return_loss else (z, h)
+
+
+def _warn_unconverged(requests, losses: list[float], config: MemitConfig) -> None:
+    above = [i for i, x in enumerate(losses) if x >= config.v_loss_threshold]
+    if above:
+        worst = max(above, key=lambda i: losses[i])
+        logger.warning("%d of %d requests ended the target-vector optimisation at or above v_loss_threshold=%g "
+                       "after %d steps (worst: loss %.3f, %r -> %r); they may not take: raise v_num_grad_steps or "
+                       "v_lr", len(above), len(losses), config.v_loss_threshold, config.v_num_grad_steps,
+                       losses[worst], requests[worst].text, requests[worst].target_new)
 
 
 # -- chunks --------------------------------------------------------------------------------------

@@ -291,3 +291,24 @@ def test_hooked_deltas_add_their_update(n):
             got = module(x)
         torch.testing.assert_close(got, base + x @ delta.weight_delta().T, rtol=1e-5, atol=1e-5)
         assert torch.equal(module(x), base)
+
+
+def test_the_report_gives_phase_times_and_names_requests_that_did_not_converge(caplog):
+    """One step cannot bring a loss under 1e-9: every request is reported, with a warning naming the worst; with
+    a reachable threshold none is. The losses are the model's NLL of the target under the pack (+ regularisers)."""
+    model, tok = model_and_tokenizer("gpt2")
+    stats = collect_stats(model, tok, corpus(40), [1, 2], progress=False)
+    with caplog.at_level("WARNING", logger="memit_adapter.targets"):
+        pack = compute_edits(model, tok, requests(), config(v_num_grad_steps=1, v_loss_threshold=1e-9), stats=stats,
+                             progress=False)
+    assert pack.report["unconverged"] == list(range(5)) and len(pack.report["z_loss"]) == 5
+    assert set(pack.report["seconds"]) == {"statistics", "targets", "update"}
+    worst = max(range(5), key=lambda i: pack.report["z_loss"][i])
+    assert "5 of 5 requests" in caplog.text and repr(requests()[worst].text) in caplog.text
+    caplog.clear()
+    threshold = max(pack.report["z_loss"]) * 1.01
+    with caplog.at_level("WARNING", logger="memit_adapter.targets"):
+        again = compute_edits(model, tok, requests(), config(v_num_grad_steps=1, v_loss_threshold=threshold),
+                              stats=stats, progress=False)
+    assert again.report["unconverged"] == [] and "v_loss_threshold" not in caplog.text
+    assert again.report["z_loss"] == pytest.approx(pack.report["z_loss"])

@@ -1,0 +1,131 @@
+"""``memit-adapter edit``: compute one pack from a requests file, save it (and push it), say how it went.
+
+Usage::
+
+    memit-adapter edit --model EleutherAI/gpt-j-6b --requests edits.jsonl --corpus wiki.jsonl \\
+        --stats-cache mom2-cache --dtype bfloat16 --device cuda --out gptj-edits [--push me/gptj-edits]
+    memit-adapter edit --model world-gpt2-bpe --requests edits.csv --out pack   # a demo world: its corpus
+
+Everything the command can check is checked before the model is loaded: the requests (parsed and checked
+for conflicts), the config, the output folder (not a file, not someone else's files unless ``--overwrite``).
+The settings are ``MemitConfig.for_model`` (a shipped world's tuned ``memit_config.json``), then the fields of
+``--config FILE.json``, then ``--layers``. The summary says how many rewrite prompts now give the new target
+greedily, which requests ended their target optimisation above ``v_loss_threshold``, and the time per phase.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from .config import MemitConfig
+from .engine import compute_edits
+from .errors import ConfigError
+from .evaluation import target_top1
+from .models import load_model
+from .persistence import check_destination
+from .requests import load_requests
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def parse_layers(text: str) -> list[int]:
+    """``"3-8"`` -> [3, ..., 8]; ``"3,5,7"`` -> [3, 5, 7]."""
+    try:
+        if "-" in text:
+            a, b = text.split("-", 1)
+            return list(range(int(a), int(b) + 1))
+        return [int(x) for x in text.split(",")]
+    except ValueError:
+        raise ConfigError(f"--layers takes a range like 3-8 or a list like 3,5,7, got {text!r}") from None
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="Hub id, local folder, or a demo world (world-gpt2-bpe, ...)")
+    parser.add_argument("--requests", required=True, type=Path,
+                        help=".jsonl or .json of EditRequest fields or CounterFact records, or .csv")
+    parser.add_argument("--out", required=True, type=Path, help="folder for the pack (a PEFT LoRA adapter)")
+    parser.add_argument("--config", type=Path, help="JSON file of MemitConfig fields over the model's defaults")
+    parser.add_argument("--layers", help="edited layers, e.g. 3-8 (overrides the config)")
+    parser.add_argument("--corpus", help="statistics corpus: .txt / .jsonl file (a demo world: its own corpus)")
+    parser.add_argument("--stats-cache", type=Path, help="folder of cached second moments (read and written)")
+    parser.add_argument("--dtype", choices=sorted(_DTYPES), help="load the model in this dtype (default: float32 "
+                        "on CPU, the checkpoint's own on a GPU)")
+    parser.add_argument("--device", help="e.g. cuda, cuda:1 (default: cpu)")
+    parser.add_argument("--push", metavar="REPO", help="also push the pack to this Hub repo")
+    parser.add_argument("--overwrite", action="store_true", help="save into a folder holding other files")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def run_cli(args: argparse.Namespace) -> int:
+    # before any model is loaded: the requests, the config, the output folder
+    requests = load_requests(args.requests)
+    overrides = json.loads(args.config.read_text()) if args.config else {}
+    if not isinstance(overrides, dict):
+        raise ConfigError(f"{args.config}: a JSON object of MemitConfig fields is expected")
+    if args.layers:
+        overrides["layers"] = parse_layers(args.layers)
+    MemitConfig.from_dict(overrides)  # names and types of the fields, before any work
+    check_destination(args.out, overwrite=args.overwrite)
+    corpus = args.corpus
+    world = _world_name(args.model)
+    if corpus is None and world is None and args.stats_cache is None:
+        raise SystemExit("memit-adapter edit: give --corpus (texts for the key statistics) or a --stats-cache "
+                         "that holds them")
+
+    t0 = time.perf_counter()
+    model, tokenizer, _ = load_model(args.model, dtype=_DTYPES.get(args.dtype))
+    model.to(args.device or "cpu")
+    if world is not None:
+        from .demo.checkpoints import world_config, world_model_path
+
+        config = world_config(world, model, **overrides)
+        corpus = corpus or str(world_model_path(world) / "corpus.txt")
+    else:
+        config = MemitConfig.for_model(model, **overrides)
+    loaded = time.perf_counter() - t0
+    print(f"Editing {len(requests)} facts of {args.model} at layers {config.layers} (λ = "
+          f"{config.mom2_update_weight:g})", flush=True)
+    pack = compute_edits(model, tokenizer, requests, config, corpus=corpus, cache_dir=args.stats_cache,
+                         progress=not args.quiet)
+    with pack.applied(model):
+        took = target_top1(model, tokenizer, [r.text for r in requests], [r.target_new for r in requests])
+    pack.save_pretrained(str(args.out), overwrite=args.overwrite)
+    print(summary(pack, took.tolist(), loaded))
+    print(f"Saved to {args.out}/")
+    if args.push:
+        pack.push_to_hub(args.push)
+        print(f"Pushed to {args.push}")
+    return 0
+
+
+def summary(pack, took: list[bool], load_seconds: float) -> str:
+    """The lines printed after an edit: takes, unconverged requests (the first five), time per phase, size."""
+    reqs, report = pack.requests, pack.report
+    lines = [f"{sum(took)} of {len(reqs)} rewrite prompts now give the new target greedily."]
+    missed = [r for r, ok in zip(reqs, took) if not ok]
+    for r in missed[:5]:
+        lines.append(f"  not yet: {r.text!r} -> {r.target_new!r}")
+    unconverged = report.get("unconverged", [])
+    if unconverged:
+        lines.append(f"{len(unconverged)} requests ended above v_loss_threshold={pack.config.v_loss_threshold:g}"
+                     " (raise v_num_grad_steps or v_lr):")
+        for i in unconverged[:5]:
+            lines.append(f"  loss {report['z_loss'][i]:.3f}: {reqs[i].text!r} -> {reqs[i].target_new!r}")
+    seconds = {"load": load_seconds, **report.get("seconds", {})}
+    lines.append("Time: " + ", ".join(f"{k} {v:.1f} s" for k, v in seconds.items()))
+    lines.append(f"Pack: {len(pack.deltas)} layers, {pack.nbytes / 1e6:.2f} MB")
+    return "\n".join(lines)
+
+
+def _world_name(name: str) -> str | None:
+    """``name`` when it is a shipped demo world and no folder of that name exists, else None."""
+    if not name.startswith("world-") or Path(name).exists():
+        return None
+    from .demo.checkpoints import is_world_name
+
+    return name if is_world_name(name) else None

@@ -1,0 +1,116 @@
+"""``memit-adapter edit``: requests files of every format, the pack it saves, its checks before any work."""
+
+import csv
+import json
+
+import pytest
+import torch
+from engine_setup import corpus, model_and_tokenizer, requests
+
+from memit_adapter import MemitConfig, compute_edits
+from memit_adapter.cli import main
+from memit_adapter.errors import ConflictingRequestsError, InvalidRequestError
+from memit_adapter.pack import EditPack
+from memit_adapter.requests import load_requests
+
+FIELDS = dict(layers=[1, 2], mom2_update_weight=10.0, context_templates=["{}", "the man said . {}"],
+              clamp_norm_factor=4.0, v_weight_decay=1e-3, v_num_grad_steps=5, mom2_n_samples=40)
+
+
+@pytest.fixture
+def setup(tmp_path):
+    model, tok = model_and_tokenizer("gpt2")
+    model.save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    (tmp_path / "corpus.txt").write_text("\n".join(corpus(40)) + "\n")
+    (tmp_path / "cfg.json").write_text(json.dumps(FIELDS))
+    with open(tmp_path / "edits.jsonl", "w") as f:
+        for r in requests():
+            f.write(json.dumps(r.to_dict()) + "\n")
+    return tmp_path
+
+
+def _edit(tmp_path, *extra):
+    return main(["edit", "--model", str(tmp_path / "m"), "--requests", str(tmp_path / "edits.jsonl"),
+                 "--corpus", str(tmp_path / "corpus.txt"), "--config", str(tmp_path / "cfg.json"), "--quiet",
+                 "--out", str(tmp_path / "pack"), *extra])
+
+
+def test_edit_saves_the_pack_the_library_computes_and_summarises_it(setup, capsys):
+    assert _edit(setup) == 0
+    out = capsys.readouterr().out
+    saved = EditPack.from_pretrained(str(setup / "pack"))
+    model, tok = model_and_tokenizer("gpt2")
+    cfg = MemitConfig.for_model(model, **FIELDS)  # the model's defaults, then the --config file
+    want = compute_edits(model, tok, requests(), cfg, corpus=str(setup / "corpus.txt"), progress=False)
+    assert saved.requests == want.requests and saved.config == want.config
+    for name, delta in want.deltas.items():
+        torch.testing.assert_close(saved.deltas[name].weight_delta(), delta.weight_delta(), rtol=1e-4, atol=1e-6)
+    assert "of 5 rewrite prompts now give the new target greedily" in out
+    assert "Time: load" in out and "targets" in out and f"Saved to {setup / 'pack'}" in out
+    assert f"5 requests ended above v_loss_threshold={cfg.v_loss_threshold:g}" in out  # 5 steps do not reach it
+
+
+def test_layers_flag_overrides_the_config(setup):
+    assert _edit(setup, "--layers", "2") == 0
+    assert list(EditPack.from_pretrained(str(setup / "pack")).config.layers) == [2]
+
+
+def test_requests_files_of_every_format_read_the_same(tmp_path):
+    reqs = [r for r in requests()]
+    (tmp_path / "a.jsonl").write_text("".join(json.dumps(r.to_dict()) + "\n" for r in reqs))
+    counterfact = [{"case_id": i, "requested_rewrite": {"prompt": r.prompt, "subject": r.subject,
+                                                        "target_new": {"str": r.target_new}}}
+                   for i, r in enumerate(reqs)]
+    (tmp_path / "b.json").write_text(json.dumps(counterfact))
+    with open(tmp_path / "c.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["prompt", "subject", "target_new"])
+        writer.writeheader()
+        writer.writerows({"prompt": r.prompt, "subject": r.subject, "target_new": r.target_new} for r in reqs)
+    a, b, c = (load_requests(tmp_path / n) for n in ("a.jsonl", "b.json", "c.csv"))
+    assert a == reqs
+    assert [(r.prompt, r.subject, r.target_new) for r in b] == [(r.prompt, r.subject, r.target_new) for r in reqs]
+    assert [r.case_id for r in b] == list(range(5)) and c == reqs
+
+
+@pytest.mark.parametrize("content, error, where", [
+    ('{"prompt": "{} plays", "subject": "x", "target_new": " a"}\n{"prompt": "{} plays", "subject": "x", '
+     '"target_new": " b"}\n', ConflictingRequestsError, "conflicting"),
+    ('{"prompt": "{} plays", "subject": "x", "target_new": " a"}\n{"prompt": "plays", "subject": "x", '
+     '"target_new": " b"}\n', InvalidRequestError, "line 2"),
+    ('{"prompt": "{} plays", "subject": "x", "target_new": " a"}\nnot json\n', InvalidRequestError, "line 2"),
+])
+def test_bad_requests_are_refused_before_the_model_is_loaded(setup, monkeypatch, capsys, content, error, where):
+    from memit_adapter import edit
+
+    (setup / "edits.jsonl").write_text(content)
+    with pytest.raises(error, match=where):
+        load_requests(setup / "edits.jsonl")
+    monkeypatch.setattr(edit, "load_model", lambda *a, **k: pytest.fail("loaded the model before the check"))
+    assert _edit(setup) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("memit-adapter edit: error:") and where in err[0]
+    assert not (setup / "pack").exists()
+
+
+def test_a_folder_of_someone_elses_files_is_refused_before_the_work(setup, monkeypatch, capsys):
+    from memit_adapter import edit
+
+    (setup / "pack").mkdir()
+    (setup / "pack" / "README.md").write_text("mine")
+    monkeypatch.setattr(edit, "load_model", lambda *a, **k: pytest.fail("loaded the model before the check"))
+    assert _edit(setup) == 1
+    assert "OverwriteError" in capsys.readouterr().err
+    assert (setup / "pack" / "README.md").read_text() == "mine"
+
+
+def test_bad_config_fields_are_refused_before_the_work(setup, capsys):
+    (setup / "cfg.json").write_text(json.dumps({"v_num_grad_steps": 2.5}))
+    assert _edit(setup) == 1 and "v_num_grad_steps must be an int" in capsys.readouterr().err
+    assert _edit(setup, "--layers", "a-b") == 1 and "--layers takes" in capsys.readouterr().err
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["--version"])
+    assert info.value.code == 0 and capsys.readouterr().out.startswith("memit-adapter 0.")
