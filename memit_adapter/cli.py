@@ -1,6 +1,7 @@
 """The ``memit-adapter`` console script. Each subcommand lives in its own module, imported on use.
 
-A subcommand module defines ``add_arguments(parser)`` and ``run_cli(args) -> int``. An error the user can act on
+A subcommand module defines ``add_arguments(parser)`` and ``run_cli(args) -> int`` (or the functions named in
+its ``COMMANDS`` entry). An error the user can act on
 (a :class:`~memit_adapter.errors.MemitError`, a file or network error, a bad value) is one line on stderr and exit
 status 1; ``--verbose`` shows its traceback.
 """
@@ -17,6 +18,9 @@ from .errors import MemitError
 
 COMMANDS = {
     "edit": ("memit_adapter.edit", "compute an edit pack from a requests file, save it (and push it)"),
+    "inspect": ("memit_adapter.inspect_cli", "what a pack holds: edits, modules, ranks, sizes, fingerprint, metrics"),
+    "merge": ("memit_adapter.inspect_cli", "save a model with packs merged into its weights",
+              "add_merge_arguments", "run_merge_cli"),
     "demo": ("memit_adapter.demo.run", "edit 100 facts of the shipped world model, end to end (offline)"),
     "eval": ("memit_adapter.evaluation", "CounterFact metrics of a model, optionally with an edit pack"),
     "trace": ("memit_adapter.tracing", "causal tracing of facts; suggests the layers to edit"),
@@ -29,15 +33,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level, tracebacks on errors")
     parser.add_argument("--version", action="version", version=f"memit-adapter {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    for name, (module_name, help_text) in COMMANDS.items():
+    for name, (module_name, help_text, *functions) in COMMANDS.items():
+        add, run = functions or ("add_arguments", "run_cli")
         p = sub.add_parser(name, help=help_text, description=help_text)
         try:
-            importlib.import_module(module_name).add_arguments(p)
+            getattr(importlib.import_module(module_name), add)(p)
         except ModuleNotFoundError as e:
             if e.name != module_name:
                 raise
             p.set_defaults(_missing=module_name)
-        p.set_defaults(_module=module_name)
+        p.set_defaults(_module=module_name, _run=run)
     return parser
 
 
@@ -49,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     module = importlib.import_module(args._module)
     try:
-        return int(module.run_cli(args) or 0)
+        return int(getattr(module, args._run)(args) or 0)
     except (MemitError, OSError, ValueError) as e:
         if args.verbose:
             raise

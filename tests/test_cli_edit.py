@@ -114,3 +114,39 @@ def test_version(capsys):
     with pytest.raises(SystemExit) as info:
         main(["--version"])
     assert info.value.code == 0 and capsys.readouterr().out.startswith("memit-adapter 0.")
+
+
+def test_inspect_describes_the_saved_pack(setup, capsys):
+    assert _edit(setup) == 0
+    capsys.readouterr()
+    pack = EditPack.from_pretrained(str(setup / "pack"))
+    assert main(["inspect", str(setup / "pack"), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["pack_id"] == pack.pack_id and info["n_edits"] == 5 and info["fingerprint"] == pack.fingerprint
+    assert set(info["modules"]) == set(pack.deltas)
+    for name, m in info["modules"].items():
+        assert m["rank"] == pack.deltas[name].rank and m["bytes"] == pack.deltas[name].nbytes
+    assert main(["inspect", str(setup / "pack")]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith(f"pack {pack.pack_id}: 5 edits") and "transformer.h.2.mlp.c_proj" in text
+    assert repr(requests()[0].text) in text
+
+
+def test_merge_writes_a_model_that_loads_without_the_library(setup, capsys):
+    from transformers import AutoModelForCausalLM
+
+    assert _edit(setup) == 0
+    out = setup / "merged"
+    assert main(["merge", "--model", str(setup / "m"), "--packs", str(setup / "pack"), "--out", str(out)]) == 0
+    merged = AutoModelForCausalLM.from_pretrained(out).eval()
+    model, tok = model_and_tokenizer("gpt2")
+    ids = tok([r.text for r in requests()], return_tensors="pt", padding=True)["input_ids"]
+    with EditPack.from_pretrained(str(setup / "pack")).applied(model), torch.no_grad():
+        want = model(ids).logits
+    with torch.no_grad():
+        got = merged(ids).logits
+        before = model(ids).logits
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(got, before)
+    with pytest.raises(SystemExit, match="not an empty folder"):
+        main(["merge", "--model", str(setup / "m"), "--packs", str(setup / "pack"), "--out", str(out)])
