@@ -94,7 +94,7 @@ def push_pack(pack: EditPack, repo_id: str, *, subfolder: str | None = None, pri
     if revision is not None and not create_pr:
         api.create_branch(repo_id, branch=revision, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="memit-push-") as tmp:
-        folder = save_pack(pack, Path(tmp) / "pack", dense_file=dense_file)
+        folder = save_pack(pack, Path(tmp) / "pack", dense_file=dense_file, repo_id=repo_id, subfolder=subfolder)
         return api.upload_folder(
             repo_id=repo_id, folder_path=str(folder), path_in_repo=subfolder or None, revision=revision,
             commit_message=commit_message or f"Add MEMIT edit pack ({len(pack.requests)} edits)",

@@ -75,9 +75,10 @@ _CARD_ROWS = 50
 
 # -- writing ----------------------------------------------------------------------------------------
 def save_pack(pack: EditPack, save_directory: str | os.PathLike, *, dense_file: bool = False, card: bool = True,
-              overwrite: bool = False) -> Path:
+              overwrite: bool = False, repo_id: str | None = None, subfolder: str | None = None) -> Path:
     """Write ``pack`` to ``save_directory`` as one atomic change; returns the folder.
 
+    ``repo_id`` / ``subfolder``: where the pack is going on the Hub, for the loading code of its card.
     ``dense_file=True`` writes ``edit_deltas.safetensors`` (each delta as held: dense matrices or
     ``B``/``A``) instead of ``adapter_config.json`` + ``adapter_model.safetensors``: smaller when a pack
     has more edits than ``d_in·d_out/(d_in + d_out)``, but loadable only by ``EditPack.from_pretrained``.
@@ -103,7 +104,7 @@ def save_pack(pack: EditPack, save_directory: str | os.PathLike, *, dense_file: 
     with _staging(target.parent if swap else target, target.name) as tmp:
         if target.is_dir():
             os.chmod(tmp, target.stat().st_mode & 0o7777 | 0o700)  # as shared as the folder it replaces
-        written = _write_files(pack, tmp, dense_file=dense_file, card=card)
+        written = _write_files(pack, tmp, dense_file=dense_file, card=card, repo_id=repo_id, subfolder=subfolder)
         if swap:
             for name in foreign:
                 if name not in written and name not in _LOADER_FILES:
@@ -139,7 +140,8 @@ def _replace_files(new: Path, target: Path, written: list[str], foreign: list[st
     _fsync(target)
 
 
-def _write_files(pack: EditPack, folder: Path, *, dense_file: bool, card: bool) -> list[str]:
+def _write_files(pack: EditPack, folder: Path, *, dense_file: bool, card: bool, repo_id: str | None = None,
+                 subfolder: str | None = None) -> list[str]:
     mode = folder.stat().st_mode & 0o666  # the new folder's mode less x: what open() gives under this umask
     files = []
 
@@ -161,7 +163,7 @@ def _write_files(pack: EditPack, folder: Path, *, dense_file: bool, card: bool) 
         f.writelines(json.dumps(r.to_dict(), ensure_ascii=False) + "\n" for r in pack.requests)
     done(REQUESTS_FILE)
     if card:
-        (folder / CARD_FILE).write_text(render_card(pack), encoding="utf-8")
+        (folder / CARD_FILE).write_text(render_card(pack, repo_id, subfolder), encoding="utf-8")
         done(CARD_FILE)
     hashes = {name: _sha256(folder / name) for name in files}
     meta = metadata_dict(pack, weights_file=weights_file, weights_sha256=hashes[weights_file])
@@ -440,8 +442,9 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 
 # -- model card -------------------------------------------------------------------------------------
-def render_card(pack: EditPack) -> str:
-    """The README.md: Hub front matter (``base_model``, ``library_name: peft``, tags), the edits, the metrics."""
+def render_card(pack: EditPack, repo_id: str | None = None, subfolder: str | None = None) -> str:
+    """The README.md: Hub front matter (``base_model``, ``library_name: peft``, tags), the edits, the metrics, and
+    code that loads the pack from ``repo_id`` (and ``subfolder``) when it is pushed, from its folder otherwise."""
     template = Template(resources.files("memit_adapter").joinpath("cards", "edit_pack.md").read_text("utf-8"))
     base = pack.base_model
     front = [f"base_model: {base}"] if base else []
@@ -466,7 +469,12 @@ def render_card(pack: EditPack) -> str:
         parents=", ".join(f"`{p}`" for p in pack.parents) or "none",
         lambda_=pack.config.mom2_update_weight,
         library_version=__version__,
-        repo_hint=base or "BASE_MODEL_ID",
+        base_id=base or "ID_OR_FOLDER_OF_THE_BASE_MODEL",
+        base_note="" if base else ("  # the base model's Hub id was not recorded (it was loaded from a folder): "
+                                   "use that same model, the fingerprint below checks it"),
+        pack_id=repo_id or "PATH_TO_THIS_FOLDER",
+        adapter_kwargs=f', adapter_kwargs={{"subfolder": "{subfolder}"}}' if subfolder else "",
+        pack_kwargs=f', subfolder="{subfolder}"' if subfolder else "",
     )
 
 

@@ -97,6 +97,7 @@ def test_card_without_base_model_and_with_pipes(gpt2, tmp_path):
     front = yaml.safe_load(card.split("---")[1])
     assert "base_model" not in front and "memit" in front["tags"]
     assert "x\\|y" in card
+    assert "Hub id was not recorded" in card and "BASE_MODEL_ID" not in card and "THIS_REPO" not in card
 
 
 def test_more_edits_than_min_dim_saved_exactly(gpt2, tmp_path):

@@ -47,6 +47,9 @@ def test_push_and_load_in_process(hub, tmp_path):
         "README.md", "adapter_config.json", "adapter_model.safetensors", "edit_pack.json", "requests.jsonl")}
     assert "batch-b/edit_pack.json" in v2 and "batch-b/edit_pack.json" not in main
     assert hub.validated_cards and hub.validated_cards[0]["library_name"] == "peft"  # our card, not PEFT's
+    card = main["batch-a/README.md"].decode()  # its loading code names the repo and subfolder it was pushed to
+    assert 'model.load_adapter("alice/facts", adapter_kwargs={"subfolder": "batch-a"})' in card
+    assert 'EditPack.from_pretrained("alice/facts", subfolder="batch-a")' in card
 
     cache = tmp_path / "cache"
     load = dict(cache_dir=cache, **kw)
