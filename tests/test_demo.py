@@ -11,7 +11,7 @@ from memit_adapter.pack import EditPack
 def test_demo_runs_end_to_end_offline(tmp_path, capsys):
     torch.manual_seed(0)
     out = tmp_path / "pack"
-    result = run_demo("gpt2", n_edits=4, out=out, progress=False)
+    result = run_demo(n_edits=4, out=out, progress=False)  # the default world: world-gpt2-bpe
     text = capsys.readouterr().out
     for expected in ("What it believes now", "Editing 4 facts at once", "rewrite prompts now give",
                      "efficacy_score", "stock model.load_adapter", "adapter off", "Done in"):
@@ -45,7 +45,7 @@ def test_no_refusal_with_the_tested_set():
 
 
 def test_demo_falls_back_to_peft_when_transformers_refuses(tmp_path, capsys, peft_floor_above_installed):
-    result = run_demo("gpt2", n_edits=4, out=tmp_path / "pack", progress=False)
+    result = run_demo("gpt2", n_edits=4, out=tmp_path / "pack", progress=False)  # the small shaped world: quicker
     text = capsys.readouterr().out
     assert "refuses its adapter methods" in text and "stock PeftModel.from_pretrained" in text
     on, off, on_again = result["stock_on_off_on"]
