@@ -518,7 +518,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     src.add_argument("--subject")
     src.add_argument("--object", help="expected object; default: the model's top prediction")
     src.add_argument("--data", type=Path, help="JSON list of CounterFact records (target_true is traced)")
-    src.add_argument("--limit", type=int, default=None, help="trace only the first N records")
+    src.add_argument("--limit", type=int, default=20,
+                     help="trace only the first N records (default 20: a few minutes on a CPU; 0 = all)")
     parser.add_argument("--model", required=True,
                         help="model id or directory (AutoModelForCausalLM), or a shipped world model: world-gpt2, "
                              "world-llama, world-gpt2-bpe, world-llama-sp (their records are traced unless facts are "
@@ -580,7 +581,9 @@ def _cli_facts(args: argparse.Namespace, shipped: list[dict] | None) -> list[_Tr
         if args.prompt or args.subject:
             raise SystemExit("give either --data or --prompt/--subject, not both")
         records = json.loads(args.data.read_text()) if args.data is not None else shipped
-        records = records[: args.limit] if args.limit else records
+        if args.limit and len(records) > args.limit:
+            print(f"tracing the first {args.limit} of {len(records)} records (--limit 0 traces all)")
+            records = records[: args.limit]
         return [(r.prompt, r.subject, r.target_true) for r in map(EditRequest.from_dict, records)]
     if not (args.prompt and args.subject):
         raise SystemExit("give --prompt and --subject (and optionally --object), or --data records.json")
