@@ -112,10 +112,10 @@ def summary(pack, took: list[bool], load_seconds: float) -> str:
         lines.append(f"  not yet: {r.text!r} -> {r.target_new!r}")
     unconverged = report.get("unconverged", [])
     if unconverged:
-        lines.append(f"{len(unconverged)} requests ended above v_loss_threshold={pack.config.v_loss_threshold:g}"
-                     " (raise v_num_grad_steps or v_lr):")
+        lines.append(f"{len(unconverged)} requests ended their target optimisation below even odds (raise "
+                     "v_num_grad_steps or v_lr):")
         for i in unconverged[:5]:
-            lines.append(f"  loss {report['z_loss'][i]:.3f}: {reqs[i].text!r} -> {reqs[i].target_new!r}")
+            lines.append(f"  NLL {report['z_nll'][i]:.3f}: {reqs[i].text!r} -> {reqs[i].target_new!r}")
     seconds = {"load": load_seconds, **report.get("seconds", {})}
     lines.append("Time: " + ", ".join(f"{k} {v:.1f} s" for k, v in seconds.items()))
     lines.append(f"Pack: {len(pack.deltas)} layers, {pack.nbytes / 1e6:.2f} MB")

@@ -32,7 +32,7 @@ from .pack import EditPack, LayerDelta
 from .requests import EditRequest, as_requests, check_requests
 from .solve import cov_factor, layer_update, woodbury_pays
 from .stats import SecondMoment, StatsCache, collect_stats
-from .targets import ChunkSizer, compute_targets, context_templates
+from .targets import UNCONVERGED_NLL, ChunkSizer, compute_targets, context_templates
 from .tokens import encode_fact, pad_id, pad_right
 
 logger = logging.getLogger(__name__)
@@ -104,9 +104,9 @@ def compute_edits(
     pack = EditPack(deltas={name: deltas[layer] for name, layer in zip(names, config.layers)},
                     requests=requests, config=config, model_type=model.config.model_type,
                     fan_in_fan_out=spec.transposed, base_model=hub_model_id(model), fingerprint=fingerprint)
-    losses = z_loss.tolist()
-    pack.report = {"seconds": seconds, "z_loss": losses,
-                   "unconverged": [i for i, x in enumerate(losses) if x >= config.v_loss_threshold]}
+    nll = z_loss.tolist()
+    pack.report = {"seconds": seconds, "z_nll": nll,
+                   "unconverged": [i for i, x in enumerate(nll) if x > UNCONVERGED_NLL]}
     return pack
 
 

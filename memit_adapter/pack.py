@@ -154,8 +154,8 @@ class EditPack:
     :func:`~memit_adapter.fingerprint.weights_fingerprint` of the edited modules' weights before the
     edit; ``parents`` the :attr:`pack_id` of packs this one was computed on top of. ``report`` (kept in memory,
     not saved) says how :func:`~memit_adapter.compute_edits` made the pack: ``seconds`` per phase
-    (``statistics``, ``targets``, ``update``), each request's final target-vector loss ``z_loss`` and the indices
-    of the requests that ended at or above ``v_loss_threshold`` (``unconverged``).
+    (``statistics``, ``targets``, ``update``), each request's target NLL at the end of its target-vector
+    optimisation ``z_nll`` and the indices of the requests whose target stayed below even odds (``unconverged``).
     """
 
     deltas: dict[str, LayerDelta]

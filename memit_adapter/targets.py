@@ -22,6 +22,7 @@ CounterFact-like shapes on a word-level tokenizer: a step runs 9-35% of the toke
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -405,8 +406,9 @@ def delta_groups(requests: Sequence[EditRequest], config: MemitConfig) -> list[i
 def optimise_deltas(model, spec: ArchSpec, tokenizer, requests, templates, config: MemitConfig, layer: int,
                     progress: bool = True, relations: Mapping[str, str] | None = None
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Optimise the δ rows of :func:`delta_groups` together; return ``(z, h, loss)``, float32, shapes
-    ``(n, d_model)``, ``(n, d_model)``, ``(n,)``, with ``z_i = h_i + δ`` of request i's row and its row's final loss.
+    """Optimise the δ rows of :func:`delta_groups` together; return ``(z, h, nll)``, float32, shapes
+    ``(n, d_model)``, ``(n, d_model)``, ``(n,)``, with ``z_i = h_i + δ`` of request i's row and the row's final
+    target NLL (mean over its requests of the NLL averaged over the context templates).
 
     What δ cannot change is run once: each row's prefix (the tokens before its lookup) through every block,
     its suffix (the lookup onwards) through the blocks up to ``layer``. A step runs only the suffixes, only
@@ -483,7 +485,7 @@ def _optimise_deltas(model, spec, tokenizer, requests, templates, config, layer,
     param = torch.zeros(n_groups, h.shape[1], device=device, requires_grad=True)
     opt = torch.optim.Adam([param], lr=config.v_lr)
     active = torch.ones(n_groups, dtype=torch.bool, device=device)
-    last_loss = torch.zeros(n_groups, device=device)  # each row's loss when it was last measured
+    last_nll = torch.zeros(n_groups, device=device)  # each row's mean target NLL when it was last measured
     going = set(range(n_groups))
     live = _Live.of(batch, parts, kl_init, groups, going, h_norm)
     with tqdm(total=config.v_num_grad_steps, desc="target vectors", unit="step", disable=not progress,
@@ -491,10 +493,12 @@ def _optimise_deltas(model, spec, tokenizer, requests, templates, config, layer,
         for step in range(config.v_num_grad_steps):
             delta = param * unit
             final = _forward_step(model, spec, layer, live.parts, delta[live.row_group], as_tuple)
-            req_loss, _ = _losses(head, live.sub, final, live.kl_init, delta[live.req_group], live.h_norm, config)
+            req_loss, req_nll = _losses(head, live.sub, final, live.kl_init, delta[live.req_group], live.h_norm,
+                                        config)
             loss = torch.zeros(n_groups, device=device).index_add(0, live.req_group, req_loss) / size  # mean per row
             shown = torch.where(active, loss.detach(), 0.0).sum() / len(going)
-            last_loss = torch.where(active, loss.detach(), last_loss)
+            nll = torch.zeros(n_groups, device=device).index_add(0, live.req_group, req_nll.detach()) / size
+            last_nll = torch.where(active, nll, last_nll)
             active = active & (loss.detach() >= config.v_loss_threshold)
             # the one read-back of a step: the loss shown, whether it is finite, which rows go on
             flags = torch.cat([shown[None], torch.isfinite(loss).all()[None].float(), active.float()]).tolist()
@@ -510,7 +514,7 @@ def _optimise_deltas(model, spec, tokenizer, requests, templates, config, layer,
             if still != going:
                 going = still
                 live = _Live.of(batch, parts, kl_init, groups, going, h_norm)
-    return (h + (param * unit).detach()[group]), h, last_loss[group]
+    return (h + (param * unit).detach()[group]), h, last_nll[group]
 
 
 def _adam_step(opt: torch.optim.Optimizer, param: torch.Tensor, loss: torch.Tensor, active: torch.Tensor,
@@ -546,10 +550,12 @@ def compute_targets(model, spec: ArchSpec, tokenizer, requests, templates, confi
                     *, batch_size: int | None = None, progress: bool = True, return_loss: bool = False):
     """:func:`optimise_deltas` over chunks of about ``batch_size`` requests (None: see :class:`ChunkSizer`, all
     at once on the CPU, as many as fit on an accelerator); ``(z, h)``, and with ``return_loss`` each request's
-    final loss too (of its δ row, when last measured).
+    final target NLL too (of its δ row, when last measured).
 
     A chunk holds whole δ rows (all requests of a shared subject), so chunking never changes a result. Requests
-    whose loss is still at or above ``v_loss_threshold`` after ``v_num_grad_steps`` are named in a warning.
+    whose target is still below even odds at the end (NLL above ln 2: :data:`UNCONVERGED_NLL`) are named in a
+    warning: their edits will most likely not take. (The total loss, with its KL and weight-decay terms, is not
+    used: it stays above a small ``v_loss_threshold`` by design, which only asks to run every step.)
     """
     groups = delta_groups(requests, config)
     members: dict[int, list[int]] = {}
@@ -570,14 +576,17 @@ def compute_targets(model, spec: ArchSpec, tokenizer, requests, templates, confi
     return (z, h, loss) if return_loss else (z, h)
 
 
-def _warn_unconverged(requests, losses: list[float], config: MemitConfig) -> None:
-    above = [i for i, x in enumerate(losses) if x >= config.v_loss_threshold]
+UNCONVERGED_NLL = math.log(2.0)  # a target less likely than even odds after the optimisation
+
+
+def _warn_unconverged(requests, nll: list[float], config: MemitConfig) -> None:
+    above = [i for i, x in enumerate(nll) if x > UNCONVERGED_NLL]
     if above:
-        worst = max(above, key=lambda i: losses[i])
-        logger.warning("%d of %d requests ended the target-vector optimisation at or above v_loss_threshold=%g "
-                       "after %d steps (worst: loss %.3f, %r -> %r); they may not take: raise v_num_grad_steps or "
-                       "v_lr", len(above), len(losses), config.v_loss_threshold, config.v_num_grad_steps,
-                       losses[worst], requests[worst].text, requests[worst].target_new)
+        worst = max(above, key=lambda i: nll[i])
+        logger.warning("%d of %d requests ended the target-vector optimisation with their target below even odds "
+                       "after %d steps (worst: NLL %.3f, %r -> %r); they will most likely not take: raise "
+                       "v_num_grad_steps, v_lr or clamp_norm_factor", len(above), len(nll), config.v_num_grad_steps,
+                       nll[worst], requests[worst].text, requests[worst].target_new)
 
 
 # -- chunks --------------------------------------------------------------------------------------

@@ -293,22 +293,27 @@ def test_hooked_deltas_add_their_update(n):
         assert torch.equal(module(x), base)
 
 
-def test_the_report_gives_phase_times_and_names_requests_that_did_not_converge(caplog):
-    """One step cannot bring a loss under 1e-9: every request is reported, with a warning naming the worst; with
-    a reachable threshold none is. The losses are the model's NLL of the target under the pack (+ regularisers)."""
+def test_the_report_gives_phase_times_and_names_requests_that_did_not_converge(caplog, monkeypatch):
+    """After one step no target is likely yet: every request is reported, with a warning naming the worst. 40 steps
+    lower every NLL; with the bar above them, nothing is reported (this tiny random model plateaus near p = 0.1)."""
+    import math
+
+    from memit_adapter import targets
+
     model, tok = model_and_tokenizer("gpt2")
     stats = collect_stats(model, tok, corpus(40), [1, 2], progress=False)
     with caplog.at_level("WARNING", logger="memit_adapter.targets"):
-        pack = compute_edits(model, tok, requests(), config(v_num_grad_steps=1, v_loss_threshold=1e-9), stats=stats,
-                             progress=False)
-    assert pack.report["unconverged"] == list(range(5)) and len(pack.report["z_loss"]) == 5
+        pack = compute_edits(model, tok, requests(), config(v_num_grad_steps=1), stats=stats, progress=False)
+    nll = pack.report["z_nll"]
+    assert pack.report["unconverged"] == list(range(5)) and min(nll) > math.log(2)
     assert set(pack.report["seconds"]) == {"statistics", "targets", "update"}
-    worst = max(range(5), key=lambda i: pack.report["z_loss"][i])
+    worst = max(range(5), key=lambda i: nll[i])
     assert "5 of 5 requests" in caplog.text and repr(requests()[worst].text) in caplog.text
     caplog.clear()
-    threshold = max(pack.report["z_loss"]) * 1.01
+    bar = 3.0
+    monkeypatch.setattr(targets, "UNCONVERGED_NLL", bar)
+    monkeypatch.setattr(engine_mod, "UNCONVERGED_NLL", bar)
     with caplog.at_level("WARNING", logger="memit_adapter.targets"):
-        again = compute_edits(model, tok, requests(), config(v_num_grad_steps=1, v_loss_threshold=threshold),
-                              stats=stats, progress=False)
-    assert again.report["unconverged"] == [] and "v_loss_threshold" not in caplog.text
-    assert again.report["z_loss"] == pytest.approx(pack.report["z_loss"])
+        again = compute_edits(model, tok, requests(), config(), stats=stats, progress=False)
+    assert all(a < b for a, b in zip(again.report["z_nll"], nll)) and max(again.report["z_nll"]) < bar
+    assert again.report["unconverged"] == [] and "even odds" not in caplog.text
