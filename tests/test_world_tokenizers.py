@@ -146,3 +146,17 @@ def test_recall_of_a_multi_token_object_is_greedy_generation(shipped):
                 out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
                                      pad_token_id=tok.pad_token_id)
             assert value == float(tok.decode(out[0, ids.shape[1]:]).strip() == f.obj), (prompt, f.obj)
+
+
+@pytest.mark.parametrize("name", ["gpt2-bpe", "llama-sp", "gpt2", "llama"])
+def test_every_shipped_world_has_tuned_settings_with_their_evidence(name):
+    from memit_adapter import MemitConfig
+    from memit_adapter.demo import world_config
+
+    tuned = json.loads((world_model_path(name) / "memit_config.json").read_text())
+    assert "100 edits" in tuned.pop("_why")  # the measurement behind the settings
+    model, _, _ = load_world_model(name)
+    cfg = world_config(name, model, seed=3)
+    assert all(getattr(cfg, k) == v for k, v in tuned.items()) and cfg.seed == 3
+    rest = MemitConfig.for_model(model)
+    assert cfg.mom2_max_tokens == rest.mom2_max_tokens  # fields the file does not set are for_model's
