@@ -21,6 +21,7 @@ COMMANDS = {
     "inspect": ("memit_adapter.inspect_cli", "what a pack holds: edits, modules, ranks, sizes, fingerprint, metrics"),
     "merge": ("memit_adapter.inspect_cli", "save a model with packs merged into its weights",
               "add_merge_arguments", "run_merge_cli"),
+    "export": ("memit_adapter.export", "a pack as a LoRA adapter vLLM serves: one rank <= 512, lora_alpha = r"),
     "demo": ("memit_adapter.demo.run", "edit 100 facts of the shipped world model, end to end (offline)"),
     "eval": ("memit_adapter.evaluation", "CounterFact metrics of a model, optionally with an edit pack"),
     "trace": ("memit_adapter.tracing", "causal tracing of facts; suggests the layers to edit"),
