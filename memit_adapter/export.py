@@ -70,7 +70,7 @@ def export_vllm(pack: EditPack, out_dir: str | Path, *, max_rank: int = VLLM_MAX
                         f"{', '.join(VLLM_LORA_MODEL_TYPES)}); merge the pack into the weights instead: "
                         "memit-adapter merge --model BASE --packs PACK --out DIR, and serve that folder")
     if pack.fan_in_fan_out:
-        raise PackError("the pack's weights are stored (d_in, d_out) (GPT-2's Conv1D), which vLLM's LoRA does not take")
+        raise PackError("the pack's weights are stored (d_in, d_out) (GPT-2's Conv1D): vLLM's LoRA does not take them")
     check_destination(out_dir, overwrite=overwrite)
     deltas, report = uniform_rank_deltas(pack, max_rank)
     r = report["r"]
@@ -124,4 +124,5 @@ def _takes(pack: EditPack, model_name: str, r: int) -> str:
                    model_type=pack.model_type, base_model=pack.base_model, fingerprint=pack.fingerprint)
     with cut.applied(model):
         after = int(target_top1(model, tokenizer, prompts, targets).sum())
-    return f"Rewrite prompts giving the new target greedily: {before} of {len(prompts)} with the pack, {after} exported"
+    return (f"Rewrite prompts giving the new target greedily: {before} of {len(prompts)} with the pack, "
+            f"{after} exported")
