@@ -13,7 +13,7 @@ import logging
 import os
 import re
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -49,6 +49,7 @@ def compute_edits(
     stats: Mapping[int, SecondMoment] | None = None,
     arch: ArchSpec | None = None,
     progress: bool = True,
+    on_top_of: Sequence[EditPack] = (),
 ) -> EditPack:
     """Compute the MEMIT update of every edited layer; return it as an :class:`EditPack`.
 
@@ -57,6 +58,12 @@ def compute_edits(
     defaults to :meth:`MemitConfig.for_model`. The model's weights are never written: edits of earlier
     layers act through forward hooks while later layers are computed, and every hook is removed when this
     returns or raises.
+
+    ``on_top_of`` (sequential editing): packs computed earlier, to keep. They are active (hooked, in order) while
+    the target vectors and keys are measured, and the keys of their requests at each edited layer join the
+    preserved keys of the solve (``λC + K₀K₀ᵀ + KKᵀ``, the sequential form of MEMIT), so the new update leaves
+    what they wrote in place. The new pack holds only its own deltas and lists their ``pack_id`` as its
+    ``parents``; use it together with them (``EditPack.stack``, or attached one after the other).
 
     ``config.v_batch_size`` requests at a time go through the target-vector optimisation and through each
     layer's key pass (None: all at once on the CPU, as many as fit on an accelerator; see
@@ -81,6 +88,7 @@ def compute_edits(
 
     seconds: dict[str, float] = {}
     clock = time.perf_counter()
+    earlier = list(on_top_of)
     with evaluating(model):
         templates = context_templates(model, tokenizer, config)
         _check_encodings(tokenizer, requests, templates, max_positions(model))  # before any long work
@@ -94,16 +102,19 @@ def compute_edits(
         _check_stats(stats, config.layers)
         seconds["statistics"], clock = time.perf_counter() - clock, time.perf_counter()
         last = max(config.layers)
-        zs, _, z_loss = compute_targets(model, spec, tokenizer, requests, templates, config, last,
-                                        batch_size=config.v_batch_size, progress=progress, return_loss=True)
-        seconds["targets"], clock = time.perf_counter() - clock, time.perf_counter()
-        deltas = _spread_over_layers(model, spec, tokenizer, requests, templates, config, zs, stats, progress,
-                                     keep_factors=keep_factors)
+        with _active(model, earlier):
+            zs, _, z_loss = compute_targets(model, spec, tokenizer, requests, templates, config, last,
+                                            batch_size=config.v_batch_size, progress=progress, return_loss=True)
+            seconds["targets"], clock = time.perf_counter() - clock, time.perf_counter()
+            prior = _key_rows(tokenizer, [r for p in earlier for r in p.requests], templates) if earlier else None
+            deltas = _spread_over_layers(model, spec, tokenizer, requests, templates, config, zs, stats, progress,
+                                         keep_factors=keep_factors, prior=prior)
         seconds["update"] = time.perf_counter() - clock
 
     pack = EditPack(deltas={name: deltas[layer] for name, layer in zip(names, config.layers)},
                     requests=requests, config=config, model_type=model.config.model_type,
-                    fan_in_fan_out=spec.transposed, base_model=hub_model_id(model), fingerprint=fingerprint)
+                    fan_in_fan_out=spec.transposed, base_model=hub_model_id(model), fingerprint=fingerprint,
+                    parents=[p.pack_id for p in earlier])
     nll = z_loss.tolist()
     pack.report = {"seconds": seconds, "z_nll": nll,
                    "unconverged": [i for i, x in enumerate(nll) if x > UNCONVERGED_NLL]}
@@ -119,8 +130,26 @@ def hub_model_id(model: nn.Module) -> str | None:
     return name
 
 
-def _spread_over_layers(model, spec, tokenizer, requests, templates, config, zs, stats, progress, keep_factors
-                        ) -> dict[int, LayerDelta]:
+@contextmanager
+def _active(model: nn.Module, packs: Sequence[EditPack]) -> Iterator[None]:
+    """The packs attached in order (those the caller has not attached or merged already), detached on exit."""
+    from .apply import active_packs, attach, detach
+
+    already = {p.pack_id for p in active_packs(model)}
+    attached = []
+    try:
+        for pack in packs:
+            if pack.pack_id not in already:
+                attach(pack, model)
+                attached.append(pack)
+        yield
+    finally:
+        for pack in reversed(attached):
+            detach(pack, model)
+
+
+def _spread_over_layers(model, spec, tokenizer, requests, templates, config, zs, stats, progress, keep_factors,
+                        prior: _KeyRows | None = None) -> dict[int, LayerDelta]:
     """Eqn. 14 layer by layer, ascending; each new delta is active (hooked) while later layers are solved.
 
     The spec measures layer l_p's keys and block L's output ``cur`` on the current model, the deltas of
@@ -129,7 +158,8 @@ def _spread_over_layers(model, spec, tokenizer, requests, templates, config, zs,
     what it measures (the templated prompts at layer l_p's key, the bare prompts at block L) and runs each
     prompt only up to the subject's last token (what follows cannot reach it in a causal model). With
     ``keep_factors`` (statistics the caller keeps), a Cholesky factor of C computed for the Woodbury route is
-    kept on the :class:`SecondMoment` for the next pack.
+    kept on the :class:`SecondMoment` for the next pack. ``prior``: the prompts of earlier packs' requests, whose
+    keys at each layer (measured the same way) are added to the preserved second moment: ``C + K₀K₀ᵀ / λ``.
     """
     device = next(model.parameters()).device
     rows = _key_rows(tokenizer, requests, templates)
@@ -140,6 +170,10 @@ def _spread_over_layers(model, spec, tokenizer, requests, templates, config, zs,
             keys, cur = _keys_and_outputs(model, spec, rows, pad_id(tokenizer), layer, max(config.layers), sizer)
             residuals = (zs - cur).T / (len(config.layers) - pos)  # (d_model, n)
             stat, factor = stats[layer], None
+            if prior is not None:
+                k0, _ = _keys_and_outputs(model, spec, prior, pad_id(tokenizer), layer, layer, sizer)
+                kept = stat.mom2.to(device) + (k0.T @ k0).to(stat.mom2.dtype) / config.mom2_update_weight
+                stat, keep_factors = SecondMoment(mom2=kept, count=stat.count), False
             if woodbury_pays(len(requests), keys.shape[1], stat.has_factor()):
                 factor = stat.factor(device) if keep_factors else cov_factor(stat.mom2.to(device))
             B, A = layer_update(keys.T, residuals, stat.mom2, config.mom2_update_weight, factor=factor)

@@ -1,0 +1,77 @@
+"""Packs computed on top of packs (``compute_edits(on_top_of=...)``): the sequential form of MEMIT."""
+
+import copy
+
+import pytest
+import torch
+from engine_setup import config, corpus, model_and_tokenizer
+
+from memit_adapter import EditRequest, active_packs, compute_edits
+from memit_adapter.arch import get_arch_spec
+from memit_adapter.stats import SecondMoment, collect_stats
+
+FIRST = [EditRequest("the sport played by {}", s, t) for s, t in
+         [("michael jordan", " tennis"), ("lebron james", " golf"), ("toko yuki", " hockey")]]
+SECOND = [EditRequest("the sport played by {}", s, t) for s, t in
+          [("danielle darrieux", " tennis"), ("alpha beta", " golf")]]
+
+
+@pytest.fixture(scope="module")
+def setup():
+    model, tok = model_and_tokenizer("gpt2")
+    cfg = config(layers=[2], context_templates=["{}"])  # one layer, bare prompts: keys are easy to read here
+    stats = collect_stats(model, tok, corpus(40), cfg.layers, progress=False)
+    first = compute_edits(model, tok, FIRST, cfg, stats=stats, progress=False)
+    return model, tok, cfg, stats, first
+
+
+def _keys(model, tok, requests, layer):
+    """Input of layer ``layer``'s W_out at each prompt's last token (the subject's: it ends every prompt)."""
+    spec, seen = get_arch_spec(model), []
+    handle = spec.mlp_out_module(model, layer).register_forward_pre_hook(lambda m, a: seen.append(a[0][0, -1]))
+    with torch.no_grad():
+        for r in requests:
+            model(**tok(r.text, return_tensors="pt"))
+    handle.remove()
+    return torch.stack(seen).double()
+
+
+def test_on_top_of_keeps_earlier_keys_in_the_solve(setup):
+    """The pack equals a plain solve on the model with the first pack merged, whose second moment holds the first
+    pack's keys: C + K0 K0ᵀ / λ (keys read here with a hook, independently of the engine)."""
+    model, tok, cfg, stats, first = setup
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    second = compute_edits(model, tok, SECOND, cfg, stats=stats, on_top_of=[first], progress=False)
+    assert second.parents == [first.pack_id] and set(second.deltas) == set(first.deltas)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items()) and not active_packs(model)
+
+    merged = copy.deepcopy(model)
+    first.merge(merged)
+    k0 = _keys(merged, tok, FIRST, 2)
+    kept = {2: SecondMoment(mom2=(stats[2].mom2.double() + k0.T @ k0 / cfg.mom2_update_weight).float(),
+                            count=stats[2].count)}
+    want = compute_edits(merged, tok, SECOND, cfg, stats=kept, progress=False)
+    name = next(iter(second.deltas))
+    got, expected = second.deltas[name].weight_delta(), want.deltas[name].weight_delta()
+    torch.testing.assert_close(got, expected, rtol=2e-3, atol=2e-3 * float(expected.abs().max()))
+    plain = compute_edits(model, tok, SECOND, cfg, stats=stats, progress=False).deltas[name].weight_delta()
+    assert float((got - expected).norm()) < 0.1 * float((plain - expected).norm())  # not the independent solve
+
+
+def test_a_pack_on_top_disturbs_the_earlier_keys_less_than_an_independent_one(setup):
+    model, tok, cfg, stats, first = setup
+    k0 = _keys(model, tok, FIRST, 2).float()
+    sequential = compute_edits(model, tok, SECOND, cfg, stats=stats, on_top_of=[first], progress=False)
+    independent = compute_edits(model, tok, SECOND, cfg, stats=stats, progress=False)
+    name = next(iter(sequential.deltas))
+    on_old = lambda pack: float((pack.deltas[name].weight_delta() @ k0.T).norm())  # noqa: E731
+    assert on_old(sequential) < 0.5 * on_old(independent)
+
+
+@pytest.mark.filterwarnings("error")  # no "already attached" warning either
+def test_packs_already_active_are_left_as_the_caller_had_them(setup):
+    model, tok, cfg, stats, first = setup
+    with first.applied(model):
+        second = compute_edits(model, tok, SECOND, cfg, stats=stats, on_top_of=[first], progress=False)
+        assert [p.pack_id for p in active_packs(model)] == [first.pack_id]
+    assert not active_packs(model) and second.parents == [first.pack_id]
