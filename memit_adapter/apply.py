@@ -231,6 +231,7 @@ def unmerge(pack: EditPack, model: nn.Module, *, force: bool = False) -> None:
     gone = {id(m) for m in chain}
     state.merged[:] = [m for m in state.merged if id(m) not in gone] + remerged
     state.verified.clear()
+    _warn_dependents(model, pack)
     if changed:
         shown = "; ".join(f"{name}: {int(rows.numel())} row(s), {int(rows.numel()) - inexact[name]} of them back "
                           f"to their pre-merge bits" for name, rows in changed.items())
@@ -427,6 +428,16 @@ def detach(pack: EditPack, model: nn.Module) -> None:
         return
     for h in attached.handles:
         h.remove()
+    _warn_dependents(model, pack)
+
+
+def _warn_dependents(model: nn.Module, pack: EditPack) -> None:
+    """Warn when an active pack was computed on top of ``pack`` (``parents``), which is now switched off."""
+    dependents = [p.pack_id for p in active_packs(model) if pack.pack_id in p.parents]
+    if dependents:
+        warnings.warn(f"pack {pack.pack_id} was switched off while pack(s) {', '.join(dependents)} computed on top of "
+                      "it are still active: their edits assumed it; switch them off first, or keep it on",
+                      stacklevel=3)
 
 
 @contextmanager

@@ -1,6 +1,7 @@
 """Packs computed on top of packs (``compute_edits(on_top_of=...)``): the sequential form of MEMIT."""
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -75,3 +76,19 @@ def test_packs_already_active_are_left_as_the_caller_had_them(setup):
         second = compute_edits(model, tok, SECOND, cfg, stats=stats, on_top_of=[first], progress=False)
         assert [p.pack_id for p in active_packs(model)] == [first.pack_id]
     assert not active_packs(model) and second.parents == [first.pack_id]
+
+
+@pytest.mark.parametrize("how", ["attached", "merged"])
+def test_switching_off_a_pack_that_an_active_pack_was_computed_on_warns(setup, how):
+    model, tok, cfg, stats, first = setup
+    second = compute_edits(model, tok, SECOND, cfg, stats=stats, on_top_of=[first], progress=False)
+    on, off = (first.attach, first.detach) if how == "attached" else (first.merge, first.unmerge)
+    on(model)
+    with second.applied(model):
+        with pytest.warns(UserWarning, match=f"{first.pack_id} was switched off while pack.*{second.pack_id}"):
+            off(model)
+    on(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        off(model)  # nothing built on it is active: no warning
+    assert not active_packs(model)
