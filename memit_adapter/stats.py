@@ -339,25 +339,34 @@ def _accumulate(model, tokenizer, texts, layers, spec, max_length, batch_size, a
 
     handles = [spec.mlp_out_module(model, layer).register_forward_pre_hook(make_hook(layer)) for layer in layers]
     pad = pad_id(tokenizer)
+    used = 0
+    # the bar counts what bounds the pass: key vectors under a token budget, else texts
+    bar = tqdm(total=max_tokens if max_tokens is not None else len(texts), desc="second moments",
+               unit="keys" if max_tokens is not None else "texts", disable=not progress)
     try:
-        with evaluating(model):
-            batches = tqdm(range(0, len(texts), batch_size), desc="second moments", unit="batch", disable=not progress)
-            for i in batches:
+        with evaluating(model), bar:
+            for i in range(0, len(texts), batch_size):
                 chunk = texts[i:i + batch_size]
+                used += len(chunk)
                 seqs = [tokenizer(t, truncation=True, max_length=max_length)["input_ids"] for t in chunk]
                 seqs = [s for s in seqs if s]
-                if not seqs:
-                    continue
-                ids, mask = pad_right(seqs, pad, device)
-                mask_box[:] = [mask.reshape(-1).bool()]
-                try:
-                    model(input_ids=ids, attention_mask=mask, use_cache=False)
-                except StopForward:
-                    pass
-                if max_tokens is not None and counts[deepest] >= max_tokens:
-                    break
+                seen = counts[deepest]
+                if seqs:
+                    ids, mask = pad_right(seqs, pad, device)
+                    mask_box[:] = [mask.reshape(-1).bool()]
+                    try:
+                        model(input_ids=ids, attention_mask=mask, use_cache=False)
+                    except StopForward:
+                        pass
+                if max_tokens is not None:
+                    bar.update(min(counts[deepest], max_tokens) - min(seen, max_tokens))
+                    if counts[deepest] >= max_tokens:
+                        break
+                else:
+                    bar.update(len(chunk))
     finally:
         for h in handles:
             h.remove()
-    logger.info("second moments from %d texts, %d tokens, layers %s", len(texts), counts[deepest], layers)
+    logger.info("second moments from %d of %d texts, %d key vectors, layers %s", used, len(texts), counts[deepest],
+                layers)
     return {layer: SecondMoment(mom2=sums[layer] / counts[layer], count=counts[layer]) for layer in layers}

@@ -149,3 +149,15 @@ def test_texts_longer_than_the_context_are_cut_to_it():
     texts = corpus(4, length=40)  # 40 tokens each, past the 16 positions
     stats = collect_stats(model, tok, texts, [1], progress=False)
     assert stats[1].count == 4 * 16
+
+
+def test_the_log_and_the_bar_count_what_the_budget_used(caplog, capsys):
+    """Under a token budget the bar counts key vectors up to the budget (it ends full) and the log names the
+    texts actually read, not the corpus size."""
+    model, tok = model_and_tokenizer("gpt2")
+    texts = corpus(40)  # 30 tokens each
+    with caplog.at_level("INFO", logger="memit_adapter.stats"):
+        stats = collect_stats(model, tok, texts, [1], batch_size=4, max_tokens=200, progress=True)
+    assert stats[1].count == 240 and "from 8 of 40 texts, 240 key vectors" in caplog.text
+    bar = capsys.readouterr().err
+    assert "200/200" in bar and "keys" in bar
