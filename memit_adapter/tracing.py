@@ -34,6 +34,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .arch import ArchSpec, check_model, get_arch_spec
+from .config import MemitConfig
 from .errors import ConfigError, InvalidRequestError, UnsupportedArchitectureError
 from .hooks import capture_outputs, edit_output
 from .models import load_model
@@ -537,8 +538,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_cli(args: argparse.Namespace) -> int:
+    import importlib.util
+
     from . import plots
 
+    if importlib.util.find_spec("matplotlib") is None:  # checked first: the figures come after all the work
+        raise SystemExit('memit-adapter trace: the figures need matplotlib: pip install "memit-adapter[plot]"')
     _check_out_folder(args.out)  # before the model is loaded: a bad path costs nothing
     model, tokenizer, shipped = _load(args.model, args.device)
     facts = _cli_facts(args, shipped)
@@ -555,6 +560,7 @@ def run_cli(args: argparse.Namespace) -> int:
         traces[kind] = results[0] if len(results) == 1 else average_traces(results)
         report["traces"][kind] = traces[kind].to_dict()
         plots.plot_trace(traces[kind], args.out / f"trace_{kind}.png")
+        (args.out / "trace.json").write_text(json.dumps(report, indent=2))  # partial results as they come
     if len(traces) > 1:
         plots.plot_traces(list(traces.values()), args.out / "traces.png")
     sev = trace_severed(model, tokenizer, facts, progress=not args.quiet, **opts)
@@ -563,6 +569,11 @@ def run_cli(args: argparse.Namespace) -> int:
     report["suggested_layers"] = best_range(sev.gap("mlp"))
     (args.out / "trace.json").write_text(json.dumps(report, indent=2))
     print(f"suggested layers: {report['suggested_layers']}  (figures and trace.json in {args.out})")
+    default = MemitConfig.for_model(model).layers
+    if default != report["suggested_layers"]:
+        print(f"MemitConfig.for_model edits layers {default}; to follow the trace, pass "
+              f"layers={report['suggested_layers']} (edit --layers {report['suggested_layers'][0]}-"
+              f"{report['suggested_layers'][-1]})")
     return 0
 
 

@@ -196,6 +196,20 @@ def test_cli_single_fact_and_batch(tmp_path):
     assert layers == list(range(layers[0], layers[-1] + 1))
 
 
+def test_cli_checks_matplotlib_before_loading_anything(tmp_path, monkeypatch):
+    import importlib.util
+
+    from memit_adapter import tracing
+    from memit_adapter.cli import main
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else real(name, *a))
+    monkeypatch.setattr(tracing, "load_model", lambda *a, **k: pytest.fail("loaded the model before the check"))
+    with pytest.raises(SystemExit, match="matplotlib"):
+        main(["trace", "--model", "m", "--prompt", "{} plays", "--subject", "x", "--out", str(tmp_path / "t")])
+    assert not (tmp_path / "t").exists()
+
+
 # -- the shipped world model ---------------------------------------------------------------------
 def _world():
     from memit_adapter.demo import load_world_model
