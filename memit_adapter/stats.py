@@ -79,7 +79,8 @@ class SecondMoment:
 
 def load_corpus(corpus: Any, n_samples: int, seed: int = 0) -> tuple[list[str], str]:
     """Texts from a list of strings, a local ``.txt`` (one document per non-empty line) or ``.jsonl``
-    (field ``text``) file, or a ``datasets.Dataset`` (column ``text``), in a seeded random order: at most
+    (field ``text``) file, a ``datasets.Dataset`` (column ``text``) or a streaming ``IterableDataset`` (the first
+    ``n_samples`` through a seeded shuffle buffer of 10,000), in a seeded random order: at most
     ``n_samples`` of them, drawn uniformly, and an id naming exactly those texts in that order.
 
     The order is random so that a sample (``n_samples``, or the token budget of :func:`collect_stats`, which
@@ -96,10 +97,24 @@ def load_corpus(corpus: Any, n_samples: int, seed: int = 0) -> tuple[list[str], 
         texts = _read_corpus_file(path)
     elif _is_dataset(corpus):
         if "text" not in corpus.column_names:
-            raise StatisticsError(f"dataset has no 'text' column (columns: {corpus.column_names})")
+            raise StatisticsError(f"dataset has no 'text' column (columns: {corpus.column_names}); pass "
+                                  "corpus=ds.rename_column(NAME, 'text')")
         order = list(range(len(corpus)))
         rng.shuffle(order)
         texts = list(corpus.select(order[:n_samples])["text"])
+    elif type(corpus).__name__ == "IterableDataset":  # streaming: a shuffle buffer, then the first n_samples
+        stream = corpus.shuffle(seed=seed, buffer_size=10_000)
+        texts = []
+        for row in stream:
+            if "text" not in row:
+                raise StatisticsError(f"dataset rows have no 'text' field (fields: {sorted(row)}); pass "
+                                      "corpus=ds.rename_column(NAME, 'text')")
+            texts.append(row["text"])
+            if len(texts) >= n_samples:
+                break
+    elif type(corpus).__name__ in ("DatasetDict", "IterableDatasetDict"):
+        raise StatisticsError(f"the corpus is a {type(corpus).__name__} of splits {sorted(corpus)}: pass one "
+                              "split, e.g. corpus=ds['train']")
     elif isinstance(corpus, Sequence) and all(isinstance(t, str) for t in corpus):
         texts = list(corpus)
     else:
@@ -107,7 +122,7 @@ def load_corpus(corpus: Any, n_samples: int, seed: int = 0) -> tuple[list[str], 
             f"corpus must be a list of strings, a .txt/.jsonl path or a datasets.Dataset, got {type(corpus).__name__}"
         )
     texts = [t for t in texts if t.strip()]
-    if not _is_dataset(corpus):
+    if isinstance(corpus, (str, os.PathLike)) or not hasattr(corpus, "column_names"):
         rng.shuffle(texts)
     texts = texts[:n_samples]
     if not texts:

@@ -161,3 +161,19 @@ def test_the_log_and_the_bar_count_what_the_budget_used(caplog, capsys):
     assert stats[1].count == 240 and "from 8 of 40 texts, 240 key vectors" in caplog.text
     bar = capsys.readouterr().err
     assert "200/200" in bar and "keys" in bar
+
+
+def test_streaming_datasets_splits_and_other_columns():
+    datasets = pytest.importorskip("datasets")
+    texts = corpus(30)
+    stream = datasets.Dataset.from_dict({"text": texts}).to_iterable_dataset()
+    got, _ = load_corpus(stream, 10)
+    assert len(set(got)) == 10 and set(got) <= set(texts) and got != texts[:10]  # through the shuffle buffer
+    assert load_corpus(stream, 10) == load_corpus(stream, 10)  # seeded
+    splits = datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": texts})})
+    with pytest.raises(StatisticsError, match=r"splits \['train'\].*ds\['train'\]"):
+        load_corpus(splits, 10)
+    with pytest.raises(StatisticsError, match="rename_column"):
+        load_corpus(datasets.Dataset.from_dict({"content": texts}), 10)
+    with pytest.raises(StatisticsError, match="rename_column"):
+        load_corpus(datasets.Dataset.from_dict({"content": texts}).to_iterable_dataset(), 10)
