@@ -399,9 +399,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True,
                         help="local folder, Hub id, or a shipped world model: world-gpt2, world-llama, "
                              "world-gpt2-bpe, world-llama-sp")
-    parser.add_argument("--pack", help="edit pack folder; reports the metrics before and with the pack")
+    parser.add_argument("--pack", help="edit pack folder; reports the metrics before and with the pack (without "
+                                       "--data: on the pack's own requests)")
     parser.add_argument("--data", help="CounterFact-format JSON (list or JSON lines); default for world models: "
                                        "their own records")
+    parser.add_argument("--write-card", action="store_true",
+                        help="with --pack (a local folder): write the metrics with the pack into its card")
     parser.add_argument("--n", type=int, help="evaluate the first N records")
     parser.add_argument("--out", default="eval_results.json", help="where to write the JSON results")
     parser.add_argument("--batch-size", type=int, default=64)
@@ -422,6 +425,9 @@ def run_cli(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if not out.parent.is_dir() or out.is_dir():
         raise SystemExit(f"memit-adapter eval: cannot write results to {out} (no such folder, or it is a folder)")
+    if args.write_card and not (args.pack and Path(args.pack).is_dir()):
+        raise SystemExit("memit-adapter eval: --write-card needs --pack naming a local pack folder")
+    pack = _load_pack(args.pack) if args.pack else None  # before the model: a bad pack costs nothing
     model, tokenizer, world_records = load_model(args.model)
     if args.device:
         model.to(args.device)
@@ -429,14 +435,28 @@ def run_cli(args: argparse.Namespace) -> int:
         everything = load_counterfact(args.data)
     elif world_records is not None:
         everything = normalize_records(world_records)
+    elif pack is not None:
+        everything = _records_of(pack.requests)
     else:
-        raise SystemExit("memit-adapter eval: --data is required unless --model is a shipped world model")
-    records = everything if args.n is None else everything[: args.n]
+        raise SystemExit("memit-adapter eval: --data is required unless --model is a shipped world model or a --pack "
+                         "is given (its own requests are then evaluated)")
+    if pack is not None and not args.data:  # the pack's own requests, with a world's paraphrases when it has them
+        edited = {(r.subject, r.prompt) for r in pack.requests}
+        own = [r for r in everything
+               if (r["requested_rewrite"]["subject"], r["requested_rewrite"]["prompt"]) in edited]
+        records = own or _records_of(pack.requests)
+    else:
+        records = everything
+    records = records if args.n is None else records[: args.n]
     kwargs = dict(batch_size=args.batch_size, generation=not args.no_generation, max_new_tokens=args.max_new_tokens,
                   exclude_edited_neighbors=args.exclude_edited_neighbors,
                   retention_records=everything if args.retention else None)
-    if args.pack:
-        results = evaluate_pack(model, tokenizer, records, _load_pack(args.pack), **kwargs)
+    if pack is not None:
+        results = evaluate_pack(model, tokenizer, records, pack, **kwargs)
+        if args.write_card:
+            pack.metrics = {k: v for k, v in results["post"].to_dict().items() if isinstance(v, (int, float))}
+            pack.save_pretrained(args.pack)
+            print(f"wrote the metrics into {args.pack}/README.md")
     else:
         results = {"model": evaluate_counterfact(model, tokenizer, records, **kwargs)}
     print(format_table(results))
@@ -445,6 +465,17 @@ def run_cli(args: argparse.Namespace) -> int:
     Path(args.out).write_text(json.dumps(payload, indent=2) + "\n")
     print(f"wrote {args.out}")
     return 0
+
+
+def _records_of(requests) -> list[dict[str, Any]]:
+    """CounterFact records of edit requests (no paraphrases or neighbours); each needs its ``target_true``."""
+    missing = [r.text for r in requests if not r.target_true]
+    if missing:
+        raise SystemExit(f"memit-adapter eval: {len(missing)} of the pack's requests carry no target_true (e.g. "
+                         f"{missing[0]!r}), which the metrics compare against: give --data records")
+    return normalize_records([{"case_id": i, "requested_rewrite": {
+        "prompt": r.prompt, "subject": r.subject, "target_new": {"str": r.target_new},
+        "target_true": {"str": r.target_true}}} for i, r in enumerate(requests)])
 
 
 def _load_pack(path: str) -> Any:

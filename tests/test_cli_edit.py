@@ -150,3 +150,30 @@ def test_merge_writes_a_model_that_loads_without_the_library(setup, capsys):
     assert not torch.allclose(got, before)
     with pytest.raises(SystemExit, match="not an empty folder"):
         main(["merge", "--model", str(setup / "m"), "--packs", str(setup / "pack"), "--out", str(out)])
+
+
+def test_eval_of_a_pack_on_its_own_requests_writes_its_card(setup, capsys):
+    from memit_adapter.evaluation import evaluate_pack
+
+    with open(setup / "edits.jsonl", "w") as f:
+        for r in requests():
+            f.write(json.dumps({**r.to_dict(), "target_true": " basketball"}) + "\n")
+    assert _edit(setup) == 0
+    out = setup / "res.json"
+    assert main(["eval", "--model", str(setup / "m"), "--pack", str(setup / "pack"), "--no-generation",
+                 "--write-card", "--out", str(out)]) == 0
+    saved = json.loads(out.read_text())["results"]
+    pack = EditPack.from_pretrained(str(setup / "pack"))
+    model, tok = model_and_tokenizer("gpt2")
+    records = [{"requested_rewrite": {"prompt": r.prompt, "subject": r.subject, "target_new": {"str": r.target_new},
+                                      "target_true": {"str": r.target_true}}} for r in pack.requests]
+    want = evaluate_pack(model, tok, records, pack, generation=False)
+    assert saved["post"]["efficacy_score"] == want["post"].efficacy_score and saved["pre"]["n_records"] == 5
+    assert pack.metrics["efficacy_score"] == want["post"].efficacy_score  # in the card and the sidecar
+    assert "efficacy_score" in (setup / "pack" / "README.md").read_text()
+
+
+def test_eval_of_a_pack_without_true_targets_says_what_to_give(setup):
+    assert _edit(setup) == 0
+    with pytest.raises(SystemExit, match="target_true.*--data"):
+        main(["eval", "--model", str(setup / "m"), "--pack", str(setup / "pack"), "--out", str(setup / "r.json")])
