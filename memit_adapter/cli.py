@@ -18,6 +18,7 @@ from .errors import MemitError
 
 COMMANDS = {
     "edit": ("memit_adapter.edit", "compute an edit pack from a requests file, save it (and push it)"),
+    "stats": ("memit_adapter.stats_cli", "compute a model's key second moments into a cache folder (and the Hub)"),
     "inspect": ("memit_adapter.inspect_cli", "what a pack holds: edits, modules, ranks, sizes, fingerprint, metrics"),
     "merge": ("memit_adapter.inspect_cli", "save a model with packs merged into its weights",
               "add_merge_arguments", "run_merge_cli"),

@@ -177,3 +177,32 @@ def test_eval_of_a_pack_without_true_targets_says_what_to_give(setup):
     assert _edit(setup) == 0
     with pytest.raises(SystemExit, match="target_true.*--data"):
         main(["eval", "--model", str(setup / "m"), "--pack", str(setup / "pack"), "--out", str(setup / "r.json")])
+
+
+def test_stats_fills_a_cache_that_edit_then_reads_without_a_corpus(setup, capsys, monkeypatch):
+    from memit_adapter import stats as stats_module
+
+    cache = setup / "cache"
+    assert main(["stats", "--model", str(setup / "m"), "--corpus", str(setup / "corpus.txt"), "--cache", str(cache),
+                 "--layers", "1-2", "--quiet"]) == 0
+    assert "second moments of layers [1, 2]" in capsys.readouterr().out
+    assert len(list(cache.glob("mom2_layer*.safetensors"))) == 2
+    monkeypatch.setattr(stats_module, "_accumulate", lambda *a, **k: pytest.fail("recomputed cached statistics"))
+    assert main(["edit", "--model", str(setup / "m"), "--requests", str(setup / "edits.jsonl"), "--stats-cache",
+                 str(cache), "--config", str(setup / "cfg.json"), "--quiet", "--out", str(setup / "pack")]) == 0
+
+
+def test_stats_from_a_dataset_with_another_text_column(setup, monkeypatch, capsys):
+    datasets = pytest.importorskip("datasets")
+    texts = (setup / "corpus.txt").read_text().splitlines()
+    calls = []
+
+    def fake_load(name, config=None, split=None, streaming=False):
+        calls.append((name, config, split, streaming))
+        ds = datasets.Dataset.from_dict({"content": texts})
+        return ds.to_iterable_dataset() if streaming else ds
+    monkeypatch.setattr(datasets, "load_dataset", fake_load)
+    assert main(["stats", "--model", str(setup / "m"), "--corpus", "wiki", "20220301.en", "--streaming",
+                 "--text-column", "content", "--cache", str(setup / "c"), "--layers", "1", "--quiet"]) == 0
+    assert calls == [("wiki", "20220301.en", "train", True)]
+    assert len(list((setup / "c").glob("mom2_layer1_*.safetensors"))) == 1
