@@ -206,3 +206,14 @@ def test_stats_from_a_dataset_with_another_text_column(setup, monkeypatch, capsy
                  "--text-column", "content", "--cache", str(setup / "c"), "--layers", "1", "--quiet"]) == 0
     assert calls == [("wiki", "20220301.en", "train", True)]
     assert len(list((setup / "c").glob("mom2_layer1_*.safetensors"))) == 1
+
+
+def test_compress_command_matches_the_library(setup, capsys):
+    assert _edit(setup) == 0
+    pack = EditPack.from_pretrained(str(setup / "pack"))
+    want = pack.compress(2)
+    assert main(["compress", str(setup / "pack"), "--rank", "2", "--out", str(setup / "small")]) == 0
+    assert f"relative error {want:.2e}" in capsys.readouterr().out
+    small = EditPack.from_pretrained(str(setup / "small"))
+    assert all(d.rank <= 2 for d in small.deltas.values()) and small == pack
+    assert EditPack.from_pretrained(str(setup / "pack")) != small  # the original is kept with --out

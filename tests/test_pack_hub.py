@@ -122,3 +122,21 @@ def test_hub_round_trip_with_env_endpoint_and_offline_reload(hub, tmp_path):
         assert r.returncode == 0 and f"{step} ok" in r.stdout, r.stderr[-3000:]
     cfg = json.loads(hub.repos["bob/edits"].commits[hub.repos["bob/edits"].refs["v1"]]["p1/adapter_config.json"])
     assert cfg["target_modules"] == pack.module_names
+
+
+def test_push_and_pull_commands(hub, tmp_path):
+    """memit-adapter push / pull in fresh interpreters against the local Hub: the pulled pack is the pushed one."""
+    model = tiny_model("gpt2")
+    pack = random_pack(model, seed=4)
+    pack.save_pretrained(str(tmp_path / "pack"))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
+    env.update(HF_ENDPOINT=hub.endpoint, HF_HUB_DISABLE_XET="1", HF_HOME=str(tmp_path / "hf"), HF_TOKEN="hf_test",
+               HF_HUB_DISABLE_TELEMETRY="1", PYTHONPATH=str(Path(__file__).parents[1]))
+    cli = [sys.executable, "-m", "memit_adapter.cli"]
+    for argv in (["push", str(tmp_path / "pack"), "carol/packs", "--subfolder", "day-1"],
+                 ["pull", "carol/packs", "--subfolder", "day-1", "--out", str(tmp_path / "pulled")]):
+        r = subprocess.run(cli + argv, env=env, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-3000:]
+    assert EditPack.from_pretrained(str(tmp_path / "pulled")) == pack
+    card = hub.repos["carol/packs"].commits[hub.repos["carol/packs"].refs["main"]]["day-1/README.md"].decode()
+    assert 'EditPack.from_pretrained("carol/packs", subfolder="day-1")' in card

@@ -1,9 +1,12 @@
-"""``memit-adapter inspect`` and ``memit-adapter merge``: look into a pack; write a model with packs merged in.
+"""Pack commands: ``inspect``, ``merge``, ``push``, ``pull``, ``compress``.
 
 Usage::
 
     memit-adapter inspect edits/                 # or a Hub repo id; --json for the same as JSON
     memit-adapter merge --model gpt2-xl --packs edits/ more-edits/ --out gpt2-xl-edited
+    memit-adapter push edits/ me/gpt2-xl-edits [--subfolder day-1] [--private]
+    memit-adapter pull me/gpt2-xl-edits --out edits/ [--subfolder day-1] [--revision v2]
+    memit-adapter compress edits/ --rank 64 [--out edits-r64]   # in place without --out
 
 ``inspect`` prints the pack's id, base model and fingerprint, its parents, the edited modules (shape, rank,
 dense or low rank, dtype, bytes), the settings that made it, the metrics in its card and the first requests.
@@ -93,4 +96,54 @@ def run_merge_cli(args: argparse.Namespace) -> int:
     model.save_pretrained(args.out)
     tokenizer.save_pretrained(args.out)
     print(f"Saved the merged model to {args.out}/ (loads with AutoModelForCausalLM.from_pretrained)")
+    return 0
+
+
+def add_push_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("pack", help="a pack folder")
+    parser.add_argument("repo", help="Hub repo id, created if needed")
+    parser.add_argument("--subfolder", help="keep several packs in one repo")
+    parser.add_argument("--revision", help="branch (created from the default branch if needed)")
+    parser.add_argument("--private", action="store_true")
+
+
+def run_push_cli(args: argparse.Namespace) -> int:
+    pack = EditPack.from_pretrained(args.pack)
+    pack.push_to_hub(args.repo, subfolder=args.subfolder, revision=args.revision, private=args.private or None)
+    print(f"pushed {len(pack.requests)} edits to {args.repo}" + (f"/{args.subfolder}" if args.subfolder else ""))
+    return 0
+
+
+def add_pull_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("repo", help="Hub repo id")
+    parser.add_argument("--out", required=True, type=Path, help="folder to save the pack in")
+    parser.add_argument("--subfolder")
+    parser.add_argument("--revision")
+    parser.add_argument("--overwrite", action="store_true", help="save into a folder holding other files")
+
+
+def run_pull_cli(args: argparse.Namespace) -> int:
+    from .persistence import check_destination
+
+    check_destination(args.out, overwrite=args.overwrite)
+    pack = EditPack.from_pretrained(args.repo, revision=args.revision, subfolder=args.subfolder)
+    pack.save_pretrained(str(args.out), overwrite=args.overwrite)
+    print(f"saved {len(pack.requests)} edits of {pack.base_model or 'an unrecorded base model'} to {args.out}/")
+    return 0
+
+
+def add_compress_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("pack", help="a pack folder")
+    parser.add_argument("--rank", required=True, type=int, help="largest rank kept in every module")
+    parser.add_argument("--out", type=Path, help="save here (default: replace the pack in place)")
+
+
+def run_compress_cli(args: argparse.Namespace) -> int:
+    pack = EditPack.from_pretrained(args.pack)
+    before = pack.nbytes
+    error = pack.compress(args.rank)
+    out = args.out or Path(args.pack)
+    pack.save_pretrained(str(out))
+    print(f"rank <= {args.rank}: relative error {error:.2e}, {before / 1e6:.2f} MB -> {pack.nbytes / 1e6:.2f} MB, "
+          f"saved to {out}/")
     return 0
