@@ -121,7 +121,7 @@ def check_model(model: nn.Module, tokenizer=None, spec: ArchSpec | None = None) 
         weight = getattr(module(path), "weight", None)
         if path != spec.final_norm and not (isinstance(weight, torch.Tensor) and weight.dim() == 2):
             raise UnsupportedArchitectureError(f"the ArchSpec does not fit {name}: {path!r} has no 2-D weight")
-    meta = [n for n, p in model.named_parameters() if p.is_meta]
+    meta = [n for n, p in model.named_parameters() if p.is_meta and not _offloaded(model, n)]
     if meta:
         raise ModelError(f"{len(meta)} weights of {name} are on the meta device (e.g. {meta[0]}) and hold no values; "
                          "load the model's weights (not with init_empty_weights or device_map='meta') first")
@@ -132,6 +132,13 @@ def check_model(model: nn.Module, tokenizer=None, spec: ArchSpec | None = None) 
                              "rows: is it this model's tokenizer? After adding tokens, call "
                              "model.resize_token_embeddings(len(tokenizer))")
     return spec
+
+
+def _offloaded(model: nn.Module, param_name: str) -> bool:
+    """Whether a meta-device parameter is offloaded by accelerate (a hook on its module or an ancestor loads
+    the values for each forward), rather than simply empty."""
+    parts = param_name.split(".")[:-1]
+    return any(hasattr(model.get_submodule(".".join(parts[:i])), "_hf_hook") for i in range(len(parts) + 1))
 
 
 def max_positions(model: nn.Module) -> int | None:
