@@ -28,7 +28,8 @@ from .arch import get_arch_spec
 from .config import MemitConfig
 from .requests import EditRequest
 from .stats import _accumulate
-from .targets import compute_targets, tokens_per_step
+from .targets import KL_PROMPT, compute_targets, tokens_per_step
+from .tokens import encode_fact, pad_id, pad_right
 
 SIZES = {
     "small": dict(n_layer=12, n_embd=768, n_head=12, vocab_size=50257),  # GPT-2 small
@@ -49,6 +50,68 @@ def bench_model(size: str = "small", seed: int = 0):
     tok = PreTrainedTokenizerFast(tokenizer_object=raw, unk_token="<unk>", pad_token="<pad>", eos_token="</s>")
     torch.manual_seed(seed)
     return GPT2LMHeadModel(GPT2Config(**cfg, bos_token_id=2, eos_token_id=2)).eval(), tok
+
+
+def reference_targets(model, spec, tokenizer, requests, templates, config: MemitConfig, layer: int
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The target vectors the published implementation's way: one request at a time, a full forward of every
+    row at every step, δ added by a hook on block ``layer``'s output at each row's subject position.
+
+    The same objective as :func:`~memit_adapter.targets.optimise_deltas` with ``preserve_factor=0`` and one δ
+    per request (NLL of the target after each context template, KL of ``"{subject} is a"`` at the subject,
+    weight decay ``|δ| / |h|²``, ``|δ| <= clamp·|h|``, stop below ``v_loss_threshold``), written independently
+    of it: the baseline (a) of the benchmark, and an oracle for the engine's faster path. Returns ``(z, h)``.
+    """
+    pairs = [_reference_one(model, spec.blocks(model)[layer], tokenizer, req, templates, config) for req in requests]
+    return torch.stack([z for z, _ in pairs]), torch.stack([h for _, h in pairs])
+
+
+def _reference_one(model, block, tokenizer, req, templates, config: MemitConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    device = next(model.parameters()).device
+    rewrite = [encode_fact(tokenizer, t.replace("{}", req.prompt), req.subject, req.target_new) for t in templates]
+    kl = encode_fact(tokenizer, KL_PROMPT, req.subject)
+    ids, mask = pad_right([f.ids[:-1] for f in rewrite] + [kl.ids], pad_id(tokenizer), device)
+    lookups = torch.tensor([f.lookup for f in rewrite] + [kl.lookup], device=device)
+    rows = torch.arange(len(lookups), device=device)
+    state: dict[str, torch.Tensor] = {}
+
+    def add_delta(_module, _args, output):
+        hidden = output[0] if isinstance(output, tuple) else output
+        state.setdefault("h", hidden[0, lookups[0]].detach().float().clone())  # the bare prompt's h
+        if "delta" in state:
+            hidden = hidden.clone()
+            hidden[rows, lookups] = hidden[rows, lookups] + state["delta"].to(hidden.dtype)
+        return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+
+    handle = block.register_forward_hook(add_delta)
+    try:
+        with torch.no_grad():
+            before = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits[-1, kl.lookup].float(), -1)
+        h = state["h"]
+        unit = h.norm() / h.numel() ** 0.5 if config.v_lr_relative else torch.tensor(1.0, device=device)
+        param = torch.zeros_like(h, requires_grad=True)
+        opt = torch.optim.Adam([param], lr=config.v_lr)
+        targets = [torch.tensor(f.target_ids, device=device)[:, None] for f in rewrite]
+        for step in range(config.v_num_grad_steps):
+            state["delta"] = delta = param * unit
+            logits = model(input_ids=ids, attention_mask=mask).logits.float()
+            nll = sum(-torch.log_softmax(logits[r, f.target_positions], -1).gather(1, targets[r]).mean()
+                      for r, f in enumerate(rewrite)) / len(rewrite)
+            now = torch.log_softmax(logits[-1, kl.lookup], -1)
+            kl_term = config.kl_factor * torch.nn.functional.kl_div(before, now, log_target=True, reduction="sum")
+            loss = nll + kl_term + config.v_weight_decay * delta.norm() / h.norm() ** 2
+            if loss.item() < config.v_loss_threshold or step == config.v_num_grad_steps - 1:
+                break
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            with torch.no_grad():
+                max_norm = config.clamp_norm_factor * h.norm()
+                if (param * unit).norm() > max_norm:
+                    param.mul_(max_norm / (param * unit).norm())
+    finally:
+        handle.remove()
+    return h + (param * unit).detach(), h
 
 
 def _words(rng: random.Random, n: int, vocab: int) -> str:
@@ -122,6 +185,103 @@ def run_benchmark(*, size: str = "small", n_requests: int = 100, z_steps: int = 
     return out
 
 
+def published_settings(model, **fields) -> MemitConfig:
+    """The published method's target and solve settings for a model without a published preset: the published
+    defaults (20 steps of lr 0.5, clamp 0.75, KL 0.0625, weight decay 0.5, threshold 0.05, no preservation)
+    at ``for_model``'s layers and λ and statistics budget, so that only the method differs from (c)."""
+    scaled = MemitConfig.for_model(model)
+    return MemitConfig(layers=scaled.layers, mom2_update_weight=scaled.mom2_update_weight, v_num_grad_steps=20,
+                       mom2_max_tokens=scaled.mom2_max_tokens, mom2_max_length=scaled.mom2_max_length,
+                       stats_batch_size=scaled.stats_batch_size, **fields)
+
+
+def run_comparison(model_name: str = "world-gpt2-bpe", *, n_requests: int = 100, size: str = "small",
+                   progress: bool = True) -> dict[str, Any]:
+    """(a) the published way, (b) the published settings with this engine, (c) ``for_model``, on the same requests.
+
+    ``model_name`` is a shipped world (its records, corpus and metrics) or ``"random"`` (a random GPT-2 of
+    ``size`` and random requests; no metrics). Per run: seconds per phase (statistics, z, update: keys and
+    solve), token positions per z step, peak memory, and on a world ES / PS / NS / Score and retention.
+    (a) computes the statistics with one full forward per layer and z one request at a time with full forwards
+    (:func:`reference_targets`); its update phase is the engine's (the same computation).
+    """
+    from .engine import compute_edits
+    from .evaluation import evaluate_counterfact
+    from .stats import collect_stats
+
+    if model_name == "random":
+        model, tok = bench_model(size)
+        rng = random.Random(0)
+        vocab = SIZES[size]["vocab_size"]
+        requests = [EditRequest(_words(rng, 2, vocab) + " {} " + _words(rng, 3, vocab), _words(rng, 2, vocab),
+                                " " + _words(rng, 1, vocab)) for _ in range(n_requests)]
+        texts, records, everything = [_words(rng, 128, vocab) for _ in range(64)], None, None
+    else:
+        from .demo.checkpoints import load_world_model, world_model_path
+
+        model, tok, everything = load_world_model(model_name)
+        texts = str(world_model_path(model_name) / "corpus.txt")
+        records = random.Random(0).sample(everything, min(n_requests, len(everything)))
+        requests = [EditRequest.from_dict(r) for r in records]
+    spec = get_arch_spec(model)
+    settings = {"published": published_settings(model), "for_model": MemitConfig.for_model(model)}
+    out: dict[str, Any] = {"model": model_name, "n_requests": len(requests), "threads": torch.get_num_threads(),
+                           "runs": {}}
+    base = settings["published"]
+    stats, secs = _timed(lambda: collect_stats(model, tok, texts, base.layers, max_tokens=base.mom2_max_tokens,
+                                               batch_size=base.stats_batch_size, progress=False))
+    for name, cfg in (("b_published_engine", settings["published"]), ("c_for_model", settings["for_model"])):
+        pack, total = _timed(lambda cfg=cfg: compute_edits(model, tok, requests, cfg, stats=stats, progress=progress))
+        phases = {k: round(v, 2) for k, v in pack.report["seconds"].items()}
+        run = {"seconds": {**phases, "statistics": round(secs, 2)},
+               "total_s": round(secs + total, 2), "layers": cfg.layers, "lambda": cfg.mom2_update_weight,
+               "z_steps": cfg.v_num_grad_steps, "peak_mb": round(_peak_mb())}
+        if records is not None:
+            with pack.applied(model):
+                r = evaluate_counterfact(model, tok, records, generation=False, retention_records=everything)
+            run.update(efficacy=r.efficacy_score, paraphrase=r.paraphrase_score, neighborhood=r.neighborhood_score,
+                       score=r.score, retention=r.retention)
+        out["runs"][name] = run
+    from .targets import context_templates
+
+    z_templates = context_templates(model, tok, base)
+    out["z_step_tokens"], out["z_step_tokens_full_rows"] = tokens_per_step(tok, requests[:32], z_templates)
+    # (a): statistics one full forward per edited layer, z one request at a time with full forwards
+    _, stats_a = _timed(lambda: [_accumulate(model, tok, texts if isinstance(texts, list) else
+                                             texts_of(texts, base), [layer], spec, None, base.stats_batch_size,
+                                             torch.float32, False, False, base.mom2_max_tokens)
+                                 for layer in base.layers])
+    _, z_a = _timed(lambda: reference_targets(model, spec, tok, requests, z_templates, base, max(base.layers)))
+    b = out["runs"]["b_published_engine"]
+    out["runs"]["a_published_way"] = {"seconds": {"statistics": round(stats_a, 2), "targets": round(z_a, 2),
+                                                  "update": b["seconds"]["update"]},
+                                      "total_s": round(stats_a + z_a + b["seconds"]["update"], 2)}
+    out["b_speedup_over_a"] = out["runs"]["a_published_way"]["total_s"] / b["total_s"]
+    return out
+
+
+def texts_of(path: str, cfg: MemitConfig) -> list[str]:
+    from .stats import load_corpus
+
+    return load_corpus(path, cfg.mom2_n_samples, cfg.seed)[0]
+
+
+def format_comparison(r: dict[str, Any]) -> str:
+    lines = [f"memit-adapter bench --compare: {r['model']}, {r['n_requests']} requests, {r['threads']} threads",
+             "| run | total s | statistics | z | update | ES | PS | NS | Score | retention |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for name in ("a_published_way", "b_published_engine", "c_for_model"):
+        run = r["runs"][name]
+        sec = run["seconds"]
+        m = [f"{run[k]:.3f}" if k in run else "-" for k in ("efficacy", "paraphrase", "neighborhood", "score",
+                                                              "retention")]
+        lines.append(f"| {name} | {run['total_s']:.1f} | {sec['statistics']:.1f} | {sec['targets']:.1f} | "
+                     f"{sec['update']:.1f} | " + " | ".join(m) + " |")
+    lines.append(f"(b) is {r['b_speedup_over_a']:.1f}x faster than (a); a z step runs {r['z_step_tokens']} token "
+                 f"positions, {r['z_step_tokens'] / r['z_step_tokens_full_rows']:.0%} of whole rows")
+    return "\n".join(lines)
+
+
 def format_report(r: dict[str, Any]) -> str:
     ok = lambda good: "meets" if good else "MISSES"  # noqa: E731
     return "\n".join([
@@ -153,11 +313,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--json", default=None, help="also write the figures to this JSON file")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--compare", metavar="MODEL", help="compare (a) the published way, (b) the published "
+                        "settings with this engine and (c) for_model on a shipped world (e.g. world-gpt2-bpe) or "
+                        "'random' (a random GPT-2 of --size); --n-requests requests")
 
 
 def run_cli(args: argparse.Namespace) -> int:
     if args.json and (not Path(args.json).resolve().parent.is_dir() or Path(args.json).is_dir()):
         raise SystemExit(f"memit-adapter bench: cannot write {args.json} (no such folder, or it is a folder)")
+    if args.compare:
+        report = run_comparison(args.compare, n_requests=args.n_requests, size=args.size, progress=not args.quiet)
+        print(format_comparison(report))
+        if args.json:
+            Path(args.json).write_text(json.dumps(report, indent=2))
+        return 0
     report = run_benchmark(size=args.size, n_requests=args.n_requests, z_steps=args.z_steps, n_texts=args.texts,
                            text_length=args.text_length, chunk=args.chunk, device=args.device,
                            progress=not args.quiet)

@@ -1,5 +1,8 @@
 import json
 
+import pytest
+import torch
+
 from memit_adapter.cli import main
 
 
@@ -15,3 +18,42 @@ def test_bench_cli_reports_consistent_figures(tmp_path, capsys):
     assert 0 < report["z_step_tokens"] < 0.5 * report["z_step_tokens_full_rows"]  # prefixed templates: mostly prefix
     text = capsys.readouterr().out
     assert "z vectors, 3 requests" in text and "one pass" in text and "of whole rows" in text
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+@pytest.mark.parametrize("relative", [False, True])
+def test_the_engine_finds_the_targets_of_the_published_way(arch, relative):
+    """The engine's batched suffix-only steps and the reference (one request at a time, full forwards, δ hooked
+    on the block) optimise the same objective to the same z."""
+    from engine_setup import VARIED_TEMPLATES, config, model_and_tokenizer, varied_requests
+
+    from memit_adapter.arch import get_arch_spec
+    from memit_adapter.bench import reference_targets
+    from memit_adapter.targets import compute_targets
+
+    model, tok = model_and_tokenizer(arch)
+    spec = get_arch_spec(model)
+    cfg = config(v_num_grad_steps=8, share_subject_delta=False, preserve_factor=0.0, v_lr_relative=relative,
+                 v_lr=0.1 if relative else 0.5, v_loss_threshold=0.0)
+    reqs = varied_requests()
+    z, h = compute_targets(model, spec, tok, reqs, VARIED_TEMPLATES, cfg, 2, progress=False)
+    z_ref, h_ref = reference_targets(model, spec, tok, reqs, VARIED_TEMPLATES, cfg, 2)
+    torch.testing.assert_close(h, h_ref, rtol=1e-4, atol=1e-5)
+    moved = (z_ref - h_ref).norm(dim=-1)
+    assert (moved > 0).all()
+    assert ((z - z_ref).norm(dim=-1) <= 1e-3 * moved + 1e-5).all(), ((z - z_ref).norm(dim=-1), moved)
+
+
+def test_bench_compare_reports_the_three_runs(tmp_path, capsys):
+    out = tmp_path / "cmp.json"
+    assert main(["bench", "--compare", "random", "--size", "tiny", "--n-requests", "3", "--quiet",
+                 "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    runs = report["runs"]
+    assert set(runs) == {"a_published_way", "b_published_engine", "c_for_model"}
+    for run in runs.values():
+        assert set(run["seconds"]) == {"statistics", "targets", "update"} and run["total_s"] > 0
+    assert runs["b_published_engine"]["z_steps"] == 20 and runs["c_for_model"]["z_steps"] == 60
+    assert report["b_speedup_over_a"] == runs["a_published_way"]["total_s"] / runs["b_published_engine"]["total_s"]
+    assert 0 < report["z_step_tokens"] < report["z_step_tokens_full_rows"]
+    assert "| a_published_way |" in capsys.readouterr().out
