@@ -34,11 +34,11 @@ import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from types import SimpleNamespace
 
 import torch
 from torch import nn
 
+from .devices import execution_device, module_weight, writable_param
 from .errors import FingerprintMismatchError, PackError, WeightsChangedError
 from .fingerprint import weights_fingerprint
 from .pack import EditPack, LayerDelta, check_compatible, check_finite
@@ -168,13 +168,13 @@ def merge(pack: EditPack, model: nn.Module, *, force: bool = False, loss_warn_th
         return None
     check_finite(pack, "merge")
     check_fits(pack, model, force=force)
+    stored = {name: _stored_weight(model, name, "merge into") for name in pack.deltas}
     new_weights, restores, errors = {}, {}, {}
     for name, d in pack.deltas.items():
-        w = model.get_submodule(name).weight
-        new_weights[name], restores[name], errors[name] = _merged_weight(w, d, pack.fan_in_fan_out, name)
+        new_weights[name], restores[name], errors[name] = _merged_weight(stored[name], d, pack.fan_in_fan_out, name)
     with torch.no_grad():
         for name, new in new_weights.items():
-            model.get_submodule(name).weight.copy_(new)
+            stored[name].copy_(new)
     state.verified.clear()
     state.merged.append(_Merged(pack, pid, restores))
     report = _report(model, pack, restores, errors)
@@ -204,8 +204,9 @@ def unmerge(pack: EditPack, model: nn.Module, *, force: bool = False) -> None:
         return
     chain = _merged_on_top(state.merged, pos)
     names = list(dict.fromkeys(name for m in chain for name in m.restores))
+    stored = {name: _stored_weight(model, name, "unmerge from") for name in names}
     changed = _changed_rows(model, state.merged, names, force=force)
-    weights = {name: model.get_submodule(name).weight.detach().clone() for name in names}
+    weights = {name: stored[name].detach().clone() for name in names}
     inexact: dict[str, int] = {}
     for i, m in reversed(list(enumerate(chain))):  # on copies: the model changes only once all is computed
         for name, d in m.pack.deltas.items():
@@ -227,7 +228,7 @@ def unmerge(pack: EditPack, model: nn.Module, *, force: bool = False) -> None:
         remerged.append(_Merged(m.pack, m.pack_id, restores))
     with torch.no_grad():
         for name, w in weights.items():
-            model.get_submodule(name).weight.copy_(w)
+            stored[name].copy_(w)
     gone = {id(m) for m in chain}
     state.merged[:] = [m for m in state.merged if id(m) not in gone] + remerged
     state.verified.clear()
@@ -238,6 +239,19 @@ def unmerge(pack: EditPack, model: nn.Module, *, force: bool = False) -> None:
         warnings.warn(f"unmerge(force=True) overwrote weights changed after the merge ({shown}). Rows not back to "
                       "their pre-merge bits hold, in the changed elements, their current value minus the delta "
                       "(the restore record keeps no copy of those elements).", stacklevel=2)
+
+
+def _stored_weight(model: nn.Module, name: str, verb: str) -> torch.Tensor:
+    """The tensor that holds module ``name``'s weight as forwards see it, to change in place: the weight itself, or
+    the copy accelerate keeps in memory for a weight it offloads to the CPU. :class:`PackError` for a weight
+    offloaded to disk, which the offloading hook reads anew for every forward."""
+    weight = writable_param(model, f"{name}.weight")
+    if weight is None:
+        raise PackError(f"cannot {verb} {name}: accelerate offloads its weight to disk and reads it from there "
+                        "for every forward (a file of the offload folder, or of the checkpoint itself), which this "
+                        "library does not write; nothing was changed. Use pack.attach(model) / pack.applied(model), "
+                        "which add the delta in the forward pass, or offload that module to the CPU, not the disk.")
+    return weight
 
 
 def _merged_on_top(merged: list[_Merged], pos: int) -> list[_Merged]:
@@ -257,7 +271,7 @@ def _changed_rows(model: nn.Module, merged: list[_Merged], names: list[str], *, 
     changed, shown = {}, []
     for name in names:
         last = next(m for m in reversed(merged) if name in m.restores).restores[name]
-        w = model.get_submodule(name).weight
+        w = module_weight(model, name)
         ref = last.full if last.full is not None else last.values
         if w.dim() != 2 or w.shape[0] != last.after.numel() or w.dtype != ref.dtype:
             raise WeightsChangedError(
@@ -295,24 +309,14 @@ def _base_fingerprint(model: nn.Module, state: _ModelEdits, names: list[str]) ->
     base = {}
     for name in names:
         merges = [m for m in state.merged if name in m.restores]
-        w = model.get_submodule(name).weight.detach().clone()
+        w = module_weight(model, name).detach().clone()
         if merges and not torch.equal(_row_digests(w), merges[-1].restores[name].after):
             return None
         for m in reversed(merges):
             if _restore_weight(w, m.pack.deltas[name], m.restores[name], m.pack.fan_in_fan_out).any():
                 return None
         base[name] = w
-    return weights_fingerprint(_Weights(base), names)
-
-
-class _Weights:
-    """Duck-types ``model.get_submodule(name).weight`` over a dict of tensors, for ``weights_fingerprint``."""
-
-    def __init__(self, tensors: dict[str, torch.Tensor]) -> None:
-        self.tensors = tensors
-
-    def get_submodule(self, name: str) -> SimpleNamespace:
-        return SimpleNamespace(weight=self.tensors[name])
+    return weights_fingerprint(base, names)
 
 
 def _merged_weight(w: torch.Tensor, d: LayerDelta, transposed: bool, name: str
@@ -411,7 +415,8 @@ def attach(pack: EditPack, model: nn.Module, *, force: bool = False) -> bool:
     try:
         for name, d in pack.deltas.items():
             module = model.get_submodule(name)
-            handles.append(module.register_forward_hook(_delta_hook(d, module.weight)))
+            hook = _delta_hook(d, module.weight.dtype, execution_device(model, name))
+            handles.append(module.register_forward_hook(hook))
     except BaseException:
         for h in handles:
             h.remove()
@@ -451,15 +456,17 @@ def applied(pack: EditPack, model: nn.Module, *, force: bool = False) -> Iterato
             detach(pack, model)
 
 
-def _delta_hook(d: LayerDelta, weight: torch.Tensor) -> Callable:
+def _delta_hook(d: LayerDelta, weight_dtype: torch.dtype, device: torch.device) -> Callable:
+    """The forward hook adding ``d``'s delta on ``device``, where the module runs (its weight may be offloaded, and
+    the input as the module was called on another device: accelerate moves it inside ``forward``)."""
     # Factors are computed in at least float32, so a bf16 model keeps small deltas the merge would round away.
-    dtype = torch.promote_types(weight.dtype, torch.float32)
-    factors = [t.to(device=weight.device, dtype=dtype) for t in ((d.dense,) if d.is_dense else (d.A, d.B))]
+    dtype = torch.promote_types(weight_dtype, torch.float32)
+    factors = [t.to(device=device, dtype=dtype) for t in ((d.dense,) if d.is_dense else (d.A, d.B))]
 
     def hook(_module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
-        x = args[0].to(dtype)  # (..., d_in)
+        x = args[0].to(device=device, dtype=dtype)  # (..., d_in)
         for f in factors:  # dense: x Δᵀ; low rank: (x Aᵀ) Bᵀ
             x = x @ f.T
-        return output + x.to(output.dtype)
+        return output + x.to(device=output.device, dtype=output.dtype)
 
     return hook

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .devices import offload_entry
 from .errors import ModelError, UnsupportedArchitectureError
 
 
@@ -135,10 +136,9 @@ def check_model(model: nn.Module, tokenizer=None, spec: ArchSpec | None = None) 
 
 
 def _offloaded(model: nn.Module, param_name: str) -> bool:
-    """Whether a meta-device parameter is offloaded by accelerate (a hook on its module or an ancestor loads
-    the values for each forward), rather than simply empty."""
-    parts = param_name.split(".")[:-1]
-    return any(hasattr(model.get_submodule(".".join(parts[:i])), "_hf_hook") for i in range(len(parts) + 1))
+    """Whether a meta-device parameter is offloaded by accelerate (a hook loads its values for each forward),
+    rather than simply empty."""
+    return offload_entry(model, param_name) is not None
 
 
 def max_positions(model: nn.Module) -> int | None:

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from .arch import ArchSpec, check_model, max_positions
 from .config import MemitConfig
+from .devices import execution_device, input_device
 from .errors import ConfigError, InvalidRequestError, StatisticsError
 from .fingerprint import weights_fingerprint
 from .hooks import StopForward
@@ -161,14 +162,14 @@ def _spread_over_layers(model, spec, tokenizer, requests, templates, config, zs,
     kept on the :class:`SecondMoment` for the next pack. ``prior``: the prompts of earlier packs' requests, whose
     keys at each layer (measured the same way) are added to the preserved second moment: ``C + K₀K₀ᵀ / λ``.
     """
-    device = next(model.parameters()).device
     rows = _key_rows(tokenizer, requests, templates)
-    sizer = ChunkSizer(config.v_batch_size, device)
+    sizer = ChunkSizer(config.v_batch_size, input_device(model))
     deltas: dict[int, LayerDelta] = {}
     with _hooked_deltas(model, spec) as active:
         for pos, layer in enumerate(tqdm(config.layers, desc="layers", disable=not progress)):
+            device = execution_device(model, spec.mlp_out_name(layer))  # the layer's solve runs where its keys are
             keys, cur = _keys_and_outputs(model, spec, rows, pad_id(tokenizer), layer, max(config.layers), sizer)
-            residuals = (zs - cur).T / (len(config.layers) - pos)  # (d_model, n)
+            residuals = (zs.to(cur.device) - cur).T / (len(config.layers) - pos)  # (d_model, n)
             stat, factor = stats[layer], None
             if prior is not None:
                 k0, _ = _keys_and_outputs(model, spec, prior, pad_id(tokenizer), layer, layer, sizer)
@@ -213,7 +214,8 @@ def _key_rows(tokenizer, requests: list[EditRequest], templates: list[str]) -> _
 def _keys_and_outputs(model, spec, rows: _KeyRows, pad: int, layer: int, last: int, sizer: ChunkSizer
                       ) -> tuple[torch.Tensor, torch.Tensor]:
     """Keys at ``layer`` (mean over prefixed templates, then mean with the bare one) ``(n, d_in)`` and block
-    ``last``'s output at the bare prompt ``(n, d_model)``, both float32, in chunks of requests of ``sizer``.
+    ``last``'s output at the bare prompt ``(n, d_model)``, both float32, in chunks of requests of ``sizer``; each on
+    the device its module runs on.
 
     Memory on the model's device: the results, ``n·(d_in + d_model)·4`` bytes, plus one forward of a chunk's
     ``c·t`` rows of at most ``w`` tokens (``t`` templates) without gradients: about ``c·t·w·(4·d_model + 3·d_ff)``
@@ -221,17 +223,18 @@ def _keys_and_outputs(model, spec, rows: _KeyRows, pad: int, layer: int, last: i
     keys in float32. 10,000 requests of 6 templates on a 7B model (d_ff 11,008), chunks of 32, w = 24: 0.6 GB
     of results, about 0.5 GB a forward.
     """
-    device = next(model.parameters()).device
+    device = input_device(model)
     n, t = len(rows.bare), 1 + len(rows.templated[0])
     d_in, d_model = spec.weight_shape(model, layer)[1], spec.weight_shape(model, last)[0]
-    keys, cur = torch.empty(n, d_in, device=device), torch.empty(n, d_model, device=device)
+    keys = torch.empty(n, d_in, device=execution_device(model, spec.mlp_out_name(layer)))
+    cur = torch.empty(n, d_model, device=execution_device(model, spec.block_name(last)))
 
     def run(chunk: list[int]) -> None:
-        k_bare, cur[chunk] = _run_until(model, spec, [rows.bare[i] for i in chunk], pad, device, layer, last)
+        k_bare, c = _run_until(model, spec, [rows.bare[i] for i in chunk], pad, device, layer, last)
         if t > 1:
             k, _ = _run_until(model, spec, [s for i in chunk for s in rows.templated[i]], pad, device, layer)
-            k_bare = 0.5 * (k_bare + k.reshape(len(chunk), t - 1, -1).mean(1))
-        keys[chunk] = k_bare
+            k_bare = 0.5 * (k_bare + k.to(k_bare.device).reshape(len(chunk), t - 1, -1).mean(1))
+        keys[chunk], cur[chunk] = k_bare.to(keys.device), c.to(cur.device)
 
     sizer.run([[i] for i in range(n)], run, desc=f"keys of layer {layer}", progress=False)
     return keys, cur
@@ -247,12 +250,14 @@ def _run_until(model, spec, seqs: list[list[int]], pad: int, device, layer: int,
     seen: dict[str, torch.Tensor] = {}
 
     def at_key(_mod, args):
-        seen["keys"] = args[0][rows, at].float()
+        x = args[0]  # as the module was called: on the device of the module before it
+        seen["keys"] = x[rows.to(x.device), at.to(x.device)].float()
         if last is None:
             raise StopForward
 
     def at_output(_mod, _args, output):
-        seen["cur"] = (output[0] if isinstance(output, tuple) else output)[rows, at].float()
+        h = output[0] if isinstance(output, tuple) else output
+        seen["cur"] = h[rows.to(h.device), at.to(h.device)].float()
         raise StopForward
 
     handles = [spec.mlp_out_module(model, layer).register_forward_pre_hook(at_key)]
@@ -285,7 +290,7 @@ def _hooked_deltas(model, spec) -> Iterator[dict[int, LayerDelta]]:
                 (n, d_in), d_out = d.A.shape, d.B.shape[0]
                 factors = [(d.B @ d.A).T] if n * (d_in + d_out) > d_in * d_out else [d.A.T, d.B.T]
                 cache[layer] = [m.to(out.device) for m in factors]
-            y = args[0].float()
+            y = args[0].to(out.device).float()  # the input as the module was called, maybe on another device
             for m in cache[layer]:
                 y = y @ m
             return out + y.to(out.dtype)

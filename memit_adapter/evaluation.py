@@ -44,6 +44,7 @@ from torch import nn
 
 from .arch import max_positions
 from .counterfact import load_counterfact, normalize_records
+from .devices import input_device
 from .errors import MemitError
 from .models import load_model
 from .modes import evaluating
@@ -109,7 +110,7 @@ def _score_targets(model, tokenizer, prompts, targets, batch_size) -> tuple[torc
     if len(prompts) != len(targets):
         raise ValueError(f"{len(prompts)} prompts but {len(targets)} targets")
     pairs = _encode_pairs(tokenizer, prompts, targets)
-    device = next(model.parameters()).device
+    device = input_device(model)
     pad = pad_id(tokenizer)
     nll_out = torch.empty(len(pairs), dtype=torch.float64)
     top1_out = torch.empty(len(pairs), dtype=torch.bool)
@@ -179,7 +180,7 @@ def greedy_generate(model: nn.Module, tokenizer: Any, prompts: Sequence[str], *,
     Prompts are left-padded in batches; generation stops early only at the model's EOS and never runs
     past its maximum context.
     """
-    device = next(model.parameters()).device
+    device = input_device(model)
     if not prompts:
         return []
     pad = pad_id(tokenizer)

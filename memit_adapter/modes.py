@@ -25,14 +25,15 @@ def evaluating(model: nn.Module, *, freeze: bool = False) -> Iterator[nn.Module]
     """Eval mode for every module of ``model`` (and, with ``freeze``, no parameter gradients) inside the block;
     every module's ``training`` and every parameter's ``requires_grad`` as they were afterwards."""
     modes = [(m, m.training) for m in model.modules()]
-    grads = [(p, p.requires_grad) for p in model.parameters()] if freeze else []
+    # by name: accelerate's offload hooks put a new parameter object in place for each forward
+    grads = [(n, p.requires_grad) for n, p in model.named_parameters()] if freeze else []
     model.eval()
-    for p, _ in grads:
-        p.requires_grad_(False)
+    for n, _ in grads:
+        model.get_parameter(n).requires_grad_(False)
     try:
         yield model
     finally:
         for m, mode in modes:
             m.training = mode
-        for p, flag in grads:
-            p.requires_grad_(flag)
+        for n, flag in grads:
+            model.get_parameter(n).requires_grad_(flag)

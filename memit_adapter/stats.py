@@ -32,6 +32,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .arch import ArchSpec, check_model, max_positions
+from .devices import input_device, param_values
 from .errors import StatisticsError
 from .fingerprint import tensor_bytes
 from .hooks import StopForward
@@ -238,9 +239,9 @@ def model_id(model: nn.Module) -> str:
     if name and revision:
         return f"{name}@{revision}"
     h = hashlib.sha256()
-    for pname, p in model.named_parameters():
+    for pname, _ in model.named_parameters():
         h.update(pname.encode())
-        h.update(tensor_bytes(p))
+        h.update(tensor_bytes(param_values(model, pname)))  # an offloaded weight: its values, not the meta tensor
     return f"{name or 'model'}#sha256:{h.hexdigest()[:24]}"
 
 
@@ -334,7 +335,7 @@ def _find_any(cache: StatsCache, model, layer: int, dtype: str) -> SecondMoment 
 @torch.no_grad()
 def _accumulate(model, tokenizer, texts, layers, spec, max_length, batch_size, acc_dtype, progress, stop_early=True,
                 max_tokens=None):
-    device = next(model.parameters()).device
+    device = input_device(model)
     max_length = max_length or min(1024, max_positions(model) or 1024)  # never past the model's context
     sums: dict[int, torch.Tensor] = {}
     counts = dict.fromkeys(layers, 0)
@@ -343,7 +344,8 @@ def _accumulate(model, tokenizer, texts, layers, spec, max_length, batch_size, a
 
     def make_hook(layer):
         def hook(_mod, args):
-            k = args[0].reshape(-1, args[0].shape[-1])[mask_box[0]].to(acc_dtype)  # (tokens, d_in)
+            x = args[0]  # on the device the module was called on: accumulated there (a split model's layer's)
+            k = x.reshape(-1, x.shape[-1])[mask_box[0].to(x.device)].to(acc_dtype)  # (tokens, d_in)
             if layer not in sums:
                 sums[layer] = torch.zeros(k.shape[1], k.shape[1], dtype=acc_dtype, device=k.device)
             sums[layer].addmm_(k.T, k)

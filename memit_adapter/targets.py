@@ -35,6 +35,7 @@ from transformers import DynamicCache
 
 from .arch import ArchSpec
 from .config import MemitConfig
+from .devices import input_device
 from .errors import MemitError
 from .modes import evaluating
 from .requests import EditRequest
@@ -50,7 +51,7 @@ def context_templates(model: nn.Module, tokenizer, config: MemitConfig) -> list[
     ``prefix + ". {}"``; the config's own ``context_templates`` when given."""
     if config.context_templates is not None:
         return list(config.context_templates)
-    device = next(model.parameters()).device
+    device = input_device(model)
     templates = ["{}"]
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(config.seed)
@@ -208,7 +209,7 @@ class _Head:
         if self.linear:
             logits = F.linear(hidden.to(self.weight.device).float(), self.weight, self.bias).to(hidden.device)
         else:  # e.g. a head whose weight an offloading hook brings in: its own forward, in its dtype
-            logits = self.module(hidden).float()
+            logits = self.module(hidden).float().to(hidden.device)
         return torch.tanh(logits / self.cap) * self.cap if self.cap else logits
 
 
@@ -237,9 +238,10 @@ class _Part:
         first = width - int(self.prefix_mask[rows].sum(1).max())
         if len(rows) == len(self.ids) and first == 0 and s == self.ids.shape[1]:
             return self
+        kv = [(k[rows.to(k.device), :, first:], v[rows.to(v.device), :, first:]) for k, v in self.kv]  # layer's device
+        out = None if self.block_out is None else self.block_out[rows.to(self.block_out.device), :s]
         return _Part(self.prefix_mask[rows, first:], self.ids[rows, :s], self.mask[rows, :s], self.positions[rows, :s],
-                     [(k[rows, :, first:], v[rows, :, first:]) for k, v in self.kv],
-                     None if self.block_out is None else self.block_out[rows, :s], self.start)
+                     kv, out, self.start)
 
 
 def _cut(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, lookup: torch.Tensor) -> _Part:
@@ -262,11 +264,16 @@ def _prefix_kv(model, input_ids, attention_mask, positions) -> list[tuple[torch.
     model.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
                      past_key_values=cache, use_cache=True)
     keep = attention_mask.bool()[:, None, :, None]
-    return [(torch.where(keep, layer.keys, 0), torch.where(keep, layer.values, 0)) for layer in cache.layers]
+    out = []
+    for layer in cache.layers:  # each on its layer's device
+        at = keep.to(layer.keys.device)
+        out.append((torch.where(at, layer.keys, 0), torch.where(at, layer.values, 0)))
+    return out
 
 
 def _run_suffix(model, part: _Part) -> torch.Tensor:
-    """Final hidden states ``(rows, S, d_model)`` of the suffixes, attending to their prefixes' keys and values."""
+    """Final hidden states ``(rows, S, d_model)`` of the suffixes, attending to their prefixes' keys and values, on
+    the device of the suffixes' ids (the batch's: the final norm may run on another)."""
     cache = None
     if part.prefix_mask.shape[1]:
         cache = DynamicCache()  # a new one each run: the suffix's keys and values are appended to it
@@ -274,7 +281,7 @@ def _run_suffix(model, part: _Part) -> torch.Tensor:
             cache.update(k, v, i)
     out = model.base_model(input_ids=part.ids, attention_mask=torch.cat([part.prefix_mask, part.mask], 1),
                            position_ids=part.positions, past_key_values=cache, use_cache=cache is not None)
-    return out[0] if isinstance(out, tuple) else out.last_hidden_state
+    return (out[0] if isinstance(out, tuple) else out.last_hidden_state).to(part.ids.device)
 
 
 class _StandIn(nn.Module):
@@ -368,7 +375,7 @@ def _forward_step(model, spec: ArchSpec, layer: int, parts: Sequence[_Part], row
     the model's dtype once."""
     finals = []
     for part, d in zip(parts, row_delta.split([len(p.ids) for p in parts])):
-        at = (part.block_out[:, 0].float() + d).to(part.block_out.dtype)
+        at = (part.block_out[:, 0].float() + d.to(part.block_out.device)).to(part.block_out.dtype)
         out = torch.cat([at[:, None], part.block_out[:, 1:]], 1)
         with _replayed_blocks(model, spec, layer, out, as_tuple):
             finals.append(_run_suffix(model, part))
@@ -461,7 +468,7 @@ class _Live:
 
 
 def _optimise_deltas(model, spec, tokenizer, requests, templates, config, layer, progress, relations):
-    device = next(model.parameters()).device
+    device = input_device(model)  # the batch, δ and the loss; block L's output and the states come from their modules
     groups = delta_groups(requests, config)
     kept = kept_prompts(tokenizer, requests, groups, relations, config.preserve_factor)
     batch = _build_batch(tokenizer, requests, templates, device, config.kl_factor, kept)
@@ -473,7 +480,8 @@ def _optimise_deltas(model, spec, tokenizer, requests, templates, config, layer,
         del final
         _drop_old_answers(batch, kl_init, [k.forbidden for ks in kept for k in ks])
         # h_i: block output at the subject's last token (suffix column 0) of the bare prompt (templates[0] == "{}")
-        h = parts[0].block_out[torch.arange(batch.n_requests, device=device) * len(templates), 0].float()
+        out = parts[0].block_out
+        h = out[torch.arange(batch.n_requests, device=out.device) * len(templates), 0].float().to(device)
     group = torch.tensor(groups, device=device)  # (n,) δ row of each request
     n_groups = max(groups) + 1
     size = torch.zeros(n_groups, device=device).index_add(0, group, torch.ones(len(requests), device=device))
@@ -562,7 +570,7 @@ def compute_targets(model, spec: ArchSpec, tokenizer, requests, templates, confi
     for i, g in enumerate(groups):
         members.setdefault(g, []).append(i)
     relations = relation_templates(requests)
-    device = next(model.parameters()).device
+    device = input_device(model)
     d_model = spec.weight_shape(model, layer)[0]
     z, h = (torch.empty(len(requests), d_model, device=device) for _ in range(2))  # before a chunk is measured
     loss = torch.empty(len(requests), device=device)

@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 
 from .arch import ArchSpec, check_model, get_arch_spec
 from .config import MemitConfig
+from .devices import execution_device, input_device
 from .errors import ConfigError, InvalidRequestError, UnsupportedArchitectureError
 from .hooks import capture_outputs, edit_output
 from .models import load_model
@@ -150,7 +151,7 @@ def _encode_fact(tokenizer, prompt: str, subject: str, target: str | None, model
 
 
 def _top_token(model: nn.Module, ids: list[int]) -> int:
-    device = next(model.parameters()).device
+    device = input_device(model)
     logits = model(input_ids=torch.tensor([ids], device=device), use_cache=False, logits_to_keep=1).logits
     return int(logits[0, -1].argmax())
 
@@ -208,8 +209,8 @@ class _Runner:
         self.names["attn"] = [f"{n}.{attn}" for n in self.names["hidden"]]
         self.names["mlp"] = [f"{n}.{mlp}" for n in self.names["hidden"]]
         self.embed = model.get_submodule(self.spec.embed)
-        self.device = next(model.parameters()).device
-        self.noise = noise.to(device=self.device)  # (n_samples, n_subject_tokens, d_model)
+        self.device = input_device(model)  # the ids and the rows' samples; states and logits are on their modules'
+        self.noise = noise.to(execution_device(model, self.spec.embed))  # (n_samples, n_subject_tokens, d_model)
         self.ids = torch.tensor([fact.input_ids], device=self.device)  # (1, seq)
         self.target = torch.tensor(fact.target_ids, device=self.device)  # (n_target,)
         self.clean: dict[str, torch.Tensor] = {}  # name -> (seq, d_model)
@@ -245,7 +246,7 @@ class _Runner:
             logits = self.model(input_ids=self.ids.expand(len(rows), -1), use_cache=False,
                                 logits_to_keep=len(self.target)).logits  # (rows, n_target, vocab)
         logp = logits.float().log_softmax(-1)[:, -len(self.target):].gather(
-            -1, self.target.expand(len(rows), -1).unsqueeze(-1))
+            -1, self.target.to(logits.device).expand(len(rows), -1).unsqueeze(-1))
         return logp.sum((1, 2)).exp(), {n: v[0] for n, v in seen.items()}
 
     def _add_noise(self, samples: torch.Tensor):
@@ -254,7 +255,7 @@ class _Runner:
 
         def fn(h: torch.Tensor) -> torch.Tensor:  # (rows, seq, d_model)
             h = h.clone()
-            h[noisy, s0:s1] += self.noise[samples[noisy]].to(h.dtype)
+            h[noisy.to(h.device), s0:s1] += self.noise[samples[noisy].to(self.noise.device)].to(h.device, h.dtype)
             return h
 
         return fn
@@ -266,13 +267,13 @@ class _Runner:
                 wanted[name].append((r, tok, clean))
         fns = {}
         for name, entries in wanted.items():
-            r, t, c = (torch.tensor(x, device=self.device) for x in zip(*entries))
-            ref = self.clean[name] if name in self.clean else self.corrupt[name]
+            ref = self.clean[name] if name in self.clean else self.corrupt[name]  # on the device of module `name`
+            r, t, c = (torch.tensor(x, device=ref.device) for x in zip(*entries))
             values = ref.new_empty(len(entries), ref.shape[-1])  # (entries, d_model)
             if c.any():
                 values[c] = self.clean[name][t[c]]
             if not c.all():
-                values[~c] = self.corrupt[name][samples[r[~c]], t[~c]]
+                values[~c] = self.corrupt[name][samples.to(ref.device)[r[~c]], t[~c]]
             fns[name] = _overwrite(r, t, values)
         return fns
 
@@ -280,7 +281,7 @@ class _Runner:
 def _overwrite(rows: torch.Tensor, toks: torch.Tensor, values: torch.Tensor):
     def fn(h: torch.Tensor) -> torch.Tensor:  # (rows, seq, d)
         h = h.clone()
-        h[rows, toks] = values.to(h.dtype)
+        h[rows.to(h.device), toks.to(h.device)] = values.to(h.device, h.dtype)
         return h
 
     return fn
@@ -290,13 +291,13 @@ def _overwrite(rows: torch.Tensor, toks: torch.Tensor, values: torch.Tensor):
 def embedding_std(model: nn.Module, tokenizer, texts: Sequence[str], *, arch: ArchSpec | None = None) -> float:
     """Standard deviation of the token-embedding outputs over the tokens of ``texts`` (a corpus, or the
     subjects to trace as the reference code does)."""
-    embed = model.get_submodule(get_arch_spec(model, arch).embed)
+    name = get_arch_spec(model, arch).embed
+    embed = model.get_submodule(name)
     ids = [i for text in texts for i in tokenizer(text, add_special_tokens=False)["input_ids"]]
     if not ids:
         raise InvalidRequestError("embedding_std needs at least one text with tokens")
     with _inference(model):
-        device = next(model.parameters()).device
-        return embed(torch.tensor(ids, device=device)).float().std().item()
+        return embed(torch.tensor(ids, device=execution_device(model, name))).float().std().item()
 
 
 def _noise(n_samples: int, n_tokens: int, d_model: int, std: float, seed: int) -> torch.Tensor:
