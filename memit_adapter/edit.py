@@ -89,7 +89,7 @@ def run_cli(args: argparse.Namespace) -> int:
         config = MemitConfig.for_model(model, **overrides)
     loaded = time.perf_counter() - t0
     print(f"Editing {len(requests)} facts of {args.model} at layers {config.layers} (λ = "
-          f"{config.mom2_update_weight:g})", flush=True)
+          f"{config.update_weight(len(requests)):g})", flush=True)
     pack = compute_edits(model, tokenizer, requests, config, corpus=corpus, cache_dir=args.stats_cache,
                          progress=not args.quiet)
     with pack.applied(model):

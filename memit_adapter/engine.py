@@ -163,6 +163,7 @@ def _spread_over_layers(model, spec, tokenizer, requests, templates, config, zs,
     keys at each layer (measured the same way) are added to the preserved second moment: ``C + K₀K₀ᵀ / λ``.
     """
     rows = _key_rows(tokenizer, requests, templates)
+    lam = config.update_weight(len(requests) + (len(prior.bare) if prior is not None else 0))  # all keys solved for
     sizer = ChunkSizer(config.v_batch_size, input_device(model))
     deltas: dict[int, LayerDelta] = {}
     with _hooked_deltas(model, spec) as active:
@@ -173,11 +174,11 @@ def _spread_over_layers(model, spec, tokenizer, requests, templates, config, zs,
             stat, factor = stats[layer], None
             if prior is not None:
                 k0, _ = _keys_and_outputs(model, spec, prior, pad_id(tokenizer), layer, layer, sizer)
-                kept = stat.mom2.to(device) + (k0.T @ k0).to(stat.mom2.dtype) / config.mom2_update_weight
+                kept = stat.mom2.to(device) + (k0.T @ k0).to(stat.mom2.dtype) / lam
                 stat, keep_factors = SecondMoment(mom2=kept, count=stat.count), False
             if woodbury_pays(len(requests), keys.shape[1], stat.has_factor()):
                 factor = stat.factor(device) if keep_factors else cov_factor(stat.mom2.to(device))
-            B, A = layer_update(keys.T, residuals, stat.mom2, config.mom2_update_weight, factor=factor)
+            B, A = layer_update(keys.T, residuals, stat.mom2, lam, factor=factor)
             deltas[layer] = LayerDelta(B=B.float(), A=A.float())
             active[layer] = deltas[layer]
             if logger.isEnabledFor(logging.INFO):

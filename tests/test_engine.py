@@ -317,3 +317,16 @@ def test_the_report_gives_phase_times_and_names_requests_that_did_not_converge(c
         again = compute_edits(model, tok, requests(), config(), stats=stats, progress=False)
     assert all(a < b for a, b in zip(again.report["z_nll"], nll)) and max(again.report["z_nll"]) < bar
     assert again.report["unconverged"] == [] and "even odds" not in caplog.text
+
+
+def test_lambda_grows_with_the_batch_when_asked():
+    """mom2_update_weight_per_edit * n replaces a smaller mom2_update_weight: the same pack as that fixed λ."""
+    model, tok = model_and_tokenizer("gpt2")
+    stats = collect_stats(model, tok, corpus(40), [1, 2], progress=False)
+    grown = compute_edits(model, tok, requests(), config(mom2_update_weight=1.0, mom2_update_weight_per_edit=4.0),
+                          stats=stats, progress=False)
+    fixed = compute_edits(model, tok, requests(), config(mom2_update_weight=20.0), stats=stats, progress=False)
+    other = compute_edits(model, tok, requests(), config(mom2_update_weight=1.0), stats=stats, progress=False)
+    for name in grown.deltas:
+        torch.testing.assert_close(grown.deltas[name].weight_delta(), fixed.deltas[name].weight_delta())
+        assert not torch.allclose(grown.deltas[name].weight_delta(), other.deltas[name].weight_delta())

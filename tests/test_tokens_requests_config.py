@@ -75,7 +75,7 @@ def test_config_json_round_trip_and_validation():
                 dict(mom2_n_samples=2.5), dict(v_num_grad_steps=2.5), dict(v_num_grad_steps=0),
                 dict(seed=float("nan")), dict(v_lr_relative="no"), dict(share_subject_delta=1), dict(v_lr="0.5"),
                 dict(kl_factor=True),
-                dict(mom2_max_tokens=10.0), dict(stats_batch_size=True)]:
+                dict(mom2_max_tokens=10.0), dict(stats_batch_size=True), dict(mom2_update_weight_per_edit=-1.0)]:
         with pytest.raises(ConfigError):
             MemitConfig(**bad)
     with pytest.raises(ConfigError, match="unknown"):
@@ -101,11 +101,13 @@ def test_for_model_presets_and_scaled_defaults():
     llama = MemitConfig.for_model(_Shell(LlamaConfig(num_hidden_layers=32, hidden_size=4096)))
     assert llama.layers == [4, 5, 6, 7, 8] and llama.clamp_norm_factor == 4 and llama.v_weight_decay == 1e-3
     small = MemitConfig.for_model(_Shell(GPT2Config(n_layer=6, n_embd=256, n_inner=1024)))
-    assert small.layers == [0, 1, 2] and small.mom2_update_weight == 102 and small.v_lr_relative
+    assert small.layers == [0, 1, 2] and small.mom2_update_weight == pytest.approx(102.4) and small.v_lr_relative
+    assert small.update_weight(50) == pytest.approx(102.4) and small.update_weight(1000) == pytest.approx(1024)
+    assert xl.update_weight(10_000) == 20000  # published presets keep their fixed λ
     assert (small.v_num_grad_steps, small.v_loss_threshold, small.preserve_factor) == (60, 0.001, 0.5)
     assert xl.preserve_factor == gptj.preserve_factor == llama.preserve_factor == 0.0  # published method
     twelve = MemitConfig.for_model(_Shell(GPT2Config(n_layer=12, n_embd=768)))
-    assert twelve.layers == [1, 2, 3, 4] and twelve.mom2_update_weight == 307
+    assert twelve.layers == [1, 2, 3, 4] and twelve.mom2_update_weight == pytest.approx(307.2)
     assert not xl.v_lr_relative and xl.v_lr == 0.5 and xl.clamp_norm_factor == 0.75
     assert MemitConfig.for_model(_Shell(GPT2Config(n_layer=6)), layers=[4]).layers == [4]
     model, _ = model_and_tokenizer("gpt2")

@@ -93,7 +93,7 @@ def run_demo(model_name: str = DEFAULT_WORLD, *, n_edits: int = 100, out: str | 
 
     cfg = world_config(model_name, model)  # the settings tuned for this world (its memit_config.json)
     _say(f"\nEditing {len(requests)} facts at once with MEMIT "
-         f"(layers {cfg.layers}, λ = {cfg.mom2_update_weight:g})...")
+         f"(layers {cfg.layers}, λ = {cfg.update_weight(len(requests)):g})...")
     t_edit = time.perf_counter()
     pack = compute_edits(model, tok, requests, cfg, corpus=corpus, progress=progress)
     _say(f"  computed in {time.perf_counter() - t_edit:.1f} s; pack: {len(pack.deltas)} layers, "
