@@ -219,7 +219,9 @@ class MemitConfig:
           ES 89 where 60 reach 100 (world-gpt2-bpe, λ 100).
         * preservation of the subject's other relations (``preserve_factor=0.5``): a batch that edits
           several relations of one subject writes one δ for it, and without this term nothing keeps
-          that δ off the subject's facts that are not edited.
+          that δ off the subject's facts that are not edited. world-gpt2-bpe, 100 edits: retention 96.7 with it,
+          86.8 without; NS over neighbours whose subject has an edit of its own 99.2 vs 83.9 (ES / PS 100 / 87
+          vs 98 / 94.8).
         * LLaMA-style models (gated MLP, RMSNorm) keep weight decay 1e-3 from EasyEdit.
 
         Any keyword in ``overrides`` replaces the chosen value. Use :func:`suggest_layers` to find
