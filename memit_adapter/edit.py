@@ -11,6 +11,10 @@ for conflicts), the config, the output folder (not a file, not someone else's fi
 The settings are ``MemitConfig.for_model`` (a shipped world's tuned ``memit_config.json``), then the fields of
 ``--config FILE.json``, then ``--layers``. The summary says how many rewrite prompts now give the new target
 greedily, which requests ended their target optimisation above ``v_loss_threshold``, and the time per phase.
+
+Started by ``torchrun`` (``torchrun --nproc-per-node 4 -m memit_adapter.cli edit ... --device cuda``), every rank
+loads the model (``--device cuda``: ``cuda:LOCAL_RANK``) and shares the work (:mod:`memit_adapter.distributed`);
+rank 0 alone checks the takes, saves, pushes and prints.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from pathlib import Path
 import torch
 
 from .config import MemitConfig
+from .distributed import is_main, process_group, rank_device
 from .engine import compute_edits
 from .errors import ConfigError
 from .evaluation import target_top1
@@ -77,21 +82,31 @@ def run_cli(args: argparse.Namespace) -> int:
         raise SystemExit("memit-adapter edit: give --corpus (texts for the key statistics) or a --stats-cache "
                          "that holds them")
 
-    t0 = time.perf_counter()
-    model, tokenizer, _ = load_model(args.model, dtype=_DTYPES.get(args.dtype))
-    model.to(args.device or "cpu")
-    if world is not None:
-        from .demo.checkpoints import world_config, world_model_path
+    with process_group(args.device):
+        t0 = time.perf_counter()
+        model, tokenizer, _ = load_model(args.model, dtype=_DTYPES.get(args.dtype))
+        model.to(rank_device(args.device))
+        if world is not None:
+            from .demo.checkpoints import world_config, world_model_path
 
-        config = world_config(world, model, **overrides)
-        corpus = corpus or str(world_model_path(world) / "corpus.txt")
-    else:
-        config = MemitConfig.for_model(model, **overrides)
-    loaded = time.perf_counter() - t0
-    print(f"Editing {len(requests)} facts of {args.model} at layers {config.layers} (λ = "
-          f"{config.update_weight(len(requests)):g})", flush=True)
-    pack = compute_edits(model, tokenizer, requests, config, corpus=corpus, cache_dir=args.stats_cache,
-                         progress=not args.quiet)
+            config = world_config(world, model, **overrides)
+            corpus = corpus or str(world_model_path(world) / "corpus.txt")
+        else:
+            config = MemitConfig.for_model(model, **overrides)
+        loaded = time.perf_counter() - t0
+        if is_main():
+            print(f"Editing {len(requests)} facts of {args.model} at layers {config.layers} (λ = "
+                  f"{config.update_weight(len(requests)):g})", flush=True)
+        pack = compute_edits(model, tokenizer, requests, config, corpus=corpus, cache_dir=args.stats_cache,
+                             progress=not args.quiet)
+        if is_main():  # every rank holds the same pack: one writes it
+            _save_and_report(pack, model, tokenizer, args, loaded)
+    return 0
+
+
+def _save_and_report(pack, model, tokenizer, args: argparse.Namespace, loaded: float) -> None:
+    """Check the takes, save (and push) the pack, print the summary."""
+    requests = pack.requests
     with pack.applied(model):
         took = target_top1(model, tokenizer, [r.text for r in requests], [r.target_new for r in requests])
     pack.save_pretrained(str(args.out), overwrite=args.overwrite)
@@ -100,7 +115,6 @@ def run_cli(args: argparse.Namespace) -> int:
     if args.push:
         pack.push_to_hub(args.push)
         print(f"Pushed to {args.push}")
-    return 0
 
 
 def summary(pack, took: list[bool], load_seconds: float) -> str:

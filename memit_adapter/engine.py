@@ -5,6 +5,14 @@ Usage::
     pack = compute_edits(model, tok, [EditRequest("{} plays the sport of", "Michael Jordan", " baseball")],
                          MemitConfig.for_model(model), corpus=texts, cache_dir="stats-cache")
     pack.deltas["transformer.h.3.mlp.c_proj"].weight_delta()     # (d_out, d_in)
+
+Under ``torchrun`` (a ``torch.distributed`` process group), every rank calls ``compute_edits`` alike, shares the
+statistics pass and the target vectors, and gets the same pack; rank 0 saves it (see
+:mod:`memit_adapter.distributed`)::
+
+    pack = compute_edits(model, tok, requests, cfg, corpus=texts)
+    if dist.get_rank() == 0:
+        pack.save_pretrained("my-edits")
 """
 
 from __future__ import annotations
@@ -25,6 +33,7 @@ from tqdm.auto import tqdm
 from .arch import ArchSpec, check_model, max_positions
 from .config import MemitConfig
 from .devices import execution_device, input_device
+from .distributed import broadcast_, broadcast_object, is_main
 from .errors import ConfigError, InvalidRequestError, StatisticsError
 from .fingerprint import weights_fingerprint
 from .hooks import StopForward
@@ -76,6 +85,15 @@ def compute_edits(
     ``2·n·d_model``, one layer's keys ``n·d_in``, and the updates solved so far, ``n·(d_in + d_out)`` per layer
     (the pack's factors) and ``d_in·d_out`` more where n passes ``n* = d_in·d_out / (d_in + d_out)`` (the dense
     form the hook applies). 10,000 requests on GPT-J (d_in 16,384, d_model 4,096): 0.3 GB, 0.7 GB, 1.1 GB a layer.
+
+    Several processes (``torchrun``; :mod:`memit_adapter.distributed`): when a ``torch.distributed`` process group
+    of more than one rank is initialised, every rank must call this with the same arguments (its own copy of the
+    model; the same ``stats``, if given). The context templates are rank 0's; the statistics pass
+    (:func:`~memit_adapter.stats.collect_stats`) and the target vectors
+    (:func:`~memit_adapter.targets.compute_targets`) are shared out and their results combined on every rank;
+    the key passes and solves run on every rank, and rank 0's deltas are broadcast, so every rank returns the
+    same pack, equal to one process's within float32 rounding. Saving stays the caller's: on rank 0 alone
+    (``if dist.get_rank() == 0: pack.save_pretrained(...)``). Progress bars and warnings come from rank 0.
     """
     requests = as_requests(requests)
     check_requests(requests)
@@ -90,8 +108,9 @@ def compute_edits(
     seconds: dict[str, float] = {}
     clock = time.perf_counter()
     earlier = list(on_top_of)
+    progress = progress and is_main()
     with evaluating(model):
-        templates = context_templates(model, tokenizer, config)
+        templates = broadcast_object(context_templates(model, tokenizer, config))  # sampled: rank 0's everywhere
         _check_encodings(tokenizer, requests, templates, max_positions(model))  # before any long work
         keep_factors = stats is not None  # the caller's statistics: a factor of C computed now serves later packs
         if stats is None:
@@ -110,6 +129,7 @@ def compute_edits(
             prior = _key_rows(tokenizer, [r for p in earlier for r in p.requests], templates) if earlier else None
             deltas = _spread_over_layers(model, spec, tokenizer, requests, templates, config, zs, stats, progress,
                                          keep_factors=keep_factors, prior=prior)
+        broadcast_(t for layer in config.layers for t in (deltas[layer].B, deltas[layer].A))  # identical packs
         seconds["update"] = time.perf_counter() - clock
 
     pack = EditPack(deltas={name: deltas[layer] for name, layer in zip(names, config.layers)},

@@ -8,6 +8,9 @@ Usage::
     stats[3].count         # number of non-padding tokens it averages over
 
 A cache hit (same model weights or name+revision, layer, corpus, sample count, dtype) runs no forward pass.
+
+Under a ``torch.distributed`` process group of W ranks (see :mod:`memit_adapter.distributed`), rank r runs the
+texts r, r+W, r+2W, ... and the sums and counts are all-reduced: every rank returns the same statistics.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import random
 import secrets
@@ -33,6 +37,7 @@ from tqdm.auto import tqdm
 
 from .arch import ArchSpec, check_model, max_positions
 from .devices import input_device, param_values
+from .distributed import all_ranks, all_reduce_sum, barrier, is_main, shard, sum_over_ranks, world_size
 from .errors import StatisticsError
 from .fingerprint import tensor_bytes
 from .hooks import StopForward
@@ -272,6 +277,16 @@ def collect_stats(
     cached are loaded and only the others computed; new results are written back.
     Raises :class:`StatisticsError` when a layer is neither cached nor computable (no corpus) or comes
     out non-finite.
+
+    Under a ``torch.distributed`` process group of W > 1 ranks (every rank calls this with the same arguments),
+    rank r runs the forward passes of the texts r, r+W, r+2W, ... in batches of ``batch_size``, and the sums and
+    counts are all-reduced, so every rank returns the same statistics. Without a token budget they are those of
+    one process (the same count; ``mom2`` within float32 rounding: the sums are added in another order). With
+    ``max_tokens`` the ranks add up their counts after each batch and all stop once the total reaches the
+    budget: W batches at once read the texts in the order one process does, so the result is that of one
+    process with ``batch_size x W`` (it may read up to ``(W - 1) x batch_size`` texts more than one process
+    with ``batch_size``). Every rank reads the cache, and a layer counts as cached only when every rank found
+    it; rank 0 alone writes new entries, while the others wait.
     """
     spec = check_model(model, tokenizer, arch)
     layers = sorted(set(layers))
@@ -287,6 +302,8 @@ def collect_stats(
             hit = cache.load(keys[layer]) if keys[layer] is not None else _find_any(cache, model, layer, dtype)
             if hit is not None:
                 out[layer] = hit
+        agreed = all_ranks([layer in out for layer in layers])  # every rank computes the same layers
+        out = {layer: out[layer] for layer, hit in zip(layers, agreed) if hit}
     missing = [layer for layer in layers if layer not in out]
     if missing:
         if texts is None:
@@ -296,12 +313,16 @@ def collect_stats(
                 "directory that holds them (see collect_stats). memit_adapter never downloads a corpus itself."
             )
         fresh = _accumulate(model, tokenizer, texts, missing, spec, max_length, batch_size,
-                            getattr(torch, dtype), progress, max_tokens=max_tokens)
+                            getattr(torch, dtype), progress and is_main(), max_tokens=max_tokens)
         for layer, stat in fresh.items():
             stat.check_finite(layer)
             out[layer] = stat
         if cache is not None:
-            _save_all(cache, keys, fresh)
+            try:
+                if is_main():
+                    _save_all(cache, keys, fresh)
+            finally:
+                barrier()  # the entries are there for every rank once this returns
     for layer, stat in out.items():
         stat.check_finite(layer)
     return {layer: out[layer] for layer in layers}
@@ -335,6 +356,8 @@ def _find_any(cache: StatsCache, model, layer: int, dtype: str) -> SecondMoment 
 @torch.no_grad()
 def _accumulate(model, tokenizer, texts, layers, spec, max_length, batch_size, acc_dtype, progress, stop_early=True,
                 max_tokens=None):
+    """The second moments of ``layers`` over ``texts``; under a process group, over this rank's share of them,
+    then all-reduced (see :func:`collect_stats`)."""
     device = input_device(model)
     max_length = max_length or min(1024, max_positions(model) or 1024)  # never past the model's context
     sums: dict[int, torch.Tensor] = {}
@@ -356,14 +379,17 @@ def _accumulate(model, tokenizer, texts, layers, spec, max_length, batch_size, a
 
     handles = [spec.mlp_out_module(model, layer).register_forward_pre_hook(make_hook(layer)) for layer in layers]
     pad = pad_id(tokenizer)
-    used = 0
-    # the bar counts what bounds the pass: key vectors under a token budget, else texts
-    bar = tqdm(total=max_tokens if max_tokens is not None else len(texts), desc="second moments",
+    used = total = 0
+    mine = shard(texts)  # all of them in one process
+    # rank 0's share is the longest: every rank runs as many batches (some empty), so the budget's sums line up
+    n_batches = math.ceil(math.ceil(len(texts) / world_size()) / batch_size)
+    # the bar counts what bounds the pass: key vectors under a token budget (of all ranks), else texts (this rank's)
+    bar = tqdm(total=max_tokens if max_tokens is not None else len(mine), desc="second moments",
                unit="keys" if max_tokens is not None else "texts", disable=not progress)
     try:
         with evaluating(model), bar:
-            for i in range(0, len(texts), batch_size):
-                chunk = texts[i:i + batch_size]
+            for i in range(0, n_batches * batch_size, batch_size):
+                chunk = mine[i:i + batch_size]
                 used += len(chunk)
                 seqs = [tokenizer(t, truncation=True, max_length=max_length)["input_ids"] for t in chunk]
                 seqs = [s for s in seqs if s]
@@ -376,14 +402,32 @@ def _accumulate(model, tokenizer, texts, layers, spec, max_length, batch_size, a
                     except StopForward:
                         pass
                 if max_tokens is not None:
-                    bar.update(min(counts[deepest], max_tokens) - min(seen, max_tokens))
-                    if counts[deepest] >= max_tokens:
+                    before, total = total, total + sum_over_ranks(counts[deepest] - seen)
+                    bar.update(min(total, max_tokens) - min(before, max_tokens))
+                    if total >= max_tokens:
                         break
                 else:
                     bar.update(len(chunk))
     finally:
         for h in handles:
             h.remove()
-    logger.info("second moments from %d of %d texts, %d key vectors, layers %s", used, len(texts), counts[deepest],
-                layers)
+    if world_size() > 1:
+        sums, counts = _summed_over_ranks(model, spec, layers, sums, counts, acc_dtype)
+    ranks = f" (texts of this rank, keys of all {world_size()} ranks)" if world_size() > 1 else ""
+    logger.info("second moments from %d of %d texts, %d key vectors, layers %s%s", used, len(texts),
+                counts[deepest], layers, ranks)
     return {layer: SecondMoment(mom2=sums[layer] / counts[layer], count=counts[layer]) for layer in layers}
+
+
+def _summed_over_ranks(model, spec, layers, sums, counts, acc_dtype
+                       ) -> tuple[dict[int, torch.Tensor], dict[int, int]]:
+    """Every rank's sums and counts added up (a rank that saw no token adds zeros)."""
+    for layer in layers:
+        if layer not in sums:
+            d_in = spec.weight_shape(model, layer)[1]
+            sums[layer] = torch.zeros(d_in, d_in, dtype=acc_dtype)
+    counts_t = {layer: torch.tensor([counts[layer]], dtype=torch.long) for layer in layers}
+    summed = all_reduce_sum({**{("sum", layer): sums[layer] for layer in layers},
+                             **{("count", layer): counts_t[layer] for layer in layers}})
+    return ({layer: summed[("sum", layer)] for layer in layers},
+            {layer: int(summed[("count", layer)].item()) for layer in layers})

@@ -12,6 +12,8 @@ default to ``MemitConfig.for_model``'s, the token budget to its ``mom2_max_token
 ``--n-samples``). Later ``memit-adapter edit --stats-cache DIR`` or ``compute_edits(cache_dir=DIR)`` read the
 entries; ``--push`` uploads the folder to a Hub dataset repo (one commit) so that others can download it.
 Memory: ``d_ff² x 4`` bytes a layer in float32 (GPT-J: 1 GiB a layer, 6 GiB for its six edited layers).
+Started by ``torchrun``, the ranks share the corpus and all-reduce the sums (:mod:`memit_adapter.distributed`);
+rank 0 alone writes the cache, prints and pushes.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import MemitConfig
+from .distributed import is_main, process_group, rank_device
 from .edit import parse_layers
 from .errors import StatisticsError
 from .models import load_model
@@ -69,15 +72,19 @@ def run_cli(args: argparse.Namespace) -> int:
     if args.cache.exists() and not args.cache.is_dir():
         raise SystemExit(f"memit-adapter stats: --cache {args.cache} is a file, not a folder")
     corpus = open_corpus(args.corpus, streaming=args.streaming, text_column=args.text_column)
-    model, tokenizer, _ = load_model(args.model)
-    model.to(args.device or "cpu")
-    cfg = MemitConfig.for_model(model, **({"layers": layers} if layers else {}))
-    max_tokens = args.max_tokens if args.max_tokens is not None else cfg.mom2_max_tokens
-    t0 = time.perf_counter()
-    stats = collect_stats(model, tokenizer, corpus, cfg.layers, n_samples=args.n_samples,
-                          max_length=cfg.mom2_max_length, max_tokens=max_tokens, batch_size=cfg.stats_batch_size,
-                          dtype=cfg.mom2_dtype, cache=StatsCache(args.cache), progress=not args.quiet,
-                          seed=cfg.seed)
+    with process_group(args.device):
+        model, tokenizer, _ = load_model(args.model)
+        model.to(rank_device(args.device))
+        cfg = MemitConfig.for_model(model, **({"layers": layers} if layers else {}))
+        max_tokens = args.max_tokens if args.max_tokens is not None else cfg.mom2_max_tokens
+        t0 = time.perf_counter()
+        stats = collect_stats(model, tokenizer, corpus, cfg.layers, n_samples=args.n_samples,
+                              max_length=cfg.mom2_max_length, max_tokens=max_tokens, batch_size=cfg.stats_batch_size,
+                              dtype=cfg.mom2_dtype, cache=StatsCache(args.cache), progress=not args.quiet,
+                              seed=cfg.seed)
+        main = is_main()  # asked inside the group: outside it every process is its own rank 0
+    if not main:  # every rank holds the same statistics: rank 0 prints and pushes
+        return 0
     size = sum(s.mom2.numel() * s.mom2.element_size() for s in stats.values())
     print(f"second moments of layers {cfg.layers} from {next(iter(stats.values())).count} key vectors in "
           f"{time.perf_counter() - t0:.1f} s, {size / 2**20:.1f} MiB, cached in {args.cache}/")

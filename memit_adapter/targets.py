@@ -36,6 +36,7 @@ from transformers import DynamicCache
 from .arch import ArchSpec
 from .config import MemitConfig
 from .devices import input_device
+from .distributed import gather_rows, is_main, rank, shard, world_size
 from .errors import MemitError
 from .modes import evaluating
 from .requests import EditRequest
@@ -410,6 +411,20 @@ def delta_groups(requests: Sequence[EditRequest], config: MemitConfig) -> list[i
     return [rows.setdefault(r.subject, len(rows)) for r in requests]
 
 
+def subject_shares(requests: Sequence[EditRequest], groups: Sequence[int]) -> list[list[int]]:
+    """The δ rows (of :func:`delta_groups`) each rank optimises, ascending, for every rank of the process group:
+    the subjects, in order of first appearance, dealt out in turn (rank r: subjects r, r + W, ...; see
+    :func:`~memit_adapter.distributed.shard`), so that all requests about one subject stay on one rank (they share
+    a δ row, or their kept prompts depend on each other). One process: ``[all rows]``."""
+    rows_of: dict[str, list[int]] = {}
+    for req, g in zip(requests, groups):
+        rows = rows_of.setdefault(req.subject, [])
+        if g not in rows:
+            rows.append(g)
+    subjects = list(rows_of.values())
+    return [sorted(g for rows in shard(subjects, r) for g in rows) for r in range(world_size())]
+
+
 def optimise_deltas(model, spec: ArchSpec, tokenizer, requests, templates, config: MemitConfig, layer: int,
                     progress: bool = True, relations: Mapping[str, str] | None = None
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -564,23 +579,35 @@ def compute_targets(model, spec: ArchSpec, tokenizer, requests, templates, confi
     whose target is still below even odds at the end (NLL above ln 2: :data:`UNCONVERGED_NLL`) are named in a
     warning: their edits will most likely not take. (The total loss, with its KL and weight-decay terms, is not
     used: it stays above a small ``v_loss_threshold`` by design, which only asks to run every step.)
+
+    Under a ``torch.distributed`` process group (every rank calling this alike), the subjects are dealt out to
+    the ranks (:func:`subject_shares`), each rank optimises the δ rows of its subjects, and ``z``, ``h`` and the
+    NLL are all-gathered: every rank returns all of them, in the order of ``requests``, as one process would
+    (within float32 rounding: other chunks).
     """
     groups = delta_groups(requests, config)
     members: dict[int, list[int]] = {}
     for i, g in enumerate(groups):
         members.setdefault(g, []).append(i)
+    shares = subject_shares(requests, groups)
     relations = relation_templates(requests)
     device = input_device(model)
     d_model = spec.weight_shape(model, layer)[0]
-    z, h = (torch.empty(len(requests), d_model, device=device) for _ in range(2))  # before a chunk is measured
-    loss = torch.empty(len(requests), device=device)
+    z, h = (torch.zeros(len(requests), d_model, device=device) for _ in range(2))  # before a chunk is measured
+    loss = torch.zeros(len(requests), device=device)
+    progress = progress and is_main()
 
     def run(chunk: list[int]) -> None:
         z[chunk], h[chunk], loss[chunk] = optimise_deltas(model, spec, tokenizer, [requests[i] for i in chunk],
                                                           templates, config, layer, progress, relations)
 
-    ChunkSizer(batch_size, device).run(list(members.values()), run, desc="request chunks", progress=progress)
-    _warn_unconverged(requests, loss.tolist(), config)
+    ChunkSizer(batch_size, device).run([members[g] for g in shares[rank()]], run, desc="request chunks",
+                                       progress=progress)
+    if len(shares) > 1:
+        owned = [sorted(i for g in rows for i in members[g]) for rows in shares]
+        z, h, loss = (gather_rows(t, owned) for t in (z, h, loss))
+    if is_main():
+        _warn_unconverged(requests, loss.tolist(), config)
     return (z, h, loss) if return_loss else (z, h)
 
 
