@@ -160,7 +160,8 @@ def test_every_rank_holds_the_pack_of_one_process(ranks, single):
     assert sorted(r0["deltas"]) == sorted(want.deltas)
     for name, (B, A) in r0["deltas"].items():
         assert torch.equal(B, r1["deltas"][name][0]) and torch.equal(A, r1["deltas"][name][1])
-        torch.testing.assert_close(B @ A, want.deltas[name].weight_delta(), rtol=1e-3, atol=1e-5)
+        expected = want.deltas[name].weight_delta()  # float32 solves of slightly different z: compare the whole update
+        assert float((B @ A - expected).norm()) <= 1e-2 * float(expected.norm()), name  # another pack: O(1)
 
 
 def test_a_rank_without_a_subject_still_gets_every_target(ranks, single):
