@@ -31,7 +31,7 @@ from .distributed import is_main, process_group, rank_device
 from .engine import compute_edits
 from .errors import ConfigError
 from .evaluation import target_top1
-from .models import load_model
+from .models import load_model, world_name
 from .persistence import check_destination
 from .requests import load_requests
 
@@ -77,7 +77,7 @@ def run_cli(args: argparse.Namespace) -> int:
     MemitConfig.from_dict(overrides)  # names and types of the fields, before any work
     check_destination(args.out, overwrite=args.overwrite)
     corpus = args.corpus
-    world = _world_name(args.model)
+    world = world_name(args.model)
     if corpus is None and world is None and args.stats_cache is None:
         raise SystemExit("memit-adapter edit: give --corpus (texts for the key statistics) or a --stats-cache "
                          "that holds them")
@@ -134,12 +134,3 @@ def summary(pack, took: list[bool], load_seconds: float) -> str:
     lines.append("Time: " + ", ".join(f"{k} {v:.1f} s" for k, v in seconds.items()))
     lines.append(f"Pack: {len(pack.deltas)} layers, {pack.nbytes / 1e6:.2f} MB")
     return "\n".join(lines)
-
-
-def _world_name(name: str) -> str | None:
-    """``name`` when it is a shipped demo world and no folder of that name exists, else None."""
-    if not name.startswith("world-") or Path(name).exists():
-        return None
-    from .demo.checkpoints import is_world_name
-
-    return name if is_world_name(name) else None

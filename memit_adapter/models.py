@@ -14,6 +14,15 @@ from pathlib import Path
 from typing import Any
 
 
+def world_name(name: str) -> str | None:
+    """``name`` when it names a shipped demo world (``world-gpt2-bpe``, ...) and no folder of that name exists."""
+    if not name.startswith("world-") or Path(name).exists():
+        return None
+    from .demo.checkpoints import is_world_name
+
+    return name if is_world_name(name) else None
+
+
 def load_model(name: str, *, dtype: Any = None) -> tuple[Any, Any, list[dict[str, Any]] | None]:
     """``(model, tokenizer, records or None)`` of a Hub id or local folder, in eval mode.
 
@@ -28,11 +37,10 @@ def load_model(name: str, *, dtype: Any = None) -> tuple[Any, Any, list[dict[str
 
     if dtype is None:
         dtype = "auto" if torch.cuda.is_available() else torch.float32
-    if name.startswith("world-") and not Path(name).exists():
-        from .demo.checkpoints import is_world_name, load_world_model
+    if world_name(name) is not None:
+        from .demo.checkpoints import load_world_model
 
-        if is_world_name(name):
-            return load_world_model(name, dtype=None if dtype == "auto" else dtype)
+        return load_world_model(name, dtype=None if dtype == "auto" else dtype)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     records_file = Path(name) / "records.json"

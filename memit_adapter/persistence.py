@@ -153,7 +153,7 @@ def _write_files(pack: EditPack, folder: Path, *, dense_file: bool, card: bool, 
     if dense_file:
         weights_file, tensors = DENSE_WEIGHTS_FILE, _native_tensors(pack)
     else:
-        weights_file, tensors = ADAPTER_WEIGHTS_FILE, _peft_tensors(pack)
+        weights_file, tensors = ADAPTER_WEIGHTS_FILE, peft_tensors(pack.deltas)
         _write_json(folder / ADAPTER_CONFIG_FILE, peft_config_dict(pack))
         done(ADAPTER_CONFIG_FILE)
     save_file(tensors, str(folder / weights_file),
@@ -390,9 +390,11 @@ def _lora_rank(d: LayerDelta) -> int:
     return min(d.shape) if d.is_dense else d.rank
 
 
-def _peft_tensors(pack: EditPack) -> dict[str, torch.Tensor]:
+def peft_tensors(deltas: dict[str, LayerDelta]) -> dict[str, torch.Tensor]:
+    """The LoRA tensors of ``deltas`` under PEFT's names (``base_model.model.{module}.lora_A/B.weight``), on
+    the CPU."""
     out = {}
-    for name, d in pack.deltas.items():
+    for name, d in deltas.items():
         B, A = d.lora_factors()
         out[f"{_PEFT_PREFIX}{name}.lora_A.weight"] = _plain(A)  # (r, d_in)
         out[f"{_PEFT_PREFIX}{name}.lora_B.weight"] = _plain(B)  # (d_out, r)

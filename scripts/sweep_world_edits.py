@@ -24,6 +24,7 @@ import torch
 
 from memit_adapter import EditRequest, MemitConfig, collect_stats, compute_edits
 from memit_adapter.demo import world_model_path
+from memit_adapter.edit import parse_layers
 from memit_adapter.evaluation import edited_prompts, evaluate_counterfact, scored_neighbors, target_nll
 from memit_adapter.models import load_model
 
@@ -32,11 +33,6 @@ def corpus_of(name: str) -> Path:
     """The training corpus of a shipped world model (``world-gpt2``) or of a folder written by train_world.py."""
     folder = Path(name)
     return folder / "corpus.txt" if (folder / "corpus.txt").is_file() else world_model_path(name) / "corpus.txt"
-
-
-def parse_layers(text: str) -> list[int]:
-    a, _, b = text.partition("-")
-    return list(range(int(a), int(b or a) + 1))
 
 
 def line(r) -> str:

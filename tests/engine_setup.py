@@ -44,5 +44,18 @@ def config(**kw) -> MemitConfig:
     return MemitConfig(**base)
 
 
+def write_edit_inputs(folder, requests: list[EditRequest], fields: dict) -> None:
+    """The inputs of ``memit-adapter edit`` in ``folder``: a tiny GPT-2 and its tokenizer (``m/``), ``corpus.txt``,
+    ``cfg.json`` (the config ``fields``) and ``edits.jsonl`` (the ``requests``)."""
+    import json
+
+    model, tok = model_and_tokenizer("gpt2")
+    model.save_pretrained(folder / "m")
+    tok.save_pretrained(folder / "m")
+    (folder / "corpus.txt").write_text("\n".join(corpus(40)) + "\n")
+    (folder / "cfg.json").write_text(json.dumps(fields))
+    (folder / "edits.jsonl").write_text("".join(json.dumps(r.to_dict()) + "\n" for r in requests))
+
+
 def model_and_tokenizer(arch: str = "gpt2", **kw):
     return tiny_model(arch, initializer_range=0.1, **kw), make_tokenizer(add_bos=arch != "gpt2")

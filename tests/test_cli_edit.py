@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from engine_setup import corpus, model_and_tokenizer, requests
+from engine_setup import model_and_tokenizer, requests, write_edit_inputs
 
 from memit_adapter import MemitConfig, compute_edits
 from memit_adapter.cli import main
@@ -19,14 +19,7 @@ FIELDS = dict(layers=[1, 2], mom2_update_weight=10.0, context_templates=["{}", "
 
 @pytest.fixture
 def setup(tmp_path):
-    model, tok = model_and_tokenizer("gpt2")
-    model.save_pretrained(tmp_path / "m")
-    tok.save_pretrained(tmp_path / "m")
-    (tmp_path / "corpus.txt").write_text("\n".join(corpus(40)) + "\n")
-    (tmp_path / "cfg.json").write_text(json.dumps(FIELDS))
-    with open(tmp_path / "edits.jsonl", "w") as f:
-        for r in requests():
-            f.write(json.dumps(r.to_dict()) + "\n")
+    write_edit_inputs(tmp_path, requests(), FIELDS)
     return tmp_path
 
 

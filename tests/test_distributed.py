@@ -7,7 +7,6 @@ process group and saves each rank's results to ``OUT/rank{r}.pt``; the tests com
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -16,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from engine_setup import config, corpus, model_and_tokenizer, requests
+from engine_setup import config, corpus, model_and_tokenizer, requests, write_edit_inputs
 
 from memit_adapter import EditRequest, MemitConfig, compute_edits
 from memit_adapter.arch import get_arch_spec
@@ -176,12 +175,7 @@ FIELDS = dict(layers=LAYERS, mom2_update_weight=10.0, context_templates=["{}", "
 
 
 def test_edit_command_under_torchrun_saves_one_pack_equal_to_one_process(tmp_path):
-    model, tok = model_and_tokenizer("gpt2")
-    model.save_pretrained(tmp_path / "m")
-    tok.save_pretrained(tmp_path / "m")
-    (tmp_path / "corpus.txt").write_text("\n".join(corpus(40)) + "\n")
-    (tmp_path / "cfg.json").write_text(json.dumps(FIELDS))
-    (tmp_path / "edits.jsonl").write_text("".join(json.dumps(r.to_dict()) + "\n" for r in _requests()))
+    write_edit_inputs(tmp_path, _requests(), FIELDS)
     output = _torchrun("-m", "memit_adapter.cli", "edit", "--model", str(tmp_path / "m"), "--requests",
                        str(tmp_path / "edits.jsonl"), "--corpus", str(tmp_path / "corpus.txt"), "--config",
                        str(tmp_path / "cfg.json"), "--stats-cache", str(tmp_path / "cache"), "--quiet", "--out",
@@ -190,6 +184,7 @@ def test_edit_command_under_torchrun_saves_one_pack_equal_to_one_process(tmp_pat
     assert output.count(f"Saved to {tmp_path / 'pack'}") == 1
     assert len(list((tmp_path / "cache").glob("mom2_layer*.safetensors"))) == len(LAYERS)
     saved = EditPack.from_pretrained(str(tmp_path / "pack"))
+    model, tok = model_and_tokenizer("gpt2")  # the model write_edit_inputs saved (seeded)
     cfg = MemitConfig.for_model(model, **FIELDS)
     want = compute_edits(model, tok, _requests(), cfg, corpus=str(tmp_path / "corpus.txt"), progress=False)
     assert saved.requests == want.requests and saved.config == want.config
