@@ -61,6 +61,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=sorted(_DTYPES), help="load the model in this dtype (default: float32 "
                         "on CPU, the checkpoint's own on a GPU)")
     parser.add_argument("--device", help="e.g. cuda, cuda:1 (default: cpu)")
+    parser.add_argument("--base-model", metavar="HUB_ID", help="the Hub id to record as the pack's base model when "
+                        "--model is a local folder (default: --model when it is a Hub id)")
     parser.add_argument("--push", metavar="REPO", help="also push the pack to this Hub repo")
     parser.add_argument("--overwrite", action="store_true", help="save into a folder holding other files")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -107,6 +109,8 @@ def run_cli(args: argparse.Namespace) -> int:
 def _save_and_report(pack, model, tokenizer, args: argparse.Namespace, loaded: float) -> None:
     """Check the takes, save (and push) the pack, print the summary."""
     requests = pack.requests
+    if args.base_model:
+        pack.base_model = args.base_model
     with pack.applied(model):
         took = target_top1(model, tokenizer, [r.text for r in requests], [r.target_new for r in requests])
     pack.save_pretrained(str(args.out), overwrite=args.overwrite)

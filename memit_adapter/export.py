@@ -26,7 +26,7 @@ from safetensors.torch import save_file
 
 from .errors import PackError
 from .pack import EditPack, LayerDelta
-from .persistence import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, check_destination, peft_tensors
+from .persistence import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, check_destination, config_base_model, peft_tensors
 
 VLLM_MAX_RANK = 512
 VLLM_LORA_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "olmo", "olmo2")
@@ -74,7 +74,7 @@ def export_vllm(pack: EditPack, out_dir: str | Path, *, max_rank: int = VLLM_MAX
     deltas, report = uniform_rank_deltas(pack, max_rank)
     r = report["r"]
     tensors = peft_tensors(deltas)
-    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": pack.base_model,
+    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": config_base_model(pack),
               "r": r, "lora_alpha": r, "lora_dropout": 0.0, "target_modules": sorted(deltas), "bias": "none",
               "fan_in_fan_out": False, "modules_to_save": None, "inference_mode": True}
     out = Path(out_dir)

@@ -335,6 +335,19 @@ def _unlock(fd: int | None) -> None:
         os.close(fd)  # closing drops the flock
 
 
+UNRECORDED_BASE = ("base model not recorded (it was loaded from a folder): load it yourself, then "
+                   "PeftModel.from_pretrained(base, this_pack)")
+"""``base_model_name_or_path`` of a pack whose base has no known Hub id. ``null`` there sends
+``AutoPeftModelForCausalLM.from_pretrained(pack)`` and ``pipeline(model=pack)`` to ``huggingface.co/None`` for
+retries; this text is no valid repo id, so they fail at once with an error that shows it. ``PeftModel.from_pretrained``
+and ``model.load_adapter`` never read the field."""
+
+
+def config_base_model(pack: EditPack) -> str:
+    """The ``base_model_name_or_path`` written for ``pack``: its Hub id, else :data:`UNRECORDED_BASE`."""
+    return pack.base_model or UNRECORDED_BASE
+
+
 def peft_config_dict(pack: EditPack) -> dict[str, Any]:
     """``adapter_config.json`` of a LoRA adapter with scaling 1, per-module ranks, full module names."""
     ranks = {name: _lora_rank(d) for name, d in pack.deltas.items()}
@@ -343,7 +356,7 @@ def peft_config_dict(pack: EditPack) -> dict[str, Any]:
     return {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
-        "base_model_name_or_path": pack.base_model,
+        "base_model_name_or_path": config_base_model(pack),
         "revision": pack.revision,
         "inference_mode": True,
         "r": r,

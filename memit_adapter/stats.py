@@ -22,6 +22,7 @@ import math
 import os
 import random
 import secrets
+import time
 import warnings
 import weakref
 from collections.abc import Iterable, Sequence
@@ -36,8 +37,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .arch import ArchSpec, check_model, max_positions
-from .devices import input_device, param_values
-from .distributed import all_ranks, all_reduce_sum, barrier, is_main, shard, sum_over_ranks, world_size
+from .devices import execution_device, input_device, param_values
+from .distributed import all_ranks, all_reduce_sum, barrier, is_main, rank, shard, sum_over_ranks, world_size
 from .errors import StatisticsError
 from .fingerprint import tensor_bytes
 from .hooks import StopForward
@@ -182,35 +183,94 @@ class StatsCache:
     def save(self, key: dict[str, Any], stat: SecondMoment) -> Path:
         """Write one entry; raises ``OSError`` when the directory cannot be written (``collect_stats`` warns)."""
         path = self.path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.parent / f".tmp-{secrets.token_hex(6)}.safetensors"
-        try:
-            with open(tmp, "xb"):  # 0o666 less the umask: the mode the entry gets (safetensors writes 0o600)
-                pass
-            mode = tmp.stat().st_mode & 0o777
-            save_file({"mom2": stat.mom2.contiguous().cpu()}, str(tmp),
-                      metadata={"key": json.dumps(key, sort_keys=True), "count": str(stat.count)})
-            os.chmod(tmp, mode)
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
+        _save_atomic(path, {"mom2": stat.mom2}, {"key": json.dumps(key, sort_keys=True), "count": str(stat.count)})
         return path
 
 
-def _read_entry(path: Path, *, with_tensor: bool) -> tuple[dict[str, Any], SecondMoment | None]:
-    """The key of a cache file and, ``with_tensor``, its statistics; :class:`StatisticsError` if it is damaged."""
+def _save_atomic(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """``tensors`` to the safetensors file ``path`` through a temporary file and a rename: never half-written."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".tmp-{secrets.token_hex(6)}.safetensors"
+    try:
+        with open(tmp, "xb"):  # 0o666 less the umask: the mode the file gets (safetensors writes 0o600)
+            pass
+        mode = tmp.stat().st_mode & 0o777
+        save_file({k: t.contiguous().cpu() for k, t in tensors.items()}, str(tmp), metadata=metadata)
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+class _Checkpoint:
+    """The partial sums of one pass, written to the cache folder every ``every`` seconds (between batches), so that
+    an interrupted pass continues where it stopped: the texts come in the same seeded order, and the resumed sums
+    are those of an uninterrupted pass, bit for bit. One file per rank (``.partial-<key>-rank<r>of<W>``); a pass
+    resumes only when every rank holds a checkpoint of the same batch. Removed once the entries are written."""
+
+    def __init__(self, directory: Path, key: dict[str, Any], every: float) -> None:
+        blob = json.dumps(key, sort_keys=True)
+        digest = hashlib.sha256(blob.encode()).hexdigest()[:24]
+        self.path = directory / f".partial-{digest}-rank{rank()}of{world_size()}.safetensors"
+        self.key, self.every, self.last = blob, every, time.monotonic()
+
+    def load(self) -> tuple[int, dict[str, int], dict[int, torch.Tensor], dict[int, int]] | None:
+        """``(next batch start, {"used", "total"}, sums, counts)`` of a checkpoint every rank can resume, else None."""
+        found = None
+        if _is_file(self.path):
+            try:
+                with safe_open(str(self.path), framework="pt") as f:
+                    meta = f.metadata() or {}
+                    if meta.get("key") == self.key:
+                        state = json.loads(meta["state"])
+                        sums = {int(name.split(".")[1]): f.get_tensor(name) for name in f.keys()}
+                        found = (state["next"], state, sums, {int(k): v for k, v in state["counts"].items()})
+            except Exception as e:  # noqa: BLE001 - a damaged checkpoint only costs the time it would have saved
+                warnings.warn(f"ignoring the unreadable statistics checkpoint {self.path} ({type(e).__name__}: {e})",
+                              stacklevel=3)
+        start = found[0] if found else -1
+        if not all_ranks([found is not None])[0] or sum_over_ranks(start) != start * world_size():
+            return None
+        return found
+
+    def due(self) -> bool:
+        """Whether to write now (any rank's clock decides, so that all write the same batch)."""
+        return sum_over_ranks(int(time.monotonic() - self.last >= self.every)) > 0
+
+    def save(self, next_start: int, used: int, total: int, sums: dict[int, torch.Tensor], counts: dict[int, int]
+             ) -> None:
+        state = {"next": next_start, "used": used, "total": total, "counts": counts}
+        try:
+            _save_atomic(self.path, {f"sum.{layer}": t for layer, t in sums.items()},
+                         {"key": self.key, "state": json.dumps(state)})
+        except (OSError, SafetensorError) as e:
+            _warn_cache(self.path.parent, e, "checkpoint into")
+        self.last = time.monotonic()
+
+    def remove(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+
+def _read_entry(path: Path, *, with_tensor: bool) -> tuple[dict[str, Any], SecondMoment | int]:
+    """The key of a cache file and, ``with_tensor``, its statistics, else its count; :class:`StatisticsError` if
+    it is damaged."""
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
             mom2 = f.get_tensor("mom2") if with_tensor else None
-        key = json.loads(meta["key"])
-        stat = SecondMoment(mom2=mom2, count=int(meta["count"])) if with_tensor else None
+        key, count = json.loads(meta["key"]), int(meta["count"])
     except Exception as e:  # noqa: BLE001 - safetensors, JSON and missing fields: all mean a damaged entry
         raise StatisticsError(f"statistics cache file {path} is unreadable ({type(e).__name__}: {e}); "
                               "delete it") from e
     if not isinstance(key, dict):
         raise StatisticsError(f"statistics cache file {path} is unreadable (its key is not an object); delete it")
-    return key, stat
+    return key, SecondMoment(mom2=mom2, count=count) if with_tensor else count
+
+
+def read_entry_keys(path: str | os.PathLike) -> tuple[dict[str, Any], int]:
+    """The key of a cache file and the number of key vectors it averages over, without reading its tensor;
+    :class:`StatisticsError` if it is damaged."""
+    return _read_entry(Path(path), with_tensor=False)
 
 
 def _is_file(path: Path) -> bool:
@@ -267,6 +327,7 @@ def collect_stats(
     arch: ArchSpec | None = None,
     progress: bool = True,
     seed: int = 0,
+    checkpoint_seconds: float | None = 300.0,
 ) -> dict[int, SecondMoment]:
     """Second moments of the edited modules' inputs at ``layers`` from ONE forward pass over ``corpus``.
 
@@ -274,7 +335,10 @@ def collect_stats(
     ``max_length`` tokens (default: the model's context, at most 1,024), stopping after the batch that
     reaches ``max_tokens`` keys. Texts are read in a random order seeded by ``seed`` (see :func:`load_corpus`),
     so that ``n_samples`` and ``max_tokens`` take a uniform sample of the corpus. With ``cache``, layers already
-    cached are loaded and only the others computed; new results are written back.
+    cached are loaded and only the others computed; new results are written back, and the pass writes its partial
+    sums there every ``checkpoint_seconds`` (None: never), so that a pass interrupted (Ctrl-C, a lost machine)
+    continues from its last checkpoint when called again with the same arguments (see :class:`_Checkpoint`; each
+    checkpoint is one float ``d_in²`` matrix per layer computed).
     Raises :class:`StatisticsError` when a layer is neither cached nor computable (no corpus) or comes
     out non-finite.
 
@@ -312,8 +376,13 @@ def collect_stats(
                 ".txt/.jsonl file or a datasets.Dataset; ~10 x d_ff tokens keep most of the quality) or a cache "
                 "directory that holds them (see collect_stats). memit_adapter never downloads a corpus itself."
             )
+        checkpoint = None
+        if cache is not None and checkpoint_seconds is not None:
+            checkpoint = _Checkpoint(cache.directory, {"entries": [keys[layer] for layer in missing],
+                                                       "batch_size": batch_size}, checkpoint_seconds)
         fresh = _accumulate(model, tokenizer, texts, missing, spec, max_length, batch_size,
-                            getattr(torch, dtype), progress and is_main(), max_tokens=max_tokens)
+                            getattr(torch, dtype), progress and is_main(), max_tokens=max_tokens,
+                            checkpoint=checkpoint)
         for layer, stat in fresh.items():
             stat.check_finite(layer)
             out[layer] = stat
@@ -323,6 +392,8 @@ def collect_stats(
                     _save_all(cache, keys, fresh)
             finally:
                 barrier()  # the entries are there for every rank once this returns
+        if checkpoint is not None:
+            checkpoint.remove()
     for layer, stat in out.items():
         stat.check_finite(layer)
     return {layer: out[layer] for layer in layers}
@@ -355,9 +426,10 @@ def _find_any(cache: StatsCache, model, layer: int, dtype: str) -> SecondMoment 
 
 @torch.no_grad()
 def _accumulate(model, tokenizer, texts, layers, spec, max_length, batch_size, acc_dtype, progress, stop_early=True,
-                max_tokens=None):
+                max_tokens=None, checkpoint: _Checkpoint | None = None):
     """The second moments of ``layers`` over ``texts``; under a process group, over this rank's share of them,
-    then all-reduced (see :func:`collect_stats`)."""
+    then all-reduced (see :func:`collect_stats`). With ``checkpoint``, starts from its partial sums when it holds
+    some and writes them as it goes."""
     device = input_device(model)
     max_length = max_length or min(1024, max_positions(model) or 1024)  # never past the model's context
     sums: dict[int, torch.Tensor] = {}
@@ -379,16 +451,24 @@ def _accumulate(model, tokenizer, texts, layers, spec, max_length, batch_size, a
 
     handles = [spec.mlp_out_module(model, layer).register_forward_pre_hook(make_hook(layer)) for layer in layers]
     pad = pad_id(tokenizer)
-    used = total = 0
+    start = used = total = 0
+    resumed = checkpoint.load() if checkpoint is not None else None
+    if resumed is not None:
+        start, state, sums, counts = resumed
+        used, total = state["used"], state["total"]
+        sums = {layer: t.to(execution_device(model, spec.mlp_out_name(layer))) for layer, t in sums.items()}
+        logger.info("statistics resumed from %s: %d texts, %d key vectors done", checkpoint.path, used,
+                    counts[deepest])
     mine = shard(texts)  # all of them in one process
     # rank 0's share is the longest: every rank runs as many batches (some empty), so the budget's sums line up
     n_batches = math.ceil(math.ceil(len(texts) / world_size()) / batch_size)
     # the bar counts what bounds the pass: key vectors under a token budget (of all ranks), else texts (this rank's)
     bar = tqdm(total=max_tokens if max_tokens is not None else len(mine), desc="second moments",
-               unit="keys" if max_tokens is not None else "texts", disable=not progress)
+               unit="keys" if max_tokens is not None else "texts", disable=not progress,
+               initial=min(total, max_tokens) if max_tokens is not None else min(used, len(mine)))
     try:
         with evaluating(model), bar:
-            for i in range(0, n_batches * batch_size, batch_size):
+            for i in range(start, n_batches * batch_size, batch_size):
                 chunk = mine[i:i + batch_size]
                 used += len(chunk)
                 seqs = [tokenizer(t, truncation=True, max_length=max_length)["input_ids"] for t in chunk]
@@ -408,6 +488,8 @@ def _accumulate(model, tokenizer, texts, layers, spec, max_length, batch_size, a
                         break
                 else:
                     bar.update(len(chunk))
+                if checkpoint is not None and checkpoint.due():
+                    checkpoint.save(i + batch_size, used, total, sums, counts)
     finally:
         for h in handles:
             h.remove()

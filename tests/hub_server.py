@@ -6,7 +6,7 @@ Usage::
         env = {"HF_ENDPOINT": hub.endpoint, "HF_HUB_DISABLE_XET": "1", "HF_HOME": tmp}
         subprocess.run([sys.executable, "client.py"], env=env)   # clients read HF_ENDPOINT at import
 
-Model repos live in memory as git-like commits (a full file map per commit). Routes: create repo,
+Model and dataset repos live in memory as git-like commits (a full file map per commit). Routes: create repo,
 create branch/tag, preupload (every file "regular", sent inline in the commit), NDJSON commit,
 repo info by revision, tree listing, and ``resolve`` (HEAD and GET) with the ``X-Repo-Commit``/``ETag``
 headers the client checks. Unknown routes answer 404 and are recorded in ``hub.unhandled``.
@@ -139,8 +139,14 @@ def _handler_for(hub: LocalHub) -> type[BaseHTTPRequestHandler]:
             return b""
 
         def _route(self) -> tuple[list[str], dict[str, list[str]]]:
+            """The path's parts; a dataset repo's routes as a model repo's whose owner is ``datasets~OWNER``."""
             url = urlsplit(self.path)
-            return url.path.strip("/").split("/"), parse_qs(url.query)
+            parts = url.path.strip("/").split("/")
+            if parts[:2] == ["api", "datasets"] and len(parts) >= 3:
+                parts = ["api", "models", f"datasets~{parts[2]}", *parts[3:]]
+            elif parts[0] == "datasets" and len(parts) >= 2:
+                parts = [f"datasets~{parts[1]}", *parts[2:]]
+            return parts, parse_qs(url.query)
 
         def _repo(self, parts: list[str]) -> tuple[str, Repo | None]:
             repo_id = f"{parts[0]}/{parts[1]}"
@@ -176,10 +182,12 @@ def _handler_for(hub: LocalHub) -> type[BaseHTTPRequestHandler]:
             if parts == ["api", "repos", "create"]:
                 data = json.loads(body or b"{}")
                 repo_id = f"{data['organization']}/{data['name']}" if data.get("organization") else data["name"]
+                url = f"{hub.endpoint}/{repo_id}"
+                if data.get("type") == "dataset":
+                    repo_id, url = f"datasets~{repo_id}", f"{hub.endpoint}/datasets/{repo_id}"
                 if hub.create(repo_id, bool(data.get("private")) or data.get("visibility") == "private"):
-                    return self._json(200, {"url": f"{hub.endpoint}/{repo_id}", "name": repo_id})
-                return self._json(409, {"error": "You already created this model repo",
-                                        "url": f"{hub.endpoint}/{repo_id}"})
+                    return self._json(200, {"url": url, "name": data["name"]})
+                return self._json(409, {"error": "You already created this model repo", "url": url})
             if parts == ["api", "validate-yaml"]:
                 return self._validate_yaml(json.loads(body)["content"])
             if parts[:2] == ["api", "models"] and len(parts) >= 6:
@@ -282,8 +290,8 @@ def _handler_for(hub: LocalHub) -> type[BaseHTTPRequestHandler]:
                 else:
                     return self._error(400, "BadRequest", f"this test server accepts inline files only: {item['key']}")
             sha = hub.commit(repo_id, revision, files, deleted, message)
-            self._json(200, {"success": True, "commitOid": sha, "commitUrl": f"{hub.endpoint}/{repo_id}/commit/{sha}",
-                             "pullRequestUrl": None})
+            url = f"{hub.endpoint}/{repo_id.replace('datasets~', 'datasets/')}/commit/{sha}"
+            self._json(200, {"success": True, "commitOid": sha, "commitUrl": url, "pullRequestUrl": None})
 
         def _ref(self, repo: Repo, kind: str, name: str, data: dict) -> None:
             if kind == "branch":

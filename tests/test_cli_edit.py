@@ -210,3 +210,24 @@ def test_compress_command_matches_the_library(setup, capsys):
     small = EditPack.from_pretrained(str(setup / "small"))
     assert all(d.rank <= 2 for d in small.deltas.values()) and small == pack
     assert EditPack.from_pretrained(str(setup / "pack")) != small  # the original is kept with --out
+
+
+def test_a_folder_loaded_base_fails_fast_in_auto_loaders_and_base_model_records_an_id(setup):
+    from peft import AutoPeftModelForCausalLM, PeftModel
+
+    from memit_adapter.persistence import UNRECORDED_BASE
+
+    assert _edit(setup) == 0  # --model is a local folder: no Hub id to record
+    config = json.loads((setup / "pack" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == UNRECORDED_BASE
+    assert EditPack.from_pretrained(str(setup / "pack")).base_model is None
+    with pytest.raises(OSError, match="base model not recorded"):  # at once, not retries of huggingface.co/None
+        AutoPeftModelForCausalLM.from_pretrained(str(setup / "pack"))
+    model, _ = model_and_tokenizer("gpt2")
+    PeftModel.from_pretrained(model, str(setup / "pack"))  # the loaders that take the base still work
+
+    assert _edit(setup, "--base-model", "openai-community/gpt2", "--overwrite") == 0
+    config = json.loads((setup / "pack" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == "openai-community/gpt2"
+    assert "base_model: openai-community/gpt2" in (setup / "pack" / "README.md").read_text()
+    assert EditPack.from_pretrained(str(setup / "pack")).base_model == "openai-community/gpt2"

@@ -177,3 +177,66 @@ def test_streaming_datasets_splits_and_other_columns():
         load_corpus(datasets.Dataset.from_dict({"content": texts}), 10)
     with pytest.raises(StatisticsError, match="rename_column"):
         load_corpus(datasets.Dataset.from_dict({"content": texts}).to_iterable_dataset(), 10)
+
+
+class _Interrupt(Exception):
+    pass
+
+
+def _interrupt_after(model, n_calls: int):
+    calls = []
+
+    def hook(*_):
+        calls.append(1)
+        if len(calls) > n_calls:
+            raise _Interrupt
+
+    return model.register_forward_pre_hook(hook), calls
+
+
+@pytest.mark.parametrize("max_tokens", [None, 600])
+def test_an_interrupted_pass_resumes_from_its_checkpoint_bit_for_bit(tmp_path, max_tokens):
+    model, tok = model_and_tokenizer("gpt2")
+    texts = corpus(40)  # 30 tokens each: 10 batches of 4, or 5 under the budget of 600 keys
+    kw = dict(batch_size=4, max_tokens=max_tokens, progress=False)
+    whole = collect_stats(model, tok, texts, [1, 2], cache=tmp_path / "whole", **kw)
+
+    handle, calls = _interrupt_after(model, 3)
+    try:
+        with pytest.raises(_Interrupt):
+            collect_stats(model, tok, texts, [1, 2], cache=tmp_path / "c", checkpoint_seconds=0, **kw)
+    finally:
+        handle.remove()
+    partial = list((tmp_path / "c").glob(".partial-*-rank0of1.safetensors"))
+    assert len(partial) == 1 and not list((tmp_path / "c").glob("mom2_*"))  # no entry from a partial pass
+
+    handle, calls = _interrupt_after(model, 100)
+    try:
+        resumed = collect_stats(model, tok, texts, [1, 2], cache=tmp_path / "c", checkpoint_seconds=0, **kw)
+    finally:
+        handle.remove()
+    assert len(calls) == (10 if max_tokens is None else 5) - 3  # only the batches the first run did not finish
+    for layer in (1, 2):
+        assert torch.equal(resumed[layer].mom2, whole[layer].mom2) and resumed[layer].count == whole[layer].count
+    assert not list((tmp_path / "c").glob(".partial-*"))  # the checkpoint is gone with the entries written
+
+
+def test_a_checkpoint_of_other_settings_is_not_resumed(tmp_path):
+    model, tok = model_and_tokenizer("gpt2")
+    texts = corpus(20)
+    handle, _ = _interrupt_after(model, 2)
+    try:
+        with pytest.raises(_Interrupt):
+            collect_stats(model, tok, texts, [1], batch_size=4, cache=tmp_path, checkpoint_seconds=0, progress=False)
+    finally:
+        handle.remove()
+    handle, calls = _interrupt_after(model, 100)
+    try:
+        other = collect_stats(model, tok, texts, [1], batch_size=5, cache=tmp_path, checkpoint_seconds=0,
+                              progress=False)
+    finally:
+        handle.remove()
+    assert len(calls) == 4  # every batch of 5: the batch-of-4 checkpoint is another pass
+    expected, count = _independent_mom2(model, tok, texts, 1)
+    assert other[1].count == count
+    torch.testing.assert_close(other[1].mom2.double(), expected, rtol=1e-4, atol=1e-6)
