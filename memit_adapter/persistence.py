@@ -464,7 +464,8 @@ def render_card(pack: EditPack, repo_id: str | None = None, subfolder: str | Non
     base = pack.base_model
     front = [f"base_model: {base}"] if base else []
     tags = ["memit", "knowledge-editing", "lora"] + ([f"base_model:adapter:{base}"] if base else [])
-    front += ["library_name: peft", "tags:"] + [f"- {t}" for t in tags]
+    front += ["library_name: peft", "license: other", "license_name: same-as-base-model", "tags:"]
+    front += [f"- {t}" for t in tags] + _model_index(pack, repo_id, subfolder)
     rows = [f"| {i} | {_cell(r.subject)} | {_cell(r.text)} | {_cell(r.target_new)} | {_cell(r.target_true or '')} |"
             for i, r in enumerate(pack.requests[:_CARD_ROWS])]
     if len(pack.requests) > _CARD_ROWS:
@@ -491,6 +492,23 @@ def render_card(pack: EditPack, repo_id: str | None = None, subfolder: str | Non
         adapter_kwargs=f', adapter_kwargs={{"subfolder": "{subfolder}"}}' if subfolder else "",
         pack_kwargs=f', subfolder="{subfolder}"' if subfolder else "",
     )
+
+
+def _model_index(pack: EditPack, repo_id: str | None, subfolder: str | None) -> list[str]:
+    """``model-index`` front matter lines for the pack's numeric metrics (``eval --write-card``); none without."""
+    numeric = {k: v for k, v in sorted(pack.metrics.items())
+               if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    if not numeric:
+        return []
+    name = "/".join(x for x in (repo_id, subfolder) if x) or "memit-edit-pack"
+    dataset = json.dumps(f"the pack's own {len(pack.requests)} requests")
+    lines = ["model-index:", f"- name: {json.dumps(name)}", "  results:", "  - task:",
+             "      type: knowledge-editing", "      name: Knowledge editing", "    dataset:",
+             "      type: edit-requests", f"      name: {dataset}",
+             "    metrics:"]
+    for key, value in numeric.items():
+        lines += [f"    - type: {json.dumps(key)}", f"      value: {json.dumps(value)}"]
+    return lines
 
 
 def _cell(text: str) -> str:

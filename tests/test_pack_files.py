@@ -86,6 +86,10 @@ def test_sidecar_requests_and_card(gpt2, tmp_path):
     assert {"memit", "knowledge-editing", "base_model:adapter:tiny-random/gpt2"} <= set(front["tags"])
     assert "| 0 | michael jordan | michael jordan plays the sport of |  baseball |  basketball |" in card
     assert "efficacy_score | 0.97" in card
+    index = front["model-index"][0]
+    assert index["name"] == "memit-edit-pack" and index["results"][0]["metrics"] == [
+        {"type": "efficacy_score", "value": 0.97}]
+    assert front["license"] == "other" and "## Limitations" in card and "deliberately rewrites facts" in card
     assert "$" not in card.replace("$", "", 0) or "${" not in card
 
 
@@ -95,7 +99,7 @@ def test_card_without_base_model_and_with_pipes(gpt2, tmp_path):
     pack.save_pretrained(tmp_path)
     card = (tmp_path / "README.md").read_text()
     front = yaml.safe_load(card.split("---")[1])
-    assert "base_model" not in front and "memit" in front["tags"]
+    assert "base_model" not in front and "memit" in front["tags"] and "model-index" not in front  # no metrics
     assert "x\\|y" in card
     assert "Hub id was not recorded" in card and "BASE_MODEL_ID" not in card and "THIS_REPO" not in card
 
