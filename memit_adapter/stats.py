@@ -248,7 +248,10 @@ class _Checkpoint:
         self.last = time.monotonic()
 
     def remove(self) -> None:
-        self.path.unlink(missing_ok=True)
+        try:
+            self.path.unlink(missing_ok=True)
+        except OSError:  # a cache folder that cannot be written holds no checkpoint either
+            pass
 
 
 def _read_entry(path: Path, *, with_tensor: bool) -> tuple[dict[str, Any], SecondMoment | int]:
