@@ -10,6 +10,8 @@ Usage::
         ...
     pack.save_pretrained("jordan-baseball")   # a PEFT LoRA folder: stock model.load_adapter() reads it
 
+    # the paper's baselines, same inputs, same packs: compute_rome_edits(...) (RomeConfig), compute_ft_edits(...)
+
 Importing this package reads no file and touches no network.
 """
 
@@ -32,8 +34,11 @@ from .errors import (
     WeightsChangedError,
 )
 from .evaluation import CounterFactResult, evaluate_counterfact, evaluate_pack
+from .finetune import compute_ft_edits
+from .method_configs import FtConfig, RomeConfig
 from .pack import EditPack, LayerDelta
 from .requests import EditRequest
+from .rome import compute_rome_edits
 from .stats import SecondMoment, StatsCache, collect_stats
 from .tracing import suggest_layers, trace_fact, trace_facts, trace_severed
 
@@ -48,6 +53,7 @@ __all__ = [
     "EditPack",
     "EditRequest",
     "FingerprintMismatchError",
+    "FtConfig",
     "InvalidRequestError",
     "LayerDelta",
     "MemitConfig",
@@ -56,6 +62,7 @@ __all__ = [
     "ModelError",
     "OverwriteError",
     "PackError",
+    "RomeConfig",
     "SecondMoment",
     "StatisticsError",
     "StatsCache",
@@ -64,6 +71,8 @@ __all__ = [
     "active_packs",
     "collect_stats",
     "compute_edits",
+    "compute_ft_edits",
+    "compute_rome_edits",
     "evaluate_counterfact",
     "evaluate_pack",
     "get_arch_spec",

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import asdict, dataclass, field, fields, replace
-from typing import Any
+from typing import Any, ClassVar
 
 from torch import nn
 
@@ -20,6 +20,7 @@ from .errors import ConfigError
 
 CONTEXT_TEMPLATE_STARTS = ("The", "Therefore", "Because", "I", "You")
 _DTYPES = ("float32", "float64")
+_NULLSPACE_REFERENCES = ("absolute", "max_eigenvalue", "mean_eigenvalue")  # as memit_adapter.solve's
 
 
 # λ of the scaled defaults, per unit of MLP width (see MemitConfig.for_model)
@@ -69,6 +70,9 @@ class MemitConfig:
             (Adam moves every element by about ``v_lr * ||h|| / sqrt(d_model)`` a step), so the step
             fits models whose residual stream is large; the published presets use absolute steps.
         v_loss_threshold: a request stops once its loss is below this.
+        v_max_grad_steps: when set (>= ``v_num_grad_steps``), the δ rows whose target is still below even odds
+            after ``v_num_grad_steps`` (NLL above ln 2: edits that would not take) go on alone, up to this many
+            steps in all; None = every row stops at ``v_num_grad_steps`` (published).
         clamp_norm_factor: ||delta_i|| <= factor * ||h_i|| after every step.
         kl_factor: weight of the KL term on "{subject} is a" that keeps the subject's essence.
         v_weight_decay: weight of ||delta|| / ||h||^2.
@@ -91,8 +95,42 @@ class MemitConfig:
         mom2_max_tokens: stop the statistics pass once this many key vectors are seen; None = no limit.
         stats_batch_size: texts per forward pass of the statistics pass.
         seed: seeds template sampling and anything else random, so a run is reproducible.
+        nullspace_threshold: when > 0, each layer's update is solved the AlphaEdit way (Fang et al., ICLR 2025)
+            instead of MEMIT's ``R Kᵀ (λC + KKᵀ)⁻¹``: confined to the null space of the preserved keys, the
+            eigenvectors ``U`` of C whose eigenvalue is below ``nullspace_threshold`` x the reference
+            ``nullspace_threshold_of``, ``P = U Uᵀ``: ``ΔWᵀ = (P(KKᵀ + K_pK_pᵀ) + αI)⁻¹ P K Rᵀ``
+            (:func:`~memit_adapter.solve.projected_update`; ``K_p``: the keys of the packs of ``on_top_of``, which
+            then do not join C; λ is not used). 0 = off (the default). Published: 2e-2, absolute. Off by default
+            because it did worse than the λC solve on every world model measured (100 edits, for_model's other
+            settings, ES / PS / NS / retention): world-gpt2-bpe λC 100 / 87 / 98.4 / 96.7, null space 2e-2 with
+            α 1 93 / 81 / 94.6 / 84.2, 0.1 x mean eigenvalue with α 1 85 / 72 / 97.4 / 89.5 (α 10: ES 22 and 6;
+            α 0.1: retention 68 and 74); world-llama-sp λC 83 / 78 / 97.4 / 86.8, 2e-2 with α 1
+            41 / 38 / 87.6 / 56.6, 0.1 x mean with α 1 74 / 74 / 88.4 / 60.6; world-gpt2-bpe, 1,000 edits:
+            λC (grown to 1,024) 65 / 61 / 83.9 / 62.3, 2e-2 with α 1 53 / 53 / 62.0 / 12.7, 0.1 x mean with α 1
+            49 / 50 / 64.1 / 16.7, with α 10 22 / 19 / 93.9 / 80.1. C's spectrum decays without a gap,
+            so a "null space" either still carries 1-8% of the corpus keys' energy (world-gpt2-bpe) or is too
+            small to write the edits in (world-llama-sp at 2e-2: 25-113 directions); λC weighs every direction
+            by how much the preserved keys use it instead of all or nothing.
+        nullspace_threshold_of: what ``nullspace_threshold`` is a fraction of: ``"absolute"`` (the published
+            rule, eigenvalues below the threshold itself), ``"max_eigenvalue"`` (C's largest eigenvalue) or
+            ``"mean_eigenvalue"`` (C's mean eigenvalue = mean diagonal). C's scale depends on the model and the
+            layer, so an absolute threshold does not transfer: on the world models (for_model's statistics,
+            layers 0-2) the largest / mean eigenvalue is 82.7 / 0.37, 4.8 / 0.048, 5.3 / 0.061 (world-gpt2-bpe,
+            d_in 1,024) and 1,969 / 5.0, 340 / 1.4, 78 / 0.69 (world-llama-sp, d_in 688), and the published 2e-2
+            takes 303, 729, 656 of 1,024 directions but 29, 113, 25 of 688. The largest eigenvalue is the mean
+            key's direction (C is uncentered), tens to hundreds of times the next, which makes it a poor
+            reference (1e-3 of it: 671, 415, 321 and 560, 550, 233 directions); 0.1 x the mean eigenvalue takes
+            475, 416, 353 and 457, 436, 211, the evenest across layers and models. Within that null space the
+            edit keys keep 1-20% of their squared norm (median ``‖Pk‖²`` 10, 0.8, 0.7 and 107, 25, 12).
+        nullspace_l2: α, the ridge of the null-space solve (AlphaEdit's ``L2``; published 10). Used only when
+            ``nullspace_threshold`` > 0. It weighs against ``‖Pk‖²``, the edit keys' squared norm inside the null
+            space: one key's edit is written to the fraction ``‖Pk‖² / (‖Pk‖² + α)``, so α must sit below the
+            ``‖Pk‖²`` of the model (see ``nullspace_threshold_of``). The projector is computed once per layer and
+            set of statistics (a ``d_in x d_in`` eigendecomposition) and kept, as the null-space basis ``U``, in
+            host memory (``d_in·m`` float64 for an m-dimensional null space) while the statistics are alive.
     """
 
+    method: ClassVar[str] = "memit"  # what a pack made with this config was made by (see method_configs)
     layers: list[int] = field(default_factory=lambda: [3, 4, 5, 6, 7, 8])
     mom2_update_weight: float = 15000.0
     mom2_update_weight_per_edit: float = 0.0
@@ -100,6 +138,7 @@ class MemitConfig:
     v_lr_relative: bool = False
     v_num_grad_steps: int = 25
     v_loss_threshold: float = 0.05
+    v_max_grad_steps: int | None = None
     clamp_norm_factor: float = 0.75
     kl_factor: float = 0.0625
     v_weight_decay: float = 0.5
@@ -116,6 +155,9 @@ class MemitConfig:
     mom2_max_tokens: int | None = None
     stats_batch_size: int = 8
     seed: int = 0
+    nullspace_threshold: float = 0.0
+    nullspace_threshold_of: str = "absolute"
+    nullspace_l2: float = 10.0
 
     def __post_init__(self) -> None:
         _typed(self)
@@ -125,12 +167,18 @@ class MemitConfig:
         if any(x < 0 for x in self.layers) or self.layers != sorted(set(self.layers)):
             raise ConfigError(f"layers must be distinct non-negative ints in ascending order, got {self.layers!r}")
         _positive(self, "mom2_update_weight", "v_lr", "clamp_norm_factor", "mom2_n_samples", "stats_batch_size",
-                  "context_template_length", "context_template_top_k")
+                  "context_template_length", "context_template_top_k", "nullspace_l2")
         _non_negative(self, "v_loss_threshold", "kl_factor", "v_weight_decay", "preserve_factor",
-                      "mom2_update_weight_per_edit")
+                      "mom2_update_weight_per_edit", "nullspace_threshold")
+        if self.nullspace_threshold_of not in _NULLSPACE_REFERENCES:
+            raise ConfigError(f"nullspace_threshold_of must be one of {_NULLSPACE_REFERENCES}, "
+                              f"got {self.nullspace_threshold_of!r}")
         if self.v_num_grad_steps < 1:
             raise ConfigError(f"v_num_grad_steps must be >= 1 (0 steps would leave every δ at zero: an empty pack), "
                               f"got {self.v_num_grad_steps}")
+        if self.v_max_grad_steps is not None and self.v_max_grad_steps < self.v_num_grad_steps:
+            raise ConfigError(f"v_max_grad_steps must be None or >= v_num_grad_steps ({self.v_num_grad_steps}), "
+                              f"got {self.v_max_grad_steps}")
         if self.v_batch_size is not None and self.v_batch_size < 1:
             raise ConfigError(f"v_batch_size must be None or >= 1, got {self.v_batch_size}")
         for name in ("mom2_max_length", "mom2_max_tokens"):
@@ -264,10 +312,10 @@ def _first_attr(obj: Any, *names: str, default: Any = None) -> Any:
 
 _INTS = ("v_num_grad_steps", "context_template_length", "context_template_top_k", "mom2_n_samples",
          "stats_batch_size", "seed")
-_OPTIONAL_INTS = ("v_batch_size", "mom2_max_length", "mom2_max_tokens")
+_OPTIONAL_INTS = ("v_batch_size", "mom2_max_length", "mom2_max_tokens", "v_max_grad_steps")
 _BOOLS = ("v_lr_relative", "share_subject_delta")
 _FLOATS = ("mom2_update_weight", "mom2_update_weight_per_edit", "v_lr", "v_loss_threshold", "clamp_norm_factor",
-           "kl_factor", "v_weight_decay", "preserve_factor")
+           "kl_factor", "v_weight_decay", "preserve_factor", "nullspace_threshold", "nullspace_l2")
 
 
 def _typed(cfg: MemitConfig) -> None:

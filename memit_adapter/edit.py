@@ -131,7 +131,7 @@ def summary(pack, took: list[bool], load_seconds: float) -> str:
     unconverged = report.get("unconverged", [])
     if unconverged:
         lines.append(f"{len(unconverged)} requests ended their target optimisation below even odds (raise "
-                     "v_num_grad_steps or v_lr):")
+                     "v_max_grad_steps, v_num_grad_steps or v_lr):")
         for i in unconverged[:5]:
             lines.append(f"  NLL {report['z_nll'][i]:.3f}: {reqs[i].text!r} -> {reqs[i].target_new!r}")
     seconds = {"load": load_seconds, **report.get("seconds", {})}

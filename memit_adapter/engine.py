@@ -40,7 +40,7 @@ from .hooks import StopForward
 from .modes import evaluating
 from .pack import EditPack, LayerDelta
 from .requests import EditRequest, as_requests, check_requests
-from .solve import cov_factor, layer_update, woodbury_pays
+from .solve import cached_null_space, cov_factor, layer_update, null_space, projected_update, woodbury_pays
 from .stats import SecondMoment, StatsCache, collect_stats
 from .targets import UNCONVERGED_NLL, ChunkSizer, compute_targets, context_templates
 from .tokens import encode_fact, pad_id, pad_right
@@ -181,8 +181,16 @@ def _spread_over_layers(model, spec, tokenizer, requests, templates, config, zs,
     ``keep_factors`` (statistics the caller keeps), a Cholesky factor of C computed for the Woodbury route is
     kept on the :class:`SecondMoment` for the next pack. ``prior``: the prompts of earlier packs' requests, whose
     keys at each layer (measured the same way) are added to the preserved second moment: ``C + K₀K₀ᵀ / λ``.
+
+    With ``config.nullspace_threshold`` > 0 each layer is solved the AlphaEdit way instead
+    (:func:`~memit_adapter.solve.projected_update`): the update is confined to the null space of C (its
+    eigenvectors below the threshold; with ``keep_factors`` the basis is kept for the next pack, see
+    :func:`~memit_adapter.solve.cached_null_space`), and the earlier packs' keys ``K₀`` join the new ones in
+    ``P(KKᵀ + K₀K₀ᵀ) + αI`` rather than C (the keep-factors rule is unaffected by them: C stays the corpus's).
+    The pack keeps the low-rank form ``B = R`` ``(d_out, n)``, ``A`` ``(n, d_in)``.
     """
     rows = _key_rows(tokenizer, requests, templates)
+    projected = config.nullspace_threshold > 0  # AlphaEdit's null-space solve instead of MEMIT's λC one
     lam = config.update_weight(len(requests) + (len(prior.bare) if prior is not None else 0))  # all keys solved for
     sizer = ChunkSizer(config.v_batch_size, input_device(model))
     deltas: dict[int, LayerDelta] = {}
@@ -192,19 +200,38 @@ def _spread_over_layers(model, spec, tokenizer, requests, templates, config, zs,
             keys, cur = _keys_and_outputs(model, spec, rows, pad_id(tokenizer), layer, max(config.layers), sizer)
             residuals = (zs.to(cur.device) - cur).T / (len(config.layers) - pos)  # (d_model, n)
             stat, factor = stats[layer], None
-            if prior is not None:
-                k0, _ = _keys_and_outputs(model, spec, prior, pad_id(tokenizer), layer, layer, sizer)
-                kept = stat.mom2.to(device) + (k0.T @ k0).to(stat.mom2.dtype) / lam
-                stat, keep_factors = SecondMoment(mom2=kept, count=stat.count), False
-            if woodbury_pays(len(requests), keys.shape[1], stat.has_factor()):
-                factor = stat.factor(device) if keep_factors else cov_factor(stat.mom2.to(device))
-            B, A = layer_update(keys.T, residuals, stat.mom2, lam, factor=factor)
+            if projected:
+                k0 = None if prior is None else _keys_and_outputs(model, spec, prior, pad_id(tokenizer), layer, layer,
+                                                                  sizer)[0]
+                B, A, how = _projected(stat, keys, residuals, k0, config, device, keep_factors)
+            else:
+                if prior is not None:
+                    k0, _ = _keys_and_outputs(model, spec, prior, pad_id(tokenizer), layer, layer, sizer)
+                    kept = stat.mom2.to(device) + (k0.T @ k0).to(stat.mom2.dtype) / lam
+                    stat, keep_factors = SecondMoment(mom2=kept, count=stat.count), False
+                if woodbury_pays(len(requests), keys.shape[1], stat.has_factor()):
+                    factor = stat.factor(device) if keep_factors else cov_factor(stat.mom2.to(device))
+                B, A = layer_update(keys.T, residuals, stat.mom2, lam, factor=factor)
+                how = "Woodbury" if factor is not None else "dense"
             deltas[layer] = LayerDelta(B=B.float(), A=A.float())
             active[layer] = deltas[layer]
             if logger.isEnabledFor(logging.INFO):
                 logger.info("layer %d: |residual| %.3f, |ΔW| %.4g, %s solve", layer, residuals.norm().item(),
-                            _frobenius(B, A), "Woodbury" if factor is not None else "dense")
+                            _frobenius(B, A), how)
     return deltas
+
+
+def _projected(stat: SecondMoment, keys: torch.Tensor, residuals: torch.Tensor, k0: torch.Tensor | None,
+               config: MemitConfig, device, keep: bool) -> tuple[torch.Tensor, torch.Tensor, str]:
+    """One layer's AlphaEdit update ``(B, A, description)`` from the keys ``(n, d_in)``, the earlier packs' keys
+    ``k0`` ``(n_p, d_in)`` or None, and the null space of ``stat.mom2`` (the corpus's C alone), kept on the host
+    for the next pack when ``keep``."""
+    threshold, reference = config.nullspace_threshold, config.nullspace_threshold_of
+    space = (cached_null_space(stat.mom2, threshold, reference, device) if keep
+             else null_space(stat.mom2.to(device), threshold, reference))
+    B, A = projected_update(keys.T, residuals, space, config.nullspace_l2,
+                            prior_keys=None if k0 is None else k0.T.to(keys.device))
+    return B, A, f"null-space (dim {space.dim} of {space.eigenvalues.numel()}, eigenvalues < {space.threshold:.3g})"
 
 
 def _frobenius(B: torch.Tensor, A: torch.Tensor) -> float:

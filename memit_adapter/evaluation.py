@@ -415,6 +415,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--retention", action="store_true",
                         help="also report retention: top-1 recall of every fact of the whole record set (--data "
                              "or the world's records) that the evaluated records (the edited batch) do not edit")
+    parser.add_argument("--methods", nargs="+", choices=["memit", "rome", "ft"],
+                        help="compare editing methods: each edits the same sample of --n records (or of each size of "
+                             "--sizes) and is evaluated with its pack applied; prints one table")
+    parser.add_argument("--sizes", nargs="+", type=int, help="with --methods: batch sizes (e.g. 10 100 1000), nested")
+    parser.add_argument("--plot", help="with --methods/--chain: write the metrics against the number of edits to "
+                                       "this PNG")
+    parser.add_argument("--chain", type=int, metavar="K",
+                        help="edits over time: K packs of --n records each, computed on top of each other and "
+                             "independently (--regimes), evaluated after every pack; prints one table")
+    parser.add_argument("--regimes", nargs="+", choices=["sequential", "independent"],
+                        default=["sequential", "independent"], help="with --chain: the regimes to run")
+    parser.add_argument("--corpus", help="with --methods/--chain: statistics corpus (a shipped world: its own)")
+    parser.add_argument("--stats-cache", help="with --methods/--chain: folder of cached statistics")
     parser.add_argument("--exclude-edited-neighbors", action="store_true",
                         help="leave out of NS the neighbourhood prompts that the evaluated records rewrite "
                              "(not in the published metric; the count is reported)")
@@ -428,6 +441,10 @@ def run_cli(args: argparse.Namespace) -> int:
         raise SystemExit(f"memit-adapter eval: cannot write results to {out} (no such folder, or it is a folder)")
     if args.write_card and not (args.pack and Path(args.pack).is_dir()):
         raise SystemExit("memit-adapter eval: --write-card needs --pack naming a local pack folder")
+    if args.methods and args.chain:
+        raise SystemExit("memit-adapter eval: --methods and --chain are separate runs; give one")
+    if args.methods or args.chain:
+        return _compare_cli(args, out)
     pack = _load_pack(args.pack) if args.pack else None  # before the model: a bad pack costs nothing
     model, tokenizer, world_records = load_model(args.model)
     if args.device:
@@ -465,6 +482,56 @@ def run_cli(args: argparse.Namespace) -> int:
                "results": {k: v.to_dict() for k, v in results.items()}}
     Path(args.out).write_text(json.dumps(payload, indent=2) + "\n")
     print(f"wrote {args.out}")
+    return 0
+
+
+def _compare_cli(args: argparse.Namespace, out: Path) -> int:
+    """``eval --methods`` (:func:`~memit_adapter.compare.compare_methods`) or ``eval --chain``
+    (:func:`~memit_adapter.chain.evaluate_chain`): the table, the JSON and the plot."""
+    from .chain import evaluate_chain, format_chain, plot_chain
+    from .compare import compare_methods, format_comparison, plot_method_scaling
+    from .models import world_name
+
+    if args.pack:
+        raise SystemExit("memit-adapter eval: --methods and --chain compute their own packs; leave out --pack")
+    sizes = args.sizes or [args.n or 100]
+    if args.plot:
+        from .plots import _figure
+
+        _figure(1, 1)  # matplotlib is there before any work
+    model, tokenizer, world_records = load_model(args.model)
+    if args.device:
+        model.to(args.device)
+    records = load_counterfact(args.data) if args.data else normalize_records(world_records or [])
+    if not records:
+        raise SystemExit("memit-adapter eval: --methods needs --data unless --model is a shipped world model")
+    world = world_name(args.model)
+    corpus, configs = args.corpus, {}
+    if world is not None:
+        from .demo.checkpoints import world_config, world_model_path
+
+        corpus = corpus or str(world_model_path(world) / "corpus.txt")
+        configs["memit"] = world_config(world, model)
+    if corpus is None and args.stats_cache is None and (args.chain or set(args.methods) - {"ft"}):
+        raise SystemExit("memit-adapter eval: MEMIT and ROME need --corpus or --stats-cache for statistics")
+    common = dict(corpus=corpus, cache_dir=args.stats_cache, retention_records=records if args.retention else None,
+                  generation_records=0 if args.no_generation else 20)
+    if args.chain:
+        rows = evaluate_chain(model, tokenizer, records, args.chain, args.n or 100, config=configs.get("memit"),
+                              regimes=args.regimes, **common)
+        print(format_chain(rows))
+        payload = [{"regime": r.regime, "pack": r.pack, "n_edits": r.n_edits, "seconds": r.seconds,
+                    **r.result.to_dict()} for r in rows]
+    else:
+        rows = compare_methods(model, tokenizer, records, args.methods, sizes, configs=configs, **common)
+        print(format_comparison(rows))
+        payload = [{"method": r.method, "n_edits": r.n_edits, "seconds": r.seconds, **r.result.to_dict()}
+                   for r in rows]
+    out.write_text(json.dumps({"model": args.model, "data": args.data, "runs": payload}, indent=2) + "\n")
+    print(f"wrote {out}")
+    if args.plot:
+        (plot_chain if args.chain else plot_method_scaling)(rows, args.plot)
+        print(f"wrote {args.plot}")
     return 0
 
 

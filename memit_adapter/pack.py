@@ -31,6 +31,7 @@ import torch
 from .config import MemitConfig
 from .errors import ConflictingRequestsError, FingerprintMismatchError, PackError
 from .fingerprint import tensor_bytes
+from .method_configs import METHOD_CONFIGS, FtConfig, RomeConfig
 from .requests import EditRequest, find_conflicts
 
 if TYPE_CHECKING:
@@ -160,7 +161,7 @@ class EditPack:
 
     deltas: dict[str, LayerDelta]
     requests: list[EditRequest]
-    config: MemitConfig
+    config: MemitConfig | RomeConfig | FtConfig  # its ``method`` says which method made the pack
     model_type: str
     fan_in_fan_out: bool = False  # True when the edited weights are stored (d_in, d_out), GPT-2's Conv1D
     base_model: str | None = None
@@ -177,8 +178,8 @@ class EditPack:
         bad = [name for name, d in self.deltas.items() if not isinstance(name, str) or not isinstance(d, LayerDelta)]
         if bad:
             raise PackError(f"deltas must map full module names to LayerDelta, bad entries: {bad}")
-        if not isinstance(self.config, MemitConfig):
-            raise PackError(f"config must be a MemitConfig, got {type(self.config).__name__}")
+        if not isinstance(self.config, tuple(METHOD_CONFIGS.values())):
+            raise PackError(f"config must be a MemitConfig, RomeConfig or FtConfig, got {type(self.config).__name__}")
         if self.representation not in REPRESENTATIONS:
             raise PackError(f"representation must be one of {REPRESENTATIONS}, got {self.representation!r}")
         self.deltas = dict(self.deltas)

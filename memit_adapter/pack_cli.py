@@ -23,6 +23,9 @@ from typing import Any
 
 from .pack import EditPack
 
+_SHOWN_SETTINGS = ("mom2_update_weight", "v_num_grad_steps", "v_loss_threshold", "nullspace_threshold",
+                   "original_key", "lr", "num_steps", "weight_decay")
+
 
 def describe(pack: EditPack) -> dict[str, Any]:
     """What ``inspect`` shows, as a JSON-ready dict."""
@@ -34,8 +37,8 @@ def describe(pack: EditPack) -> dict[str, Any]:
         "modules": {name: {"shape": list(d.shape), "rank": d.rank, "form": "dense" if d.is_dense else "low rank",
                            "dtype": str(d.dtype).replace("torch.", ""), "bytes": d.nbytes}
                     for name, d in sorted(pack.deltas.items())},
-        "config": {"layers": list(cfg.layers), "mom2_update_weight": cfg.mom2_update_weight,
-                   "v_num_grad_steps": cfg.v_num_grad_steps, "v_loss_threshold": cfg.v_loss_threshold},
+        "config": {"method": cfg.method, "layers": list(cfg.layers),
+                   **{k: v for k, v in cfg.to_dict().items() if k in _SHOWN_SETTINGS}},
         "metrics": dict(pack.metrics),
         "requests": [{"text": r.text, "target_new": r.target_new, "target_true": r.target_true}
                      for r in pack.requests],

@@ -46,8 +46,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .config import MemitConfig
 from .errors import MemitError, OverwriteError, PackError
+from .method_configs import config_class
 from .pack import EditPack, LayerDelta, check_finite
 from .requests import EditRequest
 
@@ -391,6 +391,7 @@ def metadata_dict(pack: EditPack, *, weights_file: str, weights_sha256: str) -> 
         "representation": pack.representation,
         "n_requests": len(pack.requests),
         "metrics": pack.metrics,
+        "method": pack.config.method,
         "config": pack.config.to_dict(),
         "modules": {name: {"dense": d.is_dense, "rank": d.rank, "shape": list(d.shape), "dtype": _dtype_name(d.dtype)}
                     for name, d in pack.deltas.items()},
@@ -483,7 +484,9 @@ def render_card(pack: EditPack, repo_id: str | None = None, subfolder: str | Non
         metrics_table=("| metric | value |\n|---|---|\n" + metrics) if metrics else "No metrics were recorded.",
         fingerprint=pack.fingerprint or "not recorded",
         parents=", ".join(f"`{p}`" for p in pack.parents) or "none",
-        lambda_=pack.config.mom2_update_weight,
+        settings=_settings_line(pack),
+        method_link={"memit": "[MEMIT](https://memit.baulab.info)", "rome": "[ROME](https://rome.baulab.info)",
+                     "ft": "fine-tuning with weight decay (FT-W)"}[pack.config.method],
         library_version=__version__,
         base_id=base or "ID_OR_FOLDER_OF_THE_BASE_MODEL",
         base_note="" if base else ("  # the base model's Hub id was not recorded (it was loaded from a folder): "
@@ -492,6 +495,15 @@ def render_card(pack: EditPack, repo_id: str | None = None, subfolder: str | Non
         adapter_kwargs=f', adapter_kwargs={{"subfolder": "{subfolder}"}}' if subfolder else "",
         pack_kwargs=f', subfolder="{subfolder}"' if subfolder else "",
     )
+
+
+def _settings_line(pack: EditPack) -> str:
+    cfg = pack.config
+    if cfg.method == "memit":
+        return f"MEMIT, covariance weight λ (mom2_update_weight) {cfg.mom2_update_weight:g}"
+    if cfg.method == "rome":
+        return f"ROME ({'published key' if cfg.original_key else 'r-ROME key'}), one rank-one update per request"
+    return f"FT-W, {cfg.num_steps} epochs of lr {cfg.lr:g}, weight decay {cfg.weight_decay:g}"
 
 
 def _model_index(pack: EditPack, repo_id: str | None, subfolder: str | None) -> list[str]:
@@ -570,7 +582,8 @@ def _pack_from(folder: Path, meta: dict[str, Any]) -> EditPack:
     if len(requests) != meta["n_requests"]:
         raise PackError(f"{folder / REQUESTS_FILE} holds {len(requests)} requests, the metadata says "
                         f"{meta['n_requests']}: the files come from different saves")
-    pack = EditPack(deltas=deltas, requests=requests, config=MemitConfig.from_dict(meta["config"]),
+    config = config_class(meta.get("method", "memit")).from_dict(meta["config"])  # older packs: MEMIT
+    pack = EditPack(deltas=deltas, requests=requests, config=config,
                     model_type=meta["model_type"], fan_in_fan_out=bool(meta["fan_in_fan_out"]),
                     base_model=meta["base_model"], revision=meta["revision"], fingerprint=meta["fingerprint"],
                     parents=list(meta["parents"]), metrics=dict(meta["metrics"]),

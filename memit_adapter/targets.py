@@ -511,9 +511,9 @@ def _optimise_deltas(model, spec, tokenizer, requests, templates, config, layer,
     last_nll = torch.zeros(n_groups, device=device)  # each row's mean target NLL when it was last measured
     going = set(range(n_groups))
     live = _Live.of(batch, parts, kl_init, groups, going, h_norm)
-    with tqdm(total=config.v_num_grad_steps, desc="target vectors", unit="step", disable=not progress,
-              leave=False) as bar:
-        for step in range(config.v_num_grad_steps):
+    budget = max(config.v_num_grad_steps, config.v_max_grad_steps or 0)
+    with tqdm(total=budget, desc="target vectors", unit="step", disable=not progress, leave=False) as bar:
+        for step in range(budget):
             delta = param * unit
             final = _forward_step(model, spec, layer, live.parts, delta[live.row_group], as_tuple)
             req_loss, req_nll = _losses(head, live.sub, final, live.kl_init, delta[live.req_group], live.h_norm,
@@ -523,6 +523,8 @@ def _optimise_deltas(model, spec, tokenizer, requests, templates, config, layer,
             nll = torch.zeros(n_groups, device=device).index_add(0, live.req_group, req_nll.detach()) / size
             last_nll = torch.where(active, nll, last_nll)
             active = active & (loss.detach() >= config.v_loss_threshold)
+            if step >= config.v_num_grad_steps - 1:  # from here on only the rows still below even odds go on
+                active = active & (nll > UNCONVERGED_NLL)
             # the one read-back of a step: the loss shown, whether it is finite, which rows go on
             flags = torch.cat([shown[None], torch.isfinite(loss).all()[None].float(), active.float()]).tolist()
             bar.update()
@@ -531,7 +533,7 @@ def _optimise_deltas(model, spec, tokenizer, requests, templates, config, layer,
                 raise MemitError(f"the target-vector loss is not finite at step {step} ({_dtype_name(model)} model): "
                                  "its forward pass overflows; load the model in bfloat16 or float32")
             still = {g for g, on in enumerate(flags[2:]) if on}
-            if not still or step == config.v_num_grad_steps - 1:
+            if not still or step == budget - 1:
                 break
             _adam_step(opt, param, loss, active, unit, max_norm)
             if still != going:
@@ -620,8 +622,9 @@ def _warn_unconverged(requests, nll: list[float], config: MemitConfig) -> None:
         worst = max(above, key=lambda i: nll[i])
         logger.warning("%d of %d requests ended the target-vector optimisation with their target below even odds "
                        "after %d steps (worst: NLL %.3f, %r -> %r); they will most likely not take: raise "
-                       "v_num_grad_steps, v_lr or clamp_norm_factor", len(above), len(nll), config.v_num_grad_steps,
-                       nll[worst], requests[worst].text, requests[worst].target_new)
+                       "v_max_grad_steps (these rows alone go on), v_num_grad_steps or v_lr", len(above), len(nll),
+                       max(config.v_num_grad_steps, config.v_max_grad_steps or 0), nll[worst], requests[worst].text,
+                       requests[worst].target_new)
 
 
 # -- chunks --------------------------------------------------------------------------------------

@@ -3,12 +3,15 @@
     python scripts/sweep_world_edits.py --model world-gpt2 --n-edits 100 --lam 50 256 1000 --layers 0-2 1-3
     python scripts/sweep_world_edits.py --model world-gpt2 --n-edits 1000 --json sweep.json
     python scripts/sweep_world_edits.py --model world-gpt2-bpe --base published --base for_model
+    python scripts/sweep_world_edits.py --model world-gpt2-bpe --nullspace 0 0.1:mean_eigenvalue --nullspace-l2 10 1
 
 Each setting computes one pack on the same seeded sample of records and evaluates it with the pack
 hooked in (the model is never changed): ES/PS/NS (published NS), retention of every other fact of the
 world, and the edit time. ``--base`` picks what the grid varies: ``for_model`` (the library's defaults)
 and/or ``published`` (the published method's settings, MEMIT_SPEC.md, at layers 0-2 and λ 300 for these
-small models). Prints one line per setting; --json keeps them all.
+small models). ``--nullspace`` switches the AlphaEdit null-space solve on (``nullspace_threshold``, optionally
+``:nullspace_threshold_of``; 0 = off) and ``--nullspace-l2`` sets its α. Prints one line per setting; --json keeps
+them all.
 """
 
 from __future__ import annotations
@@ -51,6 +54,12 @@ def published(model, **fields) -> MemitConfig:
     return MemitConfig(**{**values, **fields})
 
 
+def nullspace(text: str) -> tuple[float, str]:
+    """``"2e-2"`` -> ``(0.02, "absolute")``; ``"0.1:mean_eigenvalue"`` -> ``(0.1, "mean_eigenvalue")``."""
+    threshold, _, reference = text.partition(":")
+    return float(threshold), reference or "absolute"
+
+
 def neighbor_split(records) -> dict[str, list[tuple[str, str, str]]]:
     """The NS prompts ``(prompt, target_true, target_new)`` that evaluation scores, split by whether the
     neighbour's subject has an edit of its own in ``records``."""
@@ -88,6 +97,11 @@ def main() -> None:
     p.add_argument("--lr", type=float, nargs="*", default=None, help="v_lr values (relative when for_model's are)")
     p.add_argument("--share", type=int, nargs="*", default=None, help="share_subject_delta values (1/0)")
     p.add_argument("--preserve", type=float, nargs="*", default=None, help="preserve_factor values")
+    p.add_argument("--nullspace", nargs="*", default=None, metavar="THRESHOLD[:REFERENCE]",
+                   help="AlphaEdit null-space solve: nullspace_threshold values, each optionally with its "
+                        "nullspace_threshold_of (absolute, max_eigenvalue, mean_eigenvalue; default absolute); "
+                        "0 = off (MEMIT's solve)")
+    p.add_argument("--nullspace-l2", type=float, nargs="*", default=None, help="nullspace_l2 (α) values")
     p.add_argument("--split-ns", action="store_true",
                    help="also print NS over neighbours whose subject the batch edits / does not edit")
     p.add_argument("--set", default="{}", help='JSON of other MemitConfig fields for every setting, e.g. '
@@ -119,10 +133,16 @@ def main() -> None:
                                  args.clamp or [base.clamp_norm_factor], args.kl or [base.kl_factor],
                                  args.steps or [base.v_num_grad_steps], args.lr or [base.v_lr],
                                  [bool(x) for x in args.share] if args.share else [base.share_subject_delta],
-                                 args.preserve or [base.preserve_factor])
-        for lam, layers, clamp, kl, steps, lr, share, keep in grid:
+                                 args.preserve or [base.preserve_factor],
+                                 [nullspace(x) for x in args.nullspace] if args.nullspace
+                                 else [(base.nullspace_threshold, base.nullspace_threshold_of)],
+                                 args.nullspace_l2 or [base.nullspace_l2])
+        for lam, layers, clamp, kl, steps, lr, share, keep, (null_t, null_of), l2 in grid:
+            if not null_t and args.nullspace_l2 and l2 != args.nullspace_l2[0]:
+                continue  # the null-space solve is off: α plays no part, one run is enough
             cfg = base.replace(mom2_update_weight=lam, layers=layers, clamp_norm_factor=clamp, kl_factor=kl,
-                               v_num_grad_steps=steps, v_lr=lr, share_subject_delta=share, preserve_factor=keep)
+                               v_num_grad_steps=steps, v_lr=lr, share_subject_delta=share, preserve_factor=keep,
+                               nullspace_threshold=null_t, nullspace_threshold_of=null_of, nullspace_l2=l2)
             t0 = time.perf_counter()
             pack = compute_edits(model, tok, requests, cfg, stats=stats, progress=False)
             secs = time.perf_counter() - t0
@@ -130,7 +150,8 @@ def main() -> None:
                 post = evaluate_counterfact(model, tok, chosen, **gen)
                 ns_split = {k: success_rate(model, tok, v) for k, v in split.items()} if split else {}
             setting = dict(base=base_name, lam=lam, layers=layers, clamp=clamp, kl=kl, steps=steps, lr=lr,
-                           share=share, preserve=keep, seconds=round(secs, 1))
+                           share=share, preserve=keep, nullspace_threshold=null_t, nullspace_threshold_of=null_of,
+                           nullspace_l2=l2, seconds=round(secs, 1))
             rows.append({"setting": setting, **post.to_dict(), **ns_split})
             extra = "".join(f" {k} {v[0]:.3f} (n={v[1]})" for k, v in ns_split.items())
             print(f"{setting}: {line(post)}{extra}", flush=True)

@@ -516,3 +516,29 @@ def test_half_precision_head_gives_float32_logits():
     assert not torch.allclose(model.lm_head(hidden).float(), want, rtol=1e-6, atol=1e-5)  # bf16 rounds them
     model32 = tiny_model("gpt2")
     assert _Head(model32).weight.data_ptr() == model32.lm_head.weight.data_ptr()  # float32: no copy
+
+
+def test_rows_below_even_odds_go_on_alone_up_to_the_step_cap(monkeypatch):
+    """With ``v_max_grad_steps``, a row that reached even odds within ``v_num_grad_steps`` keeps exactly the δ it
+    had then, and a row that did not goes on: it ends as the same row run alone. (Random tiny models plateau above
+    ln 2, so "even odds" is moved to an NLL of 2.5 here.)"""
+    from memit_adapter import targets
+
+    monkeypatch.setattr(targets, "UNCONVERGED_NLL", 2.5)
+    model, tok = model_and_tokenizer("gpt2")
+    spec = get_arch_spec(model)
+    reqs = requests()
+    short = config(v_num_grad_steps=6, v_loss_threshold=0.0)
+    z0, h, nll0 = compute_targets(model, spec, tok, reqs, ["{}"], short, 2, progress=False, return_loss=True)
+    slow = [i for i, x in enumerate(nll0.tolist()) if x > 2.5]
+    done = [i for i in range(len(reqs)) if i not in slow]
+    assert slow and done  # both kinds, or the test shows nothing
+    longer = short.replace(v_max_grad_steps=30)
+    z1, _, nll1 = compute_targets(model, spec, tok, reqs, ["{}"], longer, 2, progress=False, return_loss=True)
+    torch.testing.assert_close(z1[done], z0[done])
+    assert (nll1[slow] < nll0[slow]).all()
+    for i in slow:  # rows are independent: alone, the same steps
+        alone, _ = compute_targets(model, spec, tok, [reqs[i]], ["{}"], longer, 2, progress=False)
+        torch.testing.assert_close(alone[0], z1[i], rtol=1e-4, atol=1e-4)
+    with pytest.raises(Exception, match="v_max_grad_steps"):
+        short.replace(v_max_grad_steps=3)

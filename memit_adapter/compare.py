@@ -1,0 +1,127 @@
+"""The editing methods side by side on the same requests: ``memit-adapter eval --methods memit rome ft``.
+
+Usage::
+
+    runs = compare_methods(model, tok, records, ["memit", "rome", "ft"], sizes=[10, 100], corpus=texts)
+    print(format_comparison(runs))
+    plot_method_scaling(runs, "scaling.png")      # Score and NS against the number of edits (the paper's Fig. 5)
+
+Every method edits the same seeded sample of records (the first n of one sample for each size n, so the sizes are
+nested), with its own config (``config_class(method).for_model(model)`` unless given), and is evaluated with its
+pack hooked in: ES / PS / NS / Score, generation entropy, retention of the facts of ``retention_records`` that the
+batch leaves alone, and the edit time. The statistics of every layer any method edits are collected once, before
+the timed runs, and shared (FT-W needs none).
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from .engine import compute_edits
+from .errors import ConfigError
+from .evaluation import CounterFactResult, evaluate_counterfact
+from .finetune import compute_ft_edits
+from .method_configs import config_class
+from .requests import EditRequest
+from .rome import compute_rome_edits
+from .stats import StatsCache, collect_stats
+
+METHOD_FUNCTIONS = {"memit": compute_edits, "rome": compute_rome_edits, "ft": compute_ft_edits}
+
+
+@dataclass
+class MethodRun:
+    """One method on one batch: its metrics with the pack applied and its edit time (statistics excluded)."""
+
+    method: str
+    n_edits: int
+    seconds: float
+    result: CounterFactResult
+
+
+def compare_methods(model: nn.Module, tokenizer, records: Sequence[Mapping[str, Any]], methods: Sequence[str],
+                    sizes: Sequence[int], *, configs: Mapping[str, Any] | None = None, corpus: Any = None,
+                    cache_dir: str | None = None, seed: int = 0, retention_records: Sequence[Mapping] | None = None,
+                    generation_records: int | None = 20, progress: bool = True) -> list[MethodRun]:
+    """Each method of ``methods`` on the first n records of one seeded sample, for each n of ``sizes``; the
+    unedited model as method ``"none"`` on the largest batch first. Raises :class:`ConfigError` on an unknown
+    method or a size larger than ``records``."""
+    unknown = [m for m in methods if m not in METHOD_FUNCTIONS]
+    if unknown:
+        raise ConfigError(f"unknown editing method(s) {unknown}; known: {sorted(METHOD_FUNCTIONS)}")
+    if not sizes or max(sizes) > len(records) or min(sizes) < 1:
+        raise ConfigError(f"sizes {list(sizes)} must be between 1 and the {len(records)} records")
+    configs = {m: (configs or {}).get(m) or config_class(m).for_model(model) for m in methods}
+    layers = sorted({layer for m in methods if m != "ft" for layer in configs[m].layers})
+    stats = None
+    if layers:
+        first = configs[next(m for m in methods if m != "ft")]
+        stats = collect_stats(model, tokenizer, corpus, layers, n_samples=first.mom2_n_samples,
+                              max_length=first.mom2_max_length, max_tokens=first.mom2_max_tokens,
+                              batch_size=first.stats_batch_size, dtype=first.mom2_dtype,
+                              cache=StatsCache(cache_dir) if cache_dir else None, progress=progress, seed=first.seed)
+    sample = random.Random(seed).sample(list(records), max(sizes))
+    evaluate = dict(generation=bool(generation_records), max_generation_records=generation_records,
+                    retention_records=retention_records)
+    runs = [MethodRun("none", max(sizes), 0.0, evaluate_counterfact(model, tokenizer, sample, **evaluate))]
+    for n in sorted(sizes):
+        chosen = sample[:n]
+        requests = [EditRequest.from_dict(r) for r in chosen]
+        for method in methods:
+            t0 = time.perf_counter()
+            pack = METHOD_FUNCTIONS[method](model, tokenizer, requests, configs[method], stats=stats,
+                                            progress=progress)
+            seconds = time.perf_counter() - t0
+            with pack.applied(model):
+                result = evaluate_counterfact(model, tokenizer, chosen, **evaluate)
+            runs.append(MethodRun(method, n, seconds, result))
+    return runs
+
+
+def format_comparison(runs: Sequence[MethodRun]) -> str:
+    """One line per run: ES, PS, NS, Score, retention in percent, entropy, seconds."""
+    def pct(v: float | None) -> str:
+        return f"{100 * v:>7.1f}" if v is not None else f"{'-':>7}"
+
+    lines = [f"{'method':<8}{'edits':>7}{'ES':>7}{'PS':>7}{'NS':>7}{'Score':>7}{'kept':>7}{'entropy':>9}{'s':>9}"]
+    for r in runs:
+        res = r.result
+        ent = f"{res.generation_entropy:>9.3f}" if res.generation_entropy is not None else f"{'-':>9}"
+        lines.append(f"{r.method:<8}{r.n_edits:>7}{pct(res.efficacy_score)}{pct(res.paraphrase_score)}"
+                     f"{pct(res.neighborhood_score)}{pct(res.score)}{pct(res.retention)}{ent}{r.seconds:>9.1f}")
+    return "\n".join(lines)
+
+
+def plot_method_scaling(runs: Sequence[MethodRun], path: str | Path | None = None):
+    """Score and NS of each method against the number of edits (log scale), the unedited model as a dashed
+    line; returns the matplotlib ``Figure`` and writes ``path`` when given."""
+    from .plots import _figure
+
+    fig = _figure(9, 3.6)
+    axes = fig.subplots(1, 2)
+    base = next((r for r in runs if r.method == "none"), None)
+    for ax, metric, title in ((axes[0], "score", "Score (harmonic mean of ES, PS, NS)"),
+                              (axes[1], "neighborhood_score", "Neighbourhood score (specificity)")):
+        for method in dict.fromkeys(r.method for r in runs if r.method != "none"):
+            points = sorted((r.n_edits, getattr(r.result, metric)) for r in runs if r.method == method)
+            points = [(n, 100 * v) for n, v in points if v is not None]
+            ax.plot([n for n, _ in points], [v for _, v in points], marker="o", label=method.upper())
+        if base is not None and getattr(base.result, metric) is not None:
+            ax.axhline(100 * getattr(base.result, metric), color="gray", linestyle="--", label="unedited")
+        ax.set_xscale("log")
+        ax.set_xlabel("number of edits")
+        ax.set_ylabel("%")
+        ax.set_title(title, fontsize=10)
+        ax.set_ylim(0, 100)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    if path is not None:
+        fig.savefig(path)
+    return fig
