@@ -93,7 +93,9 @@ def test_rome_edits_one_after_the_other_and_the_targets_take():
     assert tops[-1] == targets[-1] and sum(a == t for a, t in zip(tops, targets)) >= 3  # later edits may undo some
 
 
-def test_baseline_packs_save_and_load_with_their_method(tmp_path):
+def test_baseline_packs_save_and_load_with_their_method(tmp_path, capsys):
+    from memit_adapter.cli import main
+
     model, tok = model_and_tokenizer("gpt2")
     stats = collect_stats(model, tok, corpus(), [2], progress=False)
     rome = compute_rome_edits(model, tok, requests()[:2], _rome_config(v_num_grad_steps=3), stats=stats,
@@ -104,6 +106,8 @@ def test_baseline_packs_save_and_load_with_their_method(tmp_path):
         back = EditPack.from_pretrained(str(tmp_path / method))
         assert back == pack and type(back.config) is type(pack.config) and back.config.method == method
         assert "## Provenance" in (tmp_path / method / "README.md").read_text()
+        assert main(["inspect", str(tmp_path / method)]) == 0
+        assert f"method {method}" in capsys.readouterr().out
 
 
 def test_ft_w_equals_adam_with_weight_decay_on_the_weight_itself():
