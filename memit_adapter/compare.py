@@ -24,16 +24,12 @@ from typing import Any
 
 from torch import nn
 
-from .engine import compute_edits
 from .errors import ConfigError
 from .evaluation import CounterFactResult, evaluate_counterfact
-from .finetune import compute_ft_edits
 from .method_configs import config_class
+from .methods import METHODS
 from .requests import EditRequest
-from .rome import compute_rome_edits
 from .stats import StatsCache, collect_stats
-
-METHOD_FUNCTIONS = {"memit": compute_edits, "rome": compute_rome_edits, "ft": compute_ft_edits}
 
 
 @dataclass
@@ -53,9 +49,9 @@ def compare_methods(model: nn.Module, tokenizer, records: Sequence[Mapping[str, 
     """Each method of ``methods`` on the first n records of one seeded sample, for each n of ``sizes``; the
     unedited model as method ``"none"`` on the largest batch first. Raises :class:`ConfigError` on an unknown
     method or a size larger than ``records``."""
-    unknown = [m for m in methods if m not in METHOD_FUNCTIONS]
+    unknown = [m for m in methods if m not in METHODS]
     if unknown:
-        raise ConfigError(f"unknown editing method(s) {unknown}; known: {sorted(METHOD_FUNCTIONS)}")
+        raise ConfigError(f"unknown editing method(s) {unknown}; known: {sorted(METHODS)}")
     if not sizes or max(sizes) > len(records) or min(sizes) < 1:
         raise ConfigError(f"sizes {list(sizes)} must be between 1 and the {len(records)} records")
     configs = {m: (configs or {}).get(m) or config_class(m).for_model(model) for m in methods}
@@ -76,7 +72,7 @@ def compare_methods(model: nn.Module, tokenizer, records: Sequence[Mapping[str, 
         requests = [EditRequest.from_dict(r) for r in chosen]
         for method in methods:
             t0 = time.perf_counter()
-            pack = METHOD_FUNCTIONS[method](model, tokenizer, requests, configs[method], stats=stats,
+            pack = METHODS[method](model, tokenizer, requests, configs[method], stats=stats,
                                             progress=progress)
             seconds = time.perf_counter() - t0
             with pack.applied(model):

@@ -8,6 +8,7 @@ Usage::
 
 Everything the command can check is checked before the model is loaded: the requests (parsed and checked
 for conflicts), the config, the output folder (not a file, not someone else's files unless ``--overwrite``).
+``--method rome`` or ``ft`` computes the paper's baselines instead (:mod:`memit_adapter.methods`).
 The settings are ``MemitConfig.for_model`` (a shipped world's tuned ``memit_config.json``), then the fields of
 ``--config FILE.json``, then ``--layers``. The summary says how many rewrite prompts now give the new target
 greedily, which requests ended their target optimisation above ``v_loss_threshold``, and the time per phase.
@@ -26,11 +27,11 @@ from pathlib import Path
 
 import torch
 
-from .config import MemitConfig
 from .distributed import is_main, process_group, rank_device
-from .engine import compute_edits
 from .errors import ConfigError
 from .evaluation import target_top1
+from .method_configs import config_class
+from .methods import METHODS
 from .models import load_model, world_name
 from .persistence import check_destination
 from .requests import load_requests
@@ -54,7 +55,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--requests", required=True, type=Path,
                         help=".jsonl or .json of EditRequest fields or CounterFact records, or .csv")
     parser.add_argument("--out", required=True, type=Path, help="folder for the pack (a PEFT LoRA adapter)")
-    parser.add_argument("--config", type=Path, help="JSON file of MemitConfig fields over the model's defaults")
+    parser.add_argument("--method", choices=["memit", "rome", "ft"], default="memit",
+                        help="memit (default), or the paper's baselines: rome (r-ROME, one rank-one update per "
+                             "request) or ft (FT-W, fine-tuning one layer)")
+    parser.add_argument("--config", type=Path, help="JSON file of config fields over the model's defaults "
+                                                    "(MemitConfig, RomeConfig or FtConfig by --method)")
     parser.add_argument("--layers", help="edited layers, e.g. 3-8 (overrides the config)")
     parser.add_argument("--corpus", help="statistics corpus: .txt / .jsonl file (a demo world: its own corpus)")
     parser.add_argument("--stats-cache", type=Path, help="folder of cached second moments (read and written)")
@@ -75,8 +80,11 @@ def run_cli(args: argparse.Namespace) -> int:
     if not isinstance(overrides, dict):
         raise ConfigError(f"{args.config}: a JSON object of MemitConfig fields is expected")
     if args.layers:
-        overrides["layers"] = parse_layers(args.layers)
-    MemitConfig.from_dict(overrides)  # names and types of the fields, before any work
+        layers = parse_layers(args.layers)
+        if args.method != "memit" and len(layers) != 1:
+            raise ConfigError(f"--method {args.method} edits one layer; --layers {args.layers} names {len(layers)}")
+        overrides.update({"layers": layers} if args.method == "memit" else {"layer": layers[0]})
+    config_class(args.method).from_dict(overrides)  # names and types of the fields, before any work
     check_destination(args.out, overwrite=args.overwrite)
     corpus = args.corpus
     world = world_name(args.model)
@@ -91,16 +99,17 @@ def run_cli(args: argparse.Namespace) -> int:
         if world is not None:
             from .demo.checkpoints import world_config, world_model_path
 
-            config = world_config(world, model, **overrides)
             corpus = corpus or str(world_model_path(world) / "corpus.txt")
+        if world is not None and args.method == "memit":
+            config = world_config(world, model, **overrides)
         else:
-            config = MemitConfig.for_model(model, **overrides)
+            config = config_class(args.method).for_model(model, **overrides)
         loaded = time.perf_counter() - t0
         if is_main():
-            print(f"Editing {len(requests)} facts of {args.model} at layers {config.layers} (λ = "
-                  f"{config.update_weight(len(requests)):g})", flush=True)
-        pack = compute_edits(model, tokenizer, requests, config, corpus=corpus, cache_dir=args.stats_cache,
-                             progress=not args.quiet)
+            how = (f"λ = {config.update_weight(len(requests)):g}" if args.method == "memit" else args.method.upper())
+            print(f"Editing {len(requests)} facts of {args.model} at layers {config.layers} ({how})", flush=True)
+        pack = METHODS[args.method](model, tokenizer, requests, config, corpus=corpus, cache_dir=args.stats_cache,
+                                    progress=not args.quiet)
         if is_main():  # every rank holds the same pack: one writes it
             _save_and_report(pack, model, tokenizer, args, loaded)
     return 0

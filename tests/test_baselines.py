@@ -215,3 +215,26 @@ def test_eval_methods_compares_them_on_the_same_requests(tmp_path, capsys):
     got = runs[-1]
     assert got["method"] == "ft" and got["efficacy_score"] == want.efficacy_score
     assert got["neighborhood_score"] == want.neighborhood_score and got["retention"] == want.retention
+
+
+def test_edit_command_computes_the_baselines(tmp_path, capsys):
+    from engine_setup import write_edit_inputs
+
+    from memit_adapter.cli import main
+
+    write_edit_inputs(tmp_path, requests()[:2], {"v_num_grad_steps": 3, "context_templates": TEMPLATES})
+    common = ["edit", "--model", str(tmp_path / "m"), "--requests", str(tmp_path / "edits.jsonl"), "--corpus",
+              str(tmp_path / "corpus.txt"), "--quiet"]
+    assert main(common + ["--method", "rome", "--config", str(tmp_path / "cfg.json"), "--layers", "2", "--out",
+                          str(tmp_path / "rome")]) == 0
+    pack = EditPack.from_pretrained(str(tmp_path / "rome"))
+    assert isinstance(pack.config, RomeConfig) and pack.config.layer == 2 and pack.config.v_num_grad_steps == 3
+    assert "(ROME)" in capsys.readouterr().out
+    assert main(common + ["--method", "ft", "--layers", "1", "--out", str(tmp_path / "ft")]) == 0
+    assert EditPack.from_pretrained(str(tmp_path / "ft")).config == FtConfig.for_model(
+        model_and_tokenizer("gpt2")[0], layer=1)
+    capsys.readouterr()
+    assert main(common + ["--method", "ft", "--layers", "1-2", "--out", str(tmp_path / "x")]) == 1
+    assert "edits one layer" in capsys.readouterr().err
+    assert main(common + ["--method", "ft", "--config", str(tmp_path / "cfg.json"), "--out", str(tmp_path / "x")]) == 1
+    assert "unknown FtConfig field" in capsys.readouterr().err and not (tmp_path / "x").exists()
