@@ -175,7 +175,13 @@ class FtConfig(_Serialised):
 
     @classmethod
     def for_model(cls, model: nn.Module, **overrides: Any) -> FtConfig:
-        """The published settings at layer ``floor(0.75·n_layers)`` (GPT-J: 21, the paper's layer)."""
+        """The published settings at layer ``floor(0.75·n_layers)`` (GPT-J: 21, the paper's layer).
+
+        The published lr was tuned on GPT-J; on small models it barely moves the weight. world-gpt2-bpe (layer 4,
+        the same 100 / 1,000 requests): lr 5e-4 ES / PS / NS / retention 15 / 12 / 99.7 / 99.9 and 21 / 17 / 92 /
+        80; lr 2e-3 96 / 90.5 / 97.9 / 97.8 and 90 / 74 / 78 / 53; lr 1e-2 100 / 100 / 81.5 / 78 and 100 / 84 /
+        77 / 51 (the paper's picture of FT-W: near-perfect efficacy, low specificity). Pass ``lr`` to compare
+        against a tuned FT-W; the default stays the published one."""
         n_layer = _first_attr(model.config, "n_layer", "num_hidden_layers")
         return cls(**{"layer": math.floor(0.75 * n_layer), **overrides})
 
