@@ -108,7 +108,8 @@ def plot_method_scaling(runs: Sequence[MethodRun], path: str | Path | None = Non
         for method in dict.fromkeys(r.method for r in runs if r.method != "none"):
             points = sorted((r.n_edits, getattr(r.result, metric)) for r in runs if r.method == method)
             points = [(n, 100 * v) for n, v in points if v is not None]
-            ax.plot([n for n, _ in points], [v for _, v in points], marker="o", label=method.upper())
+            label = {"ft": "FT-W"}.get(method, method.upper())
+            ax.plot([n for n, _ in points], [v for _, v in points], marker="o", label=label)
         if base is not None and getattr(base.result, metric) is not None:
             ax.axhline(100 * getattr(base.result, metric), color="gray", linestyle="--", label="unedited")
         ax.set_xscale("log")
