@@ -200,6 +200,10 @@ def process_group(device: str | None = None) -> Iterator[bool]:
         dist.init_process_group("cpu:gloo,cuda:nccl" if cuda else "gloo")
     try:
         yield is_distributed()
-    finally:
-        if start:
+    except BaseException:
+        if start:  # no barrier: the other ranks may never reach it
             dist.destroy_process_group()
+        raise
+    if start:  # rank 0 may still be saving: leaving the group before it does aborts the others' gloo threads
+        dist.barrier()
+        dist.destroy_process_group()
