@@ -31,9 +31,9 @@ from tqdm.auto import tqdm
 from .config import MemitConfig
 from .engine import compute_edits
 from .errors import ConfigError
-from .evaluation import CounterFactResult, evaluate_counterfact
+from .evaluation import RESULT_HEADER, CounterFactResult, evaluate_counterfact, result_cells
 from .requests import EditRequest
-from .stats import SecondMoment, StatsCache, collect_stats
+from .stats import SecondMoment, collect_stats_for
 
 REGIMES = ("sequential", "independent")
 
@@ -64,10 +64,8 @@ def evaluate_chain(model: nn.Module, tokenizer, records: Sequence[Mapping[str, A
         raise ConfigError(f"{n_packs} packs of {per_pack} need {n_packs * per_pack} records; there are {len(records)}")
     config = config or MemitConfig.for_model(model)
     if stats is None:
-        stats = collect_stats(model, tokenizer, corpus, config.layers, n_samples=config.mom2_n_samples,
-                              max_length=config.mom2_max_length, max_tokens=config.mom2_max_tokens,
-                              batch_size=config.stats_batch_size, dtype=config.mom2_dtype,
-                              cache=StatsCache(cache_dir) if cache_dir else None, progress=progress, seed=config.seed)
+        stats = collect_stats_for(model, tokenizer, corpus, config.layers, config, cache_dir=cache_dir,
+                                  progress=progress)
     sample = random.Random(seed).sample(list(records), n_packs * per_pack)
     evaluate = dict(generation=generation_records > 0, max_generation_records=generation_records or None,
                     retention_records=retention_records)
@@ -95,16 +93,8 @@ def evaluate_chain(model: nn.Module, tokenizer, records: Sequence[Mapping[str, A
 
 def format_chain(steps: Sequence[ChainStep]) -> str:
     """One line per step: regime, pack, edits so far, ES, PS, NS, Score, retention (%), entropy, seconds."""
-    def pct(v: float | None) -> str:
-        return f"{100 * v:>7.1f}" if v is not None else f"{'-':>7}"
-
-    lines = [f"{'regime':<12}{'pack':>5}{'edits':>7}{'ES':>7}{'PS':>7}{'NS':>7}{'Score':>7}{'kept':>7}"
-             f"{'entropy':>9}{'s':>8}"]
-    for s in steps:
-        r = s.result
-        ent = f"{r.generation_entropy:>9.3f}" if r.generation_entropy is not None else f"{'-':>9}"
-        lines.append(f"{s.regime:<12}{s.pack:>5}{s.n_edits:>7}{pct(r.efficacy_score)}{pct(r.paraphrase_score)}"
-                     f"{pct(r.neighborhood_score)}{pct(r.score)}{pct(r.retention)}{ent}{s.seconds:>8.1f}")
+    lines = [f"{'regime':<12}{'pack':>5}{'edits':>7}{RESULT_HEADER}{'s':>8}"]
+    lines += [f"{s.regime:<12}{s.pack:>5}{s.n_edits:>7}{result_cells(s.result)}{s.seconds:>8.1f}" for s in steps]
     return "\n".join(lines)
 
 

@@ -25,11 +25,11 @@ from typing import Any
 from torch import nn
 
 from .errors import ConfigError
-from .evaluation import CounterFactResult, evaluate_counterfact
+from .evaluation import RESULT_HEADER, CounterFactResult, evaluate_counterfact, result_cells
 from .method_configs import config_class
 from .methods import METHODS
 from .requests import EditRequest
-from .stats import StatsCache, collect_stats
+from .stats import collect_stats_for
 
 
 @dataclass
@@ -59,10 +59,7 @@ def compare_methods(model: nn.Module, tokenizer, records: Sequence[Mapping[str, 
     stats = None
     if layers:
         first = configs[next(m for m in methods if m != "ft")]
-        stats = collect_stats(model, tokenizer, corpus, layers, n_samples=first.mom2_n_samples,
-                              max_length=first.mom2_max_length, max_tokens=first.mom2_max_tokens,
-                              batch_size=first.stats_batch_size, dtype=first.mom2_dtype,
-                              cache=StatsCache(cache_dir) if cache_dir else None, progress=progress, seed=first.seed)
+        stats = collect_stats_for(model, tokenizer, corpus, layers, first, cache_dir=cache_dir, progress=progress)
     sample = random.Random(seed).sample(list(records), max(sizes))
     evaluate = dict(generation=bool(generation_records), max_generation_records=generation_records,
                     retention_records=retention_records)
@@ -83,15 +80,8 @@ def compare_methods(model: nn.Module, tokenizer, records: Sequence[Mapping[str, 
 
 def format_comparison(runs: Sequence[MethodRun]) -> str:
     """One line per run: ES, PS, NS, Score, retention in percent, entropy, seconds."""
-    def pct(v: float | None) -> str:
-        return f"{100 * v:>7.1f}" if v is not None else f"{'-':>7}"
-
-    lines = [f"{'method':<8}{'edits':>7}{'ES':>7}{'PS':>7}{'NS':>7}{'Score':>7}{'kept':>7}{'entropy':>9}{'s':>9}"]
-    for r in runs:
-        res = r.result
-        ent = f"{res.generation_entropy:>9.3f}" if res.generation_entropy is not None else f"{'-':>9}"
-        lines.append(f"{r.method:<8}{r.n_edits:>7}{pct(res.efficacy_score)}{pct(res.paraphrase_score)}"
-                     f"{pct(res.neighborhood_score)}{pct(res.score)}{pct(res.retention)}{ent}{r.seconds:>9.1f}")
+    lines = [f"{'method':<8}{'edits':>7}{RESULT_HEADER}{'s':>9}"]
+    lines += [f"{r.method:<8}{r.n_edits:>7}{result_cells(r.result)}{r.seconds:>9.1f}" for r in runs]
     return "\n".join(lines)
 
 

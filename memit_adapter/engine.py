@@ -41,7 +41,7 @@ from .modes import evaluating
 from .pack import EditPack, LayerDelta
 from .requests import EditRequest, as_requests, check_requests
 from .solve import cached_null_space, cov_factor, layer_update, null_space, projected_update, woodbury_pays
-from .stats import SecondMoment, StatsCache, collect_stats
+from .stats import SecondMoment, collect_stats_for
 from .targets import UNCONVERGED_NLL, ChunkSizer, compute_targets, context_templates
 from .tokens import encode_fact, pad_id, pad_right
 
@@ -114,11 +114,8 @@ def compute_edits(
         _check_encodings(tokenizer, requests, templates, max_positions(model))  # before any long work
         keep_factors = stats is not None  # the caller's statistics: a factor of C computed now serves later packs
         if stats is None:
-            stats = collect_stats(model, tokenizer, corpus, config.layers, n_samples=config.mom2_n_samples,
-                                  max_length=config.mom2_max_length, max_tokens=config.mom2_max_tokens,
-                                  batch_size=config.stats_batch_size,
-                                  dtype=config.mom2_dtype, cache=StatsCache(cache_dir) if cache_dir else None,
-                                  arch=spec, progress=progress, seed=config.seed)
+            stats = collect_stats_for(model, tokenizer, corpus, config.layers, config, cache_dir=cache_dir, arch=spec,
+                                      progress=progress)
         _check_stats(stats, config.layers)
         seconds["statistics"], clock = time.perf_counter() - clock, time.perf_counter()
         last = max(config.layers)

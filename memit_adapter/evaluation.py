@@ -371,6 +371,20 @@ def evaluate_pack(model: nn.Module, tokenizer: Any, records: Sequence[Mapping[st
     return {"pre": pre, "post": post}
 
 
+RESULT_HEADER = f"{'ES':>7}{'PS':>7}{'NS':>7}{'Score':>7}{'kept':>7}{'entropy':>9}"
+
+
+def result_cells(result: CounterFactResult) -> str:
+    """ES, PS, NS, Score and retention in percent and the entropy as fixed-width cells under :data:`RESULT_HEADER`
+    (one row of the ``eval --methods`` and ``eval --chain`` tables)."""
+    def pct(v: float | None) -> str:
+        return f"{100 * v:>7.1f}" if v is not None else f"{'-':>7}"
+
+    ent = f"{result.generation_entropy:>9.3f}" if result.generation_entropy is not None else f"{'-':>9}"
+    return (f"{pct(result.efficacy_score)}{pct(result.paraphrase_score)}{pct(result.neighborhood_score)}"
+            f"{pct(result.score)}{pct(result.retention)}{ent}")
+
+
 def format_table(results: Mapping[str, CounterFactResult]) -> str:
     """A plain-text table, one column per result (e.g. ``pre`` and ``post``); rates in percent."""
     names = list(results)
@@ -496,9 +510,9 @@ def _compare_cli(args: argparse.Namespace, out: Path) -> int:
         raise SystemExit("memit-adapter eval: --methods and --chain compute their own packs; leave out --pack")
     sizes = args.sizes or [args.n or 100]
     if args.plot:
-        from .plots import _figure
+        from .plots import require_matplotlib
 
-        _figure(1, 1)  # matplotlib is there before any work
+        require_matplotlib("eval")  # before any work: the plot comes at the end
     model, tokenizer, world_records = load_model(args.model)
     if args.device:
         model.to(args.device)

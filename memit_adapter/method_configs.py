@@ -21,7 +21,7 @@ from typing import Any, ClassVar
 
 from torch import nn
 
-from .config import CONTEXT_TEMPLATE_STARTS, LLAMA_LIKE, MemitConfig, _first_attr
+from .config import CONTEXT_TEMPLATE_STARTS, LLAMA_LIKE, MemitConfig, _first_attr, _non_negative, _positive
 from .errors import ConfigError
 
 
@@ -49,16 +49,17 @@ class _Serialised:
 
 
 def _check_numbers(cfg: Any, positive: tuple[str, ...], non_negative: tuple[str, ...], ints: tuple[str, ...]) -> None:
+    """Counts are ints (``layer`` >= 0, the others >= 1); weights are finite numbers, not flags (MemitConfig's
+    rules, :func:`~memit_adapter.config._positive` and ``_non_negative``)."""
     for name in ints:
         value = getattr(cfg, name)
         if not isinstance(value, int) or isinstance(value, bool) or value < (0 if name == "layer" else 1):
             raise ConfigError(f"{name} must be an int >= {0 if name == 'layer' else 1}, got {value!r}")
     for name in positive + non_negative:
-        value = getattr(cfg, name)
-        ok = (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-              and (value > 0 if name in positive else value >= 0))
-        if not ok:
-            raise ConfigError(f"{name} must be a finite number {'> 0' if name in positive else '>= 0'}, got {value!r}")
+        if isinstance(getattr(cfg, name), bool):
+            raise ConfigError(f"{name} must be a number, got {getattr(cfg, name)!r}")
+    _positive(cfg, *positive)
+    _non_negative(cfg, *non_negative)
 
 
 @dataclass

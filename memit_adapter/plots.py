@@ -28,6 +28,15 @@ _COLORS = {"none": "#7b52ab", "attn": "#d1495b", "mlp": "#2a9d57"}
 _LABELS = {"none": "effect of a single state", "attn": "with attention severed", "mlp": "with MLP severed"}
 
 
+def require_matplotlib(command: str) -> None:
+    """Exit with the install hint when matplotlib is missing: called by a command before its long work, whose
+    figures come at the end."""
+    import importlib.util
+
+    if importlib.util.find_spec("matplotlib") is None:
+        raise SystemExit(f'memit-adapter {command}: the figures need matplotlib: pip install "memit-adapter[plot]"')
+
+
 def _figure(width: float, height: float) -> Figure:
     try:
         from matplotlib.figure import Figure

@@ -49,7 +49,7 @@ from .method_configs import RomeConfig
 from .modes import evaluating
 from .pack import EditPack, LayerDelta
 from .requests import EditRequest, as_requests, check_requests
-from .stats import SecondMoment, StatsCache, collect_stats
+from .stats import SecondMoment, collect_stats_for
 from .targets import UNCONVERGED_NLL, ChunkSizer, compute_targets, context_templates
 from .tokens import pad_id
 
@@ -85,11 +85,8 @@ def compute_rome_edits(
         templates = context_templates(model, tokenizer, zcfg)
         _check_encodings(tokenizer, requests, templates, max_positions(model))
         if stats is None:
-            stats = collect_stats(model, tokenizer, corpus, [layer], n_samples=config.mom2_n_samples,
-                                  max_length=config.mom2_max_length, max_tokens=config.mom2_max_tokens,
-                                  batch_size=config.stats_batch_size, dtype=config.mom2_dtype,
-                                  cache=StatsCache(cache_dir) if cache_dir else None, arch=spec, progress=progress,
-                                  seed=config.seed)
+            stats = collect_stats_for(model, tokenizer, corpus, [layer], config, cache_dir=cache_dir, arch=spec,
+                                      progress=progress)
         _check_stats(stats, [layer])
         seconds["statistics"], clock = time.perf_counter() - clock, time.perf_counter()
         rows = _key_rows(tokenizer, requests, templates)

@@ -402,6 +402,19 @@ def collect_stats(
     return {layer: out[layer] for layer in layers}
 
 
+def collect_stats_for(model: nn.Module, tokenizer, corpus: Any, layers: Iterable[int], config: Any, *,
+                      cache_dir: str | os.PathLike | None = None, arch: ArchSpec | None = None,
+                      progress: bool = True) -> dict[int, SecondMoment]:
+    """:func:`collect_stats` with the statistics settings of a method's config (``mom2_n_samples``,
+    ``mom2_max_length``, ``mom2_max_tokens``, ``stats_batch_size``, ``mom2_dtype``, ``seed``: MemitConfig and
+    RomeConfig have them) and a cache folder ``cache_dir`` (or none)."""
+    return collect_stats(model, tokenizer, corpus, layers, n_samples=config.mom2_n_samples,
+                         max_length=config.mom2_max_length, max_tokens=config.mom2_max_tokens,
+                         batch_size=config.stats_batch_size, dtype=config.mom2_dtype,
+                         cache=StatsCache(cache_dir) if cache_dir else None, arch=arch, progress=progress,
+                         seed=config.seed)
+
+
 def _cache_keys(model, layers, corpus, corpus_id, n, dtype, max_length, max_tokens
                 ) -> dict[int, dict[str, Any] | None]:
     if corpus is None:

@@ -539,12 +539,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_cli(args: argparse.Namespace) -> int:
-    import importlib.util
-
     from . import plots
 
-    if importlib.util.find_spec("matplotlib") is None:  # checked first: the figures come after all the work
-        raise SystemExit('memit-adapter trace: the figures need matplotlib: pip install "memit-adapter[plot]"')
+    plots.require_matplotlib("trace")  # checked first: the figures come after all the work
     _check_out_folder(args.out)  # before the model is loaded: a bad path costs nothing
     model, tokenizer, shipped = _load(args.model, args.device)
     facts = _cli_facts(args, shipped)
