@@ -6,10 +6,12 @@ Usage::
     print(format_chain(steps))
     plot_chain(steps, "chain.png")        # Score, NS and retention against the number of edits so far
 
-``memit-adapter eval --chain 10 --n 100`` runs the same from the command line. Two regimes edit the same seeded
+``memit-adapter eval --chain 10 --n 100`` runs the same from the command line. Three regimes edit the same seeded
 sample, cut into ``n_packs`` batches of ``per_pack`` records: ``"sequential"`` computes pack i on top of packs
-1..i-1 (``compute_edits(on_top_of=...)``: their edits active and their keys kept in the solve), ``"independent"``
-computes every pack on the base model and joins them as :meth:`EditPack.stack` would. After each pack, with all
+1..i-1 (``compute_edits(on_top_of=...)``: their edits active and their keys kept in the solve), ``"joint"``
+re-solves packs 1..i together on the base model and keeps the difference (``compute_edits(on_top_of=...,
+joint=True)``: the chain equals one batch of all its edits), ``"independent"`` computes every pack on the base
+model and joins them as :meth:`EditPack.stack` would. After each pack, with all
 packs so far applied, the metrics cover every record edited so far (ES, PS, NS, Score, generation entropy of the
 first ``generation_records``) and retention covers the facts of ``retention_records`` that none of them edits.
 The statistics are collected once and shared.
@@ -35,7 +37,7 @@ from .evaluation import RESULT_HEADER, CounterFactResult, evaluate_counterfact, 
 from .requests import EditRequest
 from .stats import SecondMoment, collect_stats_for
 
-REGIMES = ("sequential", "independent")
+REGIMES = ("sequential", "joint", "independent")
 
 
 @dataclass
@@ -77,7 +79,8 @@ def evaluate_chain(model: nn.Module, tokenizer, records: Sequence[Mapping[str, A
             batch = sample[i * per_pack:(i + 1) * per_pack]
             t0 = time.perf_counter()
             pack = compute_edits(model, tokenizer, [EditRequest.from_dict(r) for r in batch], config, stats=stats,
-                                 on_top_of=packs if regime == "sequential" else (), progress=False)
+                                 on_top_of=packs if regime != "independent" else (), joint=regime == "joint",
+                                 progress=False)
             seconds = time.perf_counter() - t0
             packs.append(pack)
             done = sample[:(i + 1) * per_pack]

@@ -37,12 +37,13 @@ from .distributed import broadcast_, broadcast_object, is_main
 from .errors import ConfigError, InvalidRequestError, StatisticsError
 from .fingerprint import weights_fingerprint
 from .hooks import StopForward
+from .joint import check_joint_chain, difference, joint_batch
 from .modes import evaluating
 from .pack import EditPack, LayerDelta
 from .requests import EditRequest, as_requests, check_requests
 from .solve import cached_null_space, cov_factor, layer_update, null_space, projected_update, woodbury_pays
 from .stats import SecondMoment, collect_stats_for
-from .targets import UNCONVERGED_NLL, ChunkSizer, compute_targets, context_templates
+from .targets import UNCONVERGED_NLL, ChunkSizer, compute_targets, context_templates, relation_templates
 from .tokens import encode_fact, pad_id, pad_right
 
 logger = logging.getLogger(__name__)
@@ -60,6 +61,7 @@ def compute_edits(
     arch: ArchSpec | None = None,
     progress: bool = True,
     on_top_of: Sequence[EditPack] = (),
+    joint: bool = False,
 ) -> EditPack:
     """Compute the MEMIT update of every edited layer; return it as an :class:`EditPack`.
 
@@ -74,6 +76,15 @@ def compute_edits(
     preserved keys of the solve (``λC + K₀K₀ᵀ + KKᵀ``, the sequential form of MEMIT), so the new update leaves
     what they wrote in place. The new pack holds only its own deltas and lists their ``pack_id`` as its
     ``parents``; use it together with them (``EditPack.stack``, or attached one after the other).
+
+    ``joint=True`` (``on_top_of``: the whole chain, in order, each pack computed alone or joint, with this config and
+    statistics; an empty chain gives a plain pack, its first): the chain's requests (less those a new request
+    rewrites: same subject and prompt or ``relation_id``) and the new ones are solved as one batch on the base model
+    (none of the chain's packs may be active), and the new pack holds that update minus the chain's: with all packs
+    applied the model equals that one batch (:mod:`memit_adapter.joint`).
+    The chain's target vectors are reused from its last pack (``EditPack.targets``), except those of requests about
+    a subject the new batch edits, optimised again with it; the key passes and the solve cover every request.
+    Every pack stores the target vectors of its chain, so the next pack can be computed in another process.
 
     ``config.v_batch_size`` requests at a time go through the target-vector optimisation and through each
     layer's key pass (None: all at once on the CPU, as many as fit on an accelerator; see
@@ -104,10 +115,12 @@ def compute_edits(
         raise ConfigError(f"layers {config.layers} out of range: the model has {n_layers} layers (0..{n_layers - 1})")
     names = [spec.mlp_out_name(layer) for layer in config.layers]
     fingerprint = weights_fingerprint(model, names)
+    earlier = list(on_top_of)
+    if joint:
+        _check_joint(model, earlier, config)
 
     seconds: dict[str, float] = {}
     clock = time.perf_counter()
-    earlier = list(on_top_of)
     progress = progress and is_main()
     with evaluating(model):
         templates = broadcast_object(context_templates(model, tokenizer, config))  # sampled: rank 0's everywhere
@@ -118,25 +131,59 @@ def compute_edits(
                                       progress=progress)
         _check_stats(stats, config.layers)
         seconds["statistics"], clock = time.perf_counter() - clock, time.perf_counter()
-        last = max(config.layers)
-        with _active(model, earlier):
-            zs, _, z_loss = compute_targets(model, spec, tokenizer, requests, templates, config, last,
-                                            batch_size=config.v_batch_size, progress=progress, return_loss=True)
+        chain = earlier if joint else []
+        with _active(model, [] if joint else earlier):
+            solved, zs, z_loss = _targets(model, spec, tokenizer, requests, templates, config, chain, progress)
             seconds["targets"], clock = time.perf_counter() - clock, time.perf_counter()
-            prior = _key_rows(tokenizer, [r for p in earlier for r in p.requests], templates) if earlier else None
-            deltas = _spread_over_layers(model, spec, tokenizer, requests, templates, config, zs, stats, progress,
+            prior = None
+            if earlier and not joint:
+                prior = _key_rows(tokenizer, [r for p in earlier for r in p.requests], templates)
+            deltas = _spread_over_layers(model, spec, tokenizer, solved, templates, config, zs, stats, progress,
                                          keep_factors=keep_factors, prior=prior)
         broadcast_(t for layer in config.layers for t in (deltas[layer].B, deltas[layer].A))  # identical packs
         seconds["update"] = time.perf_counter() - clock
+    layer_deltas = {name: deltas[layer] for name, layer in zip(names, config.layers)}
+    if joint:  # the chain's packs hold the rest of the joint update
+        layer_deltas = {name: difference(d, [p.deltas[name] for p in earlier]) for name, d in layer_deltas.items()}
 
-    pack = EditPack(deltas={name: deltas[layer] for name, layer in zip(names, config.layers)},
-                    requests=requests, config=config, model_type=model.config.model_type,
+    pack = EditPack(deltas=layer_deltas, requests=requests, config=config, model_type=model.config.model_type,
                     fan_in_fan_out=spec.transposed, base_model=hub_model_id(model), fingerprint=fingerprint,
-                    parents=[p.pack_id for p in earlier])
+                    parents=[p.pack_id for p in earlier], targets=None if earlier and not joint else zs.float().cpu())
     nll = z_loss.tolist()
     pack.report = {"seconds": seconds, "z_nll": nll,
                    "unconverged": [i for i, x in enumerate(nll) if x > UNCONVERGED_NLL]}
     return pack
+
+
+def _check_joint(model: nn.Module, chain: list[EditPack], config: MemitConfig) -> None:
+    from .apply import active_packs
+
+    check_joint_chain(chain, config.layers)
+    ids = {p.pack_id for p in chain}
+    if any(p.pack_id in ids for p in active_packs(model)):
+        raise ConfigError("joint=True solves on the base model, but packs of the chain are attached to or merged into "
+                          "it: detach or unmerge them first")
+
+
+def _targets(model, spec, tokenizer, requests, templates, config, chain, progress
+             ) -> tuple[list[EditRequest], torch.Tensor, torch.Tensor]:
+    """``(requests to solve for, their target vectors, the new requests' final target NLL)``: the new requests
+    alone, or with a joint ``chain`` its kept requests (chain order) and then the new ones, the chain's stored
+    target vectors reused except for the requests optimised again (:func:`~memit_adapter.joint.joint_batch`)."""
+    last = max(config.layers)
+    if not chain:
+        zs, _, loss = compute_targets(model, spec, tokenizer, requests, templates, config, last,
+                                      batch_size=config.v_batch_size, progress=progress, return_loss=True)
+        return requests, zs, loss
+    plan = joint_batch(chain, requests, config.share_subject_delta)
+    again = [i for i, a in enumerate(plan.again) if a]
+    fresh = [plan.old[i] for i in again] + requests
+    zs, _, loss = compute_targets(model, spec, tokenizer, fresh, templates, config, last,
+                                  batch_size=config.v_batch_size, progress=progress, return_loss=True,
+                                  relations=relation_templates(plan.old + requests))
+    old_z = plan.z.to(zs.device)
+    old_z[again] = zs[:len(again)]
+    return plan.old + requests, torch.cat([old_z, zs[len(again):]]), loss[len(again):]
 
 
 def hub_model_id(model: nn.Module) -> str | None:

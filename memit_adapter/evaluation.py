@@ -438,7 +438,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--chain", type=int, metavar="K",
                         help="edits over time: K packs of --n records each, computed on top of each other and "
                              "independently (--regimes), evaluated after every pack; prints one table")
-    parser.add_argument("--regimes", nargs="+", choices=["sequential", "independent"],
+    parser.add_argument("--regimes", nargs="+", choices=["sequential", "joint", "independent"],
                         default=["sequential", "independent"], help="with --chain: the regimes to run")
     parser.add_argument("--corpus", help="with --methods/--chain: statistics corpus (a shipped world: its own)")
     parser.add_argument("--stats-cache", help="with --methods/--chain: folder of cached statistics")

@@ -31,6 +31,7 @@ from .persistence import (
     METADATA_FILE,
     PACK_FILES,
     REQUESTS_FILE,
+    TARGETS_FILE,
     load_pack_dir,
     save_pack,
 )
@@ -65,12 +66,15 @@ def load_pack(path_or_repo_id: str | os.PathLike, *, revision: str | None = None
 
     meta_path = fetch(METADATA_FILE)
     try:
-        weights_file = json.loads(meta_path.read_text(encoding="utf-8"))["weights_file"]
-    except (json.JSONDecodeError, KeyError, TypeError):
-        weights_file = None  # load_pack_dir reports the damaged sidecar
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        weights_file, targets_file = meta["weights_file"], meta.get("targets_file")
+    except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
+        weights_file = targets_file = None  # load_pack_dir reports the damaged sidecar
     wanted = [REQUESTS_FILE] + ([weights_file] if weights_file in (ADAPTER_WEIGHTS_FILE, DENSE_WEIGHTS_FILE) else [])
     if weights_file == ADAPTER_WEIGHTS_FILE:
         wanted.append(ADAPTER_CONFIG_FILE)
+    if targets_file == TARGETS_FILE:
+        wanted.append(TARGETS_FILE)
     for name in wanted:
         fetch(name)
     # all files of one revision sit in one snapshot folder; the sidecar's hash of the weights catches a

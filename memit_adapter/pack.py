@@ -157,6 +157,10 @@ class EditPack:
     not saved) says how :func:`~memit_adapter.compute_edits` made the pack: ``seconds`` per phase
     (``statistics``, ``targets``, ``update``), each request's target NLL at the end of its target-vector
     optimisation ``z_nll`` and the indices of the requests whose target stayed below even odds (``unconverged``).
+    ``targets`` (float32, ``(n, d_model)``, or None) are the target vectors of the requests of the chain the pack
+    ends, measured on the base model: a pack computed alone holds those of its own requests, a pack of a joint chain
+    those of :func:`~memit_adapter.joint.chain_requests` (see ``compute_edits(..., joint=True)``); None for packs
+    computed on top of others sequentially, combined, or made by ROME or FT-W.
     """
 
     deltas: dict[str, LayerDelta]
@@ -170,6 +174,7 @@ class EditPack:
     parents: list[str] = field(default_factory=list)
     metrics: dict[str, Any] = field(default_factory=dict)
     representation: str = "auto"
+    targets: torch.Tensor | None = field(default=None, compare=False, repr=False)
     report: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -185,6 +190,12 @@ class EditPack:
         self.deltas = dict(self.deltas)
         self.requests = list(self.requests)
         self.parents = list(self.parents)
+        if self.targets is not None:
+            t = self.targets
+            if not isinstance(t, torch.Tensor) or t.dim() != 2 or not t.is_floating_point():
+                raise PackError("targets must be a 2-D floating-point tensor (n requests, d_model) or None")
+            if not torch.isfinite(t).all():
+                raise PackError("targets hold NaN/inf values; non-finite target vectors never enter a pack")
         check_finite(self, "EditPack")
         self.set_representation(self.representation)
 
@@ -349,7 +360,8 @@ class EditPack:
 
 
 def check_compatible(packs: Sequence[EditPack]) -> None:
-    """Raise :class:`ConflictingRequestsError` if two of ``packs`` contradict each other, naming the facts.
+    """Raise :class:`ConflictingRequestsError` if two of ``packs`` contradict each other, naming the facts. A pack
+    computed on top of another (its ``parents``) may rewrite that one's facts.
 
     Also refuses packs of different model types or weight orientation.
     """
@@ -357,7 +369,13 @@ def check_compatible(packs: Sequence[EditPack]) -> None:
     if len(types) > 1:
         raise PackError(f"packs for different model types/orientations cannot be combined: {sorted(types)}")
     owner = {id(r): i for i, p in enumerate(packs) for r in p.requests}
-    pairs = [(a, b) for a, b in find_conflicts([r for p in packs for r in p.requests]) if owner[id(a)] != owner[id(b)]]
+    ids = [p.pack_id for p in packs]
+
+    def rewrites(a: int, b: int) -> bool:  # one pack was computed on top of the other: its fact replaces the other's
+        return ids[a] in packs[b].parents or ids[b] in packs[a].parents
+
+    pairs = [(a, b) for a, b in find_conflicts([r for p in packs for r in p.requests])
+             if owner[id(a)] != owner[id(b)] and not rewrites(owner[id(a)], owner[id(b)])]
     if pairs:
         shown = "; ".join(
             f"{a.text!r}: {a.target_new!r} (pack {owner[id(a)]}) vs {b.target_new!r} (pack {owner[id(b)]})"

@@ -63,8 +63,10 @@ REQUESTS_FILE = "requests.jsonl"
 ADAPTER_CONFIG_FILE = "adapter_config.json"
 ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
 DENSE_WEIGHTS_FILE = "edit_deltas.safetensors"
+TARGETS_FILE = "edit_targets.safetensors"  # the target vectors of a pack's chain (see EditPack.targets)
 CARD_FILE = "README.md"
-PACK_FILES = (ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, DENSE_WEIGHTS_FILE, REQUESTS_FILE, CARD_FILE, METADATA_FILE)
+PACK_FILES = (ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, DENSE_WEIGHTS_FILE, REQUESTS_FILE, TARGETS_FILE, CARD_FILE,
+              METADATA_FILE)
 _LOADER_FILES = frozenset(PACK_FILES) - {CARD_FILE}  # never carried over from an old folder: a loader reads them
 _TMP_MARK = ".memit-tmp-"  # .NAME.memit-tmp-HEX: a save in progress, or after its swap the old folder being deleted
 _OLD_MARK = ".memit-old-"  # .NAME.memit-old-HEX: the old folder moved aside where two folders cannot be exchanged
@@ -162,12 +164,16 @@ def _write_files(pack: EditPack, folder: Path, *, dense_file: bool, card: bool, 
     with open(folder / REQUESTS_FILE, "w", encoding="utf-8") as f:
         f.writelines(json.dumps(r.to_dict(), ensure_ascii=False) + "\n" for r in pack.requests)
     done(REQUESTS_FILE)
+    if pack.targets is not None:
+        save_file({"targets": _plain(pack.targets)}, str(folder / TARGETS_FILE), metadata={"format": "pt"})
+        done(TARGETS_FILE)
     if card:
         (folder / CARD_FILE).write_text(render_card(pack, repo_id, subfolder), encoding="utf-8")
         done(CARD_FILE)
     hashes = {name: _sha256(folder / name) for name in files}
     meta = metadata_dict(pack, weights_file=weights_file, weights_sha256=hashes[weights_file])
     meta["files"] = hashes
+    meta["targets_file"] = TARGETS_FILE if pack.targets is not None else None
     _write_json(folder / METADATA_FILE, meta)
     done(METADATA_FILE)
     return files
@@ -587,9 +593,27 @@ def _pack_from(folder: Path, meta: dict[str, Any]) -> EditPack:
                     model_type=meta["model_type"], fan_in_fan_out=bool(meta["fan_in_fan_out"]),
                     base_model=meta["base_model"], revision=meta["revision"], fingerprint=meta["fingerprint"],
                     parents=list(meta["parents"]), metrics=dict(meta["metrics"]),
-                    representation=meta["representation"])
+                    representation=meta["representation"], targets=_read_targets(folder, meta))
     pack.deltas.update(deltas)  # "auto" could re-choose; keep what was saved
     return pack
+
+
+def _read_targets(folder: Path, meta: dict[str, Any]) -> torch.Tensor | None:
+    """The pack's target vectors, or None when it was saved without them (older packs, ROME, FT-W)."""
+    name = meta.get("targets_file")
+    if name is None:
+        return None
+    path = folder / TARGETS_FILE
+    if name != TARGETS_FILE or not path.is_file():
+        raise PackError(f"{path} is missing (the metadata lists targets_file {name!r})")
+    if _sha256(path) != meta.get("files", {}).get(TARGETS_FILE):
+        raise PackError(f"{path} does not match the hash recorded in {METADATA_FILE}: the file is damaged, or "
+                        "comes from another save. Save the pack again.")
+    tensors = _read_safetensors(path)
+    targets = tensors.get("targets")
+    if targets is None or set(tensors) != {"targets"} or targets.dim() != 2:
+        raise PackError(f"{path} must hold one 2-D tensor 'targets', holds {sorted(tensors)}")
+    return targets
 
 
 def _delta_from_lora(tensors: dict[str, torch.Tensor], name: str, info: dict[str, Any]) -> LayerDelta:

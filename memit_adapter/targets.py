@@ -572,10 +572,12 @@ def _drop_old_answers(batch: _Batch, kl_init: torch.Tensor, forbidden: Sequence[
 
 
 def compute_targets(model, spec: ArchSpec, tokenizer, requests, templates, config: MemitConfig, layer: int,
-                    *, batch_size: int | None = None, progress: bool = True, return_loss: bool = False):
+                    *, batch_size: int | None = None, progress: bool = True, return_loss: bool = False,
+                    relations: Mapping[str, str] | None = None):
     """:func:`optimise_deltas` over chunks of about ``batch_size`` requests (None: see :class:`ChunkSizer`, all
     at once on the CPU, as many as fit on an accelerator); ``(z, h)``, and with ``return_loss`` each request's
-    final target NLL too (of its δ row, when last measured).
+    final target NLL too (of its δ row, when last measured). ``relations``: those ``config.preserve_factor`` keeps
+    (None: :func:`relation_templates` of ``requests``).
 
     A chunk holds whole δ rows (all requests of a shared subject), so chunking never changes a result. Requests
     whose target is still below even odds at the end (NLL above ln 2: :data:`UNCONVERGED_NLL`) are named in a
@@ -592,7 +594,7 @@ def compute_targets(model, spec: ArchSpec, tokenizer, requests, templates, confi
     for i, g in enumerate(groups):
         members.setdefault(g, []).append(i)
     shares = subject_shares(requests, groups)
-    relations = relation_templates(requests)
+    relations = relation_templates(requests) if relations is None else relations
     device = input_device(model)
     d_model = spec.weight_shape(model, layer)[0]
     z, h = (torch.zeros(len(requests), d_model, device=device) for _ in range(2))  # before a chunk is measured

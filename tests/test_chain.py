@@ -1,4 +1,4 @@
-"""``evaluate_chain`` / ``eval --chain``: packs over time, sequential and independent, against packs made apart."""
+"""``evaluate_chain`` / ``eval --chain``: packs over time (sequential, joint, independent) against packs made apart."""
 
 import json
 import random
@@ -34,13 +34,16 @@ def test_each_step_is_the_packs_so_far_made_apart():
     steps = evaluate_chain(model, tok, records, 2, 2, config=cfg, stats=stats, retention_records=records,
                            generation_records=0, progress=False)
     assert [(s.regime, s.pack, s.n_edits) for s in steps] == [
-        ("none", 0, 0), ("sequential", 1, 2), ("sequential", 2, 4), ("independent", 1, 2), ("independent", 2, 4)]
+        ("none", 0, 0), ("sequential", 1, 2), ("sequential", 2, 4), ("joint", 1, 2), ("joint", 2, 4),
+        ("independent", 1, 2), ("independent", 2, 4)]
     sample = random.Random(0).sample(records, 4)
     reqs = [[EditRequest.from_dict(r) for r in sample[i:i + 2]] for i in (0, 2)]
     first = compute_edits(model, tok, reqs[0], cfg, stats=stats, progress=False)
     on_top = compute_edits(model, tok, reqs[1], cfg, stats=stats, on_top_of=[first], progress=False)
+    joint = compute_edits(model, tok, reqs[1], cfg, stats=stats, on_top_of=[first], joint=True, progress=False)
     apart = compute_edits(model, tok, reqs[1], cfg, stats=stats, progress=False)
-    for pack, step in ((EditPack.stack([first, on_top]), steps[2]), (EditPack.stack([first, apart]), steps[4])):
+    for pack, step in ((EditPack.stack([first, on_top]), steps[2]), (EditPack.stack([first, joint]), steps[4]),
+                       (EditPack.stack([first, apart]), steps[6])):
         with pack.applied(model):
             want = evaluate_counterfact(model, tok, sample, generation=False, retention_records=records)
         got = step.result

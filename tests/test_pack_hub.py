@@ -35,6 +35,7 @@ def test_push_and_load_in_process(hub, tmp_path):
     torch.set_num_threads(1)
     model = tiny_model("gpt2")
     a, b = random_pack(model, seed=1, rel=0.5), random_pack(model, seed=2, offset=5, rel=0.5)
+    b.targets = torch.randn(len(b.requests), 8)  # the target vectors of a joint chain travel with the pack
     kw = dict(endpoint=hub.endpoint, token="hf_test")
     commits_before = hub.commit_count
     a.push_to_hub("alice/facts", subfolder="batch-a", private=True, commit_message="first batch", **kw)
@@ -46,6 +47,7 @@ def test_push_and_load_in_process(hub, tmp_path):
     assert {p for p in main if p.startswith("batch-a/")} == {f"batch-a/{f}" for f in (
         "README.md", "adapter_config.json", "adapter_model.safetensors", "edit_pack.json", "requests.jsonl")}
     assert "batch-b/edit_pack.json" in v2 and "batch-b/edit_pack.json" not in main
+    assert "batch-b/edit_targets.safetensors" in v2
     assert hub.validated_cards and hub.validated_cards[0]["library_name"] == "peft"  # our card, not PEFT's
     card = main["batch-a/README.md"].decode()  # its loading code names the repo and subfolder it was pushed to
     assert 'model.load_adapter("alice/facts", adapter_kwargs={"subfolder": "batch-a"})' in card
@@ -56,6 +58,7 @@ def test_push_and_load_in_process(hub, tmp_path):
     got_a = EditPack.from_pretrained("alice/facts", subfolder="batch-a", **load)
     got_b = EditPack.from_pretrained("alice/facts", subfolder="batch-b", revision="v2", **load)
     assert got_a == a and got_b == b
+    assert got_a.targets is None and torch.equal(got_b.targets, b.targets)
     with pytest.raises(PackError, match="not found"):
         EditPack.from_pretrained("alice/facts", subfolder="batch-b", **load)  # not on main
     with got_a.applied(model):

@@ -1,0 +1,100 @@
+"""Joint chains: each new pack re-solves every edit of its chain on the base model and holds the difference.
+
+A pack computed with ``compute_edits(..., on_top_of=packs, joint=True)`` solves the requests of ``packs`` (those
+a new request does not supersede) and the new requests as one MEMIT batch on the base model, and keeps
+``ΔW_joint − Σ ΔW_earlier``: the chain, all packs applied, is then that one batch. The target vectors of earlier
+requests are not optimised again: each pack stores ``targets``, the target vector of every request of the chain
+it ends (:func:`chain_requests`), and only the requests about a subject that the new batch edits again are
+optimised anew (they share one δ with the new ones). This module holds the bookkeeping; the solve is the
+engine's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from .errors import ConfigError
+from .pack import EditPack, LayerDelta
+from .requests import EditRequest
+
+
+def supersedes(new: EditRequest, old: EditRequest) -> bool:
+    """True when ``new`` rewrites the fact ``old`` wrote: the same subject, and the same prompt or the same
+    ``relation_id``."""
+    if new.subject.strip() != old.subject.strip():
+        return False
+    same_relation = new.relation_id is not None and new.relation_id == old.relation_id
+    return same_relation or new.prompt.strip() == old.prompt.strip()
+
+
+def chain_requests(packs: Sequence[EditPack]) -> list[EditRequest]:
+    """The requests a chain of packs holds, in order: each pack's requests after those of the packs before it,
+    less every request a later one :func:`supersedes`."""
+    out: list[EditRequest] = []
+    for pack in packs:
+        out = [r for r in out if not any(supersedes(n, r) for n in pack.requests)] + list(pack.requests)
+    return out
+
+
+def check_joint_chain(packs: Sequence[EditPack], layers: Sequence[int]) -> None:
+    """Raise :class:`ConfigError` unless ``packs`` is a joint chain that a new pack can extend: MEMIT packs of the
+    same edited layers (``layers`` are the new config's), each listing the ones before it as ``parents``, each
+    holding the target vectors of its chain."""
+    ids: list[str] = []
+    for i, pack in enumerate(packs):
+        if pack.config.method != "memit" or list(pack.config.layers) != list(layers):
+            raise ConfigError(f"joint=True: pack {i} was made by {pack.config.method} at layers "
+                              f"{getattr(pack.config, 'layers', '?')}; a joint chain re-solves MEMIT packs of the new "
+                              f"config's layers {list(layers)}")
+        if pack.parents != ids:
+            raise ConfigError(f"joint=True: pack {i} lists parents {pack.parents}, not the packs before it in "
+                              "on_top_of: pass the whole chain, in order")
+        n = len(chain_requests(packs[:i + 1]))
+        if pack.targets is None or pack.targets.shape[0] != n:
+            raise ConfigError(f"joint=True: pack {i} does not hold the target vectors of its chain ({n} requests); "
+                              "packs computed sequentially (joint=False) or saved by an older memit_adapter "
+                              "cannot be re-solved: recompute the chain with joint=True")
+        ids.append(pack.pack_id)
+
+
+@dataclass
+class JointBatch:
+    """The chain's requests that a new batch keeps (``old``, chain order, less those it supersedes), their stored
+    target vectors ``z`` ``(len(old), d_model)``, and which of them are optimised again with the new requests
+    (``again``: about a subject the new requests edit, when subjects share their δ)."""
+
+    old: list[EditRequest]
+    z: torch.Tensor
+    again: list[bool]
+
+
+def joint_batch(packs: Sequence[EditPack], new: Sequence[EditRequest], share_subject_delta: bool) -> JointBatch:
+    """The :class:`JointBatch` of extending the joint chain ``packs`` with the requests ``new``."""
+    chain = chain_requests(packs)
+    rows = [i for i, r in enumerate(chain) if not any(supersedes(n, r) for n in new)]
+    subjects = {r.subject for r in new} if share_subject_delta else set()
+    old = [chain[i] for i in rows]
+    return JointBatch(old, packs[-1].targets[rows].float(), [r.subject in subjects for r in old])
+
+
+def difference(joint: LayerDelta, earlier: Sequence[LayerDelta]) -> LayerDelta:
+    """``joint − Σ earlier`` for one module: factors concatenated (exact) while that is smaller than the dense
+    matrix, else the dense difference computed in float64."""
+    parts = [joint, *earlier]
+    rank = sum(d.rank for d in parts)
+    d_out, d_in = joint.shape
+    if rank * (d_in + d_out) > d_in * d_out or any(d.is_dense for d in parts):
+        total = _dense64(joint)
+        for d in earlier:
+            total -= _dense64(d).to(total.device)
+        return LayerDelta(dense=total.to(joint.dtype))
+    B = torch.cat([joint.B] + [-d.B.to(joint.B) for d in earlier], dim=1)
+    A = torch.cat([joint.A] + [d.A.to(joint.A) for d in earlier], dim=0)
+    return LayerDelta(B=B, A=A)
+
+
+def _dense64(d: LayerDelta) -> torch.Tensor:
+    return d.dense.double() if d.is_dense else d.B.double() @ d.A.to(d.B.device).double()
