@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from contextlib import ExitStack
 from pathlib import Path
 
 import torch
@@ -33,6 +34,7 @@ from .evaluation import target_top1
 from .method_configs import config_class
 from .methods import METHODS
 from .models import load_model, world_name
+from .pack import EditPack
 from .persistence import check_destination
 from .requests import load_requests
 
@@ -68,6 +70,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", help="e.g. cuda, cuda:1 (default: cpu)")
     parser.add_argument("--base-model", metavar="HUB_ID", help="the Hub id to record as the pack's base model when "
                         "--model is a local folder (default: --model when it is a Hub id)")
+    parser.add_argument("--on-top-of", nargs="+", metavar="PACK",
+                        help="MEMIT: packs (folders or Hub ids) computed earlier, in order: the new pack is computed "
+                             "on top of them, with the last one's config unless --config/--layers are given")
+    parser.add_argument("--joint", action="store_true",
+                        help="with --on-top-of (a joint chain): re-solve the chain's edits and the new ones as one "
+                             "batch on the base model; the new pack holds the difference")
     parser.add_argument("--push", metavar="REPO", help="also push the pack to this Hub repo")
     parser.add_argument("--overwrite", action="store_true", help="save into a folder holding other files")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -85,6 +93,11 @@ def run_cli(args: argparse.Namespace) -> int:
             raise ConfigError(f"--method {args.method} edits one layer; --layers {args.layers} names {len(layers)}")
         overrides.update({"layers": layers} if args.method == "memit" else {"layer": layers[0]})
     config_class(args.method).from_dict(overrides)  # names and types of the fields, before any work
+    if (args.on_top_of or args.joint) and args.method != "memit":
+        raise ConfigError(f"--on-top-of/--joint compute MEMIT packs on top of others; --method {args.method} cannot")
+    if args.joint and not args.on_top_of:
+        raise ConfigError("--joint extends a chain: name its packs with --on-top-of")
+    chain = [EditPack.from_pretrained(str(p)) for p in args.on_top_of or []]  # a missing pack stops us here
     check_destination(args.out, overwrite=args.overwrite)
     corpus = args.corpus
     world = world_name(args.model)
@@ -100,7 +113,9 @@ def run_cli(args: argparse.Namespace) -> int:
             from .demo.checkpoints import world_config, world_model_path
 
             corpus = corpus or str(world_model_path(world) / "corpus.txt")
-        if world is not None and args.method == "memit":
+        if chain and not overrides:
+            config = chain[-1].config
+        elif world is not None and args.method == "memit":
             config = world_config(world, model, **overrides)
         else:
             config = config_class(args.method).for_model(model, **overrides)
@@ -108,19 +123,23 @@ def run_cli(args: argparse.Namespace) -> int:
         if is_main():
             how = (f"λ = {config.update_weight(len(requests)):g}" if args.method == "memit" else args.method.upper())
             print(f"Editing {len(requests)} facts of {args.model} at layers {config.layers} ({how})", flush=True)
+        chained = dict(on_top_of=chain, joint=args.joint) if chain else {}
         pack = METHODS[args.method](model, tokenizer, requests, config, corpus=corpus, cache_dir=args.stats_cache,
-                                    progress=not args.quiet)
+                                    progress=not args.quiet, **chained)
         if is_main():  # every rank holds the same pack: one writes it
-            _save_and_report(pack, model, tokenizer, args, loaded)
+            _save_and_report(pack, model, tokenizer, args, loaded, chain)
     return 0
 
 
-def _save_and_report(pack, model, tokenizer, args: argparse.Namespace, loaded: float) -> None:
-    """Check the takes, save (and push) the pack, print the summary."""
+def _save_and_report(pack, model, tokenizer, args: argparse.Namespace, loaded: float, chain=()) -> None:
+    """Check the takes (with the ``chain`` it was computed on applied first), save (and push) the pack, print the
+    summary."""
     requests = pack.requests
     if args.base_model:
         pack.base_model = args.base_model
-    with pack.applied(model):
+    with ExitStack() as active:
+        for p in [*chain, pack]:
+            active.enter_context(p.applied(model))
         took = target_top1(model, tokenizer, [r.text for r in requests], [r.target_new for r in requests])
     pack.save_pretrained(str(args.out), overwrite=args.overwrite)
     print(summary(pack, took.tolist(), loaded))

@@ -44,6 +44,28 @@ def test_edit_saves_the_pack_the_library_computes_and_summarises_it(setup, capsy
     assert "5 requests ended their target optimisation below even odds" in out  # 5 steps are too few here
 
 
+def test_edit_on_top_of_a_chain_computes_the_librarys_joint_pack(setup, capsys):
+    from memit_adapter import EditRequest
+
+    assert _edit(setup) == 0
+    more = [EditRequest("the sport played by {}", "gamma delta", " rome"),
+            EditRequest("the sport played by {}", "michael jordan", " golf")]  # rewrites a fact of the first pack
+    (setup / "more.jsonl").write_text("".join(json.dumps(r.to_dict()) + "\n" for r in more))
+    args = ["edit", "--model", str(setup / "m"), "--requests", str(setup / "more.jsonl"), "--corpus",
+            str(setup / "corpus.txt"), "--quiet", "--on-top-of", str(setup / "pack"), "--out", str(setup / "p2")]
+    assert main(args + ["--joint"]) == 0
+    assert "of 2 rewrite prompts now give the new target greedily" in capsys.readouterr().out
+    first, second = (EditPack.from_pretrained(str(setup / p)) for p in ("pack", "p2"))
+    assert second.parents == [first.pack_id] and second.config == first.config  # the chain's config
+    model, tok = model_and_tokenizer("gpt2")
+    want = compute_edits(model, tok, more, first.config, corpus=str(setup / "corpus.txt"), on_top_of=[first],
+                         joint=True, progress=False)
+    for name, delta in want.deltas.items():
+        torch.testing.assert_close(second.deltas[name].weight_delta(), delta.weight_delta(), rtol=1e-4, atol=1e-6)
+    assert main(args[:-2] + ["--out", str(setup / "p3"), "--method", "rome"]) == 1  # one line, not a traceback
+    assert "--on-top-of/--joint compute MEMIT packs" in capsys.readouterr().err
+
+
 def test_layers_flag_overrides_the_config(setup):
     assert _edit(setup, "--layers", "2") == 0
     assert list(EditPack.from_pretrained(str(setup / "pack")).config.layers) == [2]
