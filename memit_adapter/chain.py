@@ -43,7 +43,8 @@ REGIMES = ("sequential", "joint", "independent")
 @dataclass
 class ChainStep:
     """The chain after its ``pack``-th pack (0: the unedited model): metrics over the ``n_edits`` records edited
-    so far, and the seconds that pack took to compute."""
+    so far, and the seconds the packs since the previous step took to compute (that pack's, when every pack is
+    evaluated)."""
 
     regime: str
     pack: int
@@ -56,14 +57,17 @@ def evaluate_chain(model: nn.Module, tokenizer, records: Sequence[Mapping[str, A
                    *, config: MemitConfig | None = None, regimes: Sequence[str] = REGIMES, corpus: Any = None,
                    cache_dir: str | None = None, stats: Mapping[int, SecondMoment] | None = None, seed: int = 0,
                    retention_records: Sequence[Mapping[str, Any]] | None = None, generation_records: int = 20,
-                   progress: bool = True) -> list[ChainStep]:
-    """The steps of each regime of ``regimes``, after the unedited model's (regime ``"none"``, pack 0). Raises
-    :class:`ConfigError` on an unknown regime or more records asked for than there are."""
+                   every: int = 1, progress: bool = True) -> list[ChainStep]:
+    """The steps of each regime of ``regimes``, after the unedited model's (regime ``"none"``, pack 0): one after
+    every ``every``-th pack and after the last. Raises :class:`ConfigError` on an unknown regime, more records asked
+    for than there are, or ``every < 1``."""
     bad = [r for r in regimes if r not in REGIMES]
     if bad or not regimes:
         raise ConfigError(f"regimes must be among {REGIMES}, got {list(regimes)}")
     if n_packs < 1 or per_pack < 1 or n_packs * per_pack > len(records):
         raise ConfigError(f"{n_packs} packs of {per_pack} need {n_packs * per_pack} records; there are {len(records)}")
+    if not isinstance(every, int) or every < 1:
+        raise ConfigError(f"every must be an int >= 1 (evaluate after every k-th pack), got {every!r}")
     config = config or MemitConfig.for_model(model)
     if stats is None:
         stats = collect_stats_for(model, tokenizer, corpus, config.layers, config, cache_dir=cache_dir,
@@ -73,7 +77,7 @@ def evaluate_chain(model: nn.Module, tokenizer, records: Sequence[Mapping[str, A
                     retention_records=retention_records)
     steps = [ChainStep("none", 0, 0, 0.0, evaluate_counterfact(model, tokenizer, sample, **evaluate))]
     for regime in regimes:
-        packs = []
+        packs, seconds = [], 0.0
         bar = tqdm(range(n_packs), desc=f"{regime} packs", disable=not progress)
         for i in bar:
             batch = sample[i * per_pack:(i + 1) * per_pack]
@@ -81,14 +85,17 @@ def evaluate_chain(model: nn.Module, tokenizer, records: Sequence[Mapping[str, A
             pack = compute_edits(model, tokenizer, [EditRequest.from_dict(r) for r in batch], config, stats=stats,
                                  on_top_of=packs if regime != "independent" else (), joint=regime == "joint",
                                  progress=False)
-            seconds = time.perf_counter() - t0
+            seconds += time.perf_counter() - t0
             packs.append(pack)
+            if (i + 1) % every and i + 1 < n_packs:
+                continue
             done = sample[:(i + 1) * per_pack]
             with ExitStack() as active:
                 for p in packs:  # in order: a pack after the ones it was computed on
                     active.enter_context(p.applied(model))
                 result = evaluate_counterfact(model, tokenizer, done, **evaluate)
             steps.append(ChainStep(regime, i + 1, len(done), seconds, result))
+            seconds = 0.0
             bar.set_postfix(score=f"{100 * (result.score or 0):.1f}",
                             kept="-" if result.retention is None else f"{100 * result.retention:.1f}")
     return steps

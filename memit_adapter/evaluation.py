@@ -440,6 +440,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "independently (--regimes), evaluated after every pack; prints one table")
     parser.add_argument("--regimes", nargs="+", choices=["sequential", "joint", "independent"],
                         default=["sequential", "independent"], help="with --chain: the regimes to run")
+    parser.add_argument("--every", type=int, default=1, metavar="K",
+                        help="with --chain: evaluate after every K-th pack (and the last) instead of after each")
     parser.add_argument("--corpus", help="with --methods/--chain: statistics corpus (a shipped world: its own)")
     parser.add_argument("--stats-cache", help="with --methods/--chain: folder of cached statistics")
     parser.add_argument("--exclude-edited-neighbors", action="store_true",
@@ -532,7 +534,7 @@ def _compare_cli(args: argparse.Namespace, out: Path) -> int:
                   generation_records=0 if args.no_generation else 20)
     if args.chain:
         rows = evaluate_chain(model, tokenizer, records, args.chain, args.n or 100, config=configs.get("memit"),
-                              regimes=args.regimes, **common)
+                              regimes=args.regimes, every=args.every, **common)
         print(format_chain(rows))
         payload = [{"regime": r.regime, "pack": r.pack, "n_edits": r.n_edits, "seconds": r.seconds,
                     **r.result.to_dict()} for r in rows]

@@ -53,6 +53,11 @@ def test_each_step_is_the_packs_so_far_made_apart():
     assert "sequential" in format_chain(steps)
     with pytest.raises(ConfigError, match="need 8 records"):
         evaluate_chain(model, tok, records, 4, 2, config=cfg, stats=stats, progress=False)
+    sparse = evaluate_chain(model, tok, records, 3, 1, config=cfg, stats=stats, regimes=["joint"], every=2,
+                            generation_records=0, progress=False)
+    assert [(s.regime, s.pack, s.n_edits) for s in sparse] == [("none", 0, 0), ("joint", 2, 2), ("joint", 3, 3)]
+    with pytest.raises(ConfigError, match="every"):
+        evaluate_chain(model, tok, records, 1, 2, config=cfg, stats=stats, every=0, progress=False)
     with pytest.raises(ConfigError, match="regimes"):
         evaluate_chain(model, tok, records, 1, 2, config=cfg, stats=stats, regimes=["stacked"], progress=False)
 
