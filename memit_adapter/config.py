@@ -81,6 +81,10 @@ class MemitConfig:
             prompt of every other relation in the batch (by ``EditRequest.relation_id``; requests without
             one take no part) is scored at its last token against the unedited model; a prompt whose
             unedited top token is the first token of one of the subject's ``target_true`` is left out.
+        preserve_max_relations: at most this many of those other relations per subject (a seeded draw per
+            subject), None = all of them. Each is one more row of every target-vector step: a batch of
+            CounterFact's 34 relations gives every subject up to 33 kept prompts, about five times the rows of
+            its rewrite prompts.
         share_subject_delta: requests about the same subject share one δ, optimised on the mean of their
             losses (their keys coincide in a causal model, so separate δs would ask one key for several
             values and the solve would average them away). Without shared subjects it changes nothing.
@@ -143,6 +147,7 @@ class MemitConfig:
     kl_factor: float = 0.0625
     v_weight_decay: float = 0.5
     preserve_factor: float = 0.0
+    preserve_max_relations: int | None = None
     share_subject_delta: bool = True
     v_batch_size: int | None = 32
     context_templates: list[str] | None = None
@@ -179,6 +184,8 @@ class MemitConfig:
         if self.v_max_grad_steps is not None and self.v_max_grad_steps < self.v_num_grad_steps:
             raise ConfigError(f"v_max_grad_steps must be None or >= v_num_grad_steps ({self.v_num_grad_steps}), "
                               f"got {self.v_max_grad_steps}")
+        if self.preserve_max_relations is not None and self.preserve_max_relations < 1:
+            raise ConfigError(f"preserve_max_relations must be None or >= 1, got {self.preserve_max_relations}")
         if self.v_batch_size is not None and self.v_batch_size < 1:
             raise ConfigError(f"v_batch_size must be None or >= 1, got {self.v_batch_size}")
         for name in ("mom2_max_length", "mom2_max_tokens"):
@@ -312,7 +319,7 @@ def _first_attr(obj: Any, *names: str, default: Any = None) -> Any:
 
 _INTS = ("v_num_grad_steps", "context_template_length", "context_template_top_k", "mom2_n_samples",
          "stats_batch_size", "seed")
-_OPTIONAL_INTS = ("v_batch_size", "mom2_max_length", "mom2_max_tokens", "v_max_grad_steps")
+_OPTIONAL_INTS = ("preserve_max_relations", "v_batch_size", "mom2_max_length", "mom2_max_tokens", "v_max_grad_steps")
 _BOOLS = ("v_lr_relative", "share_subject_delta")
 _FLOATS = ("mom2_update_weight", "mom2_update_weight_per_edit", "v_lr", "v_loss_threshold", "clamp_norm_factor",
            "kl_factor", "v_weight_decay", "preserve_factor", "nullspace_threshold", "nullspace_l2")

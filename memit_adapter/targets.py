@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import math
+import random
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -163,9 +164,10 @@ def relation_templates(requests: Sequence[EditRequest]) -> dict[str, str]:
 
 
 def kept_prompts(tokenizer, requests: Sequence[EditRequest], groups: Sequence[int], relations: Mapping[str, str],
-                 factor: float) -> list[list[_Kept]]:
+                 factor: float, max_relations: int | None = None, seed: int = 0) -> list[list[_Kept]]:
     """The preservation prompts of each request: held by the first request of each δ row, one per relation of
-    ``relations`` that no request about the row's subject edits, weighted ``factor * row size / count`` so that the
+    ``relations`` that no request about the row's subject edits (at most ``max_relations`` of them, drawn with a
+    generator seeded by ``seed`` and the subject, kept in order), weighted ``factor * row size / count`` so that the
     row's mean loss carries ``factor`` times their mean KL. Rows whose subject has a request lacking
     ``relation_id`` get none (its relation is unknown, so a kept prompt might ask about the fact being rewritten)."""
     out: list[list[_Kept]] = [[] for _ in requests]
@@ -182,6 +184,9 @@ def kept_prompts(tokenizer, requests: Sequence[EditRequest], groups: Sequence[in
         if None in edited:
             continue
         templates = [t for rid, t in relations.items() if rid not in edited]
+        if max_relations is not None and len(templates) > max_relations:
+            drawn = set(random.Random(f"{seed}-{reqs[0].subject}").sample(range(len(templates)), max_relations))
+            templates = [t for i, t in enumerate(templates) if i in drawn]
         if not templates:
             continue
         forbidden = frozenset(ids[0] for r in reqs if r.target_true
@@ -485,7 +490,8 @@ class _Live:
 def _optimise_deltas(model, spec, tokenizer, requests, templates, config, layer, progress, relations):
     device = input_device(model)  # the batch, δ and the loss; block L's output and the states come from their modules
     groups = delta_groups(requests, config)
-    kept = kept_prompts(tokenizer, requests, groups, relations, config.preserve_factor)
+    kept = kept_prompts(tokenizer, requests, groups, relations, config.preserve_factor,
+                        config.preserve_max_relations, config.seed)
     batch = _build_batch(tokenizer, requests, templates, device, config.kl_factor, kept)
     head = _Head(model)
     with torch.no_grad():

@@ -315,6 +315,12 @@ def test_kept_prompts_are_the_other_relations_of_each_subject():
     own = kept_prompts(tok, reqs, delta_groups(reqs, config(share_subject_delta=False)), relations, 2.0)
     assert [k.template for k in own[0]] == [k.template for k in own[1]] == ["{} works for"]
     assert own[0][0].weight == pytest.approx(2.0)
+    # at most one other relation a subject: a seeded draw of the two, the weight carried by the one kept
+    capped = [kept_prompts(tok, reqs, delta_groups(reqs, config()), relations, 2.0, 1, seed) for seed in range(8)]
+    assert all(len(c[2]) == 1 and c[2][0].template in ("{} lives in", "{} works for") for c in capped)
+    assert all(c[2][0].weight == pytest.approx(2.0) and c[0] == kept[0] for c in capped)
+    assert len({c[2][0].template for c in capped}) == 2  # the seed decides which
+    assert capped[3] == kept_prompts(tok, reqs, delta_groups(reqs, config()), relations, 2.0, 1, 3)
 
 
 def _preserve_pair(true_of_alpha=None):
