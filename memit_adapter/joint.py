@@ -24,10 +24,21 @@ from .requests import EditRequest
 def supersedes(new: EditRequest, old: EditRequest) -> bool:
     """True when ``new`` rewrites the fact ``old`` wrote: the same subject, and the same prompt or the same
     ``relation_id``."""
-    if new.subject.strip() != old.subject.strip():
-        return False
-    same_relation = new.relation_id is not None and new.relation_id == old.relation_id
-    return same_relation or new.prompt.strip() == old.prompt.strip()
+    return bool(_fact_keys(new) & _fact_keys(old))
+
+
+def _fact_keys(req: EditRequest) -> set[tuple[str, str, str]]:
+    subject = req.subject.strip()
+    keys = {(subject, "prompt", req.prompt.strip())}
+    if req.relation_id is not None:
+        keys.add((subject, "relation", req.relation_id))
+    return keys
+
+
+def _not_rewritten(old: Sequence[EditRequest], new: Sequence[EditRequest]) -> list[int]:
+    """Indices of the requests of ``old`` that no request of ``new`` :func:`supersedes`."""
+    rewritten = set().union(*(_fact_keys(r) for r in new)) if new else set()
+    return [i for i, r in enumerate(old) if not _fact_keys(r) & rewritten]
 
 
 def chain_requests(packs: Sequence[EditPack]) -> list[EditRequest]:
@@ -35,7 +46,7 @@ def chain_requests(packs: Sequence[EditPack]) -> list[EditRequest]:
     less every request a later one :func:`supersedes`."""
     out: list[EditRequest] = []
     for pack in packs:
-        out = [r for r in out if not any(supersedes(n, r) for n in pack.requests)] + list(pack.requests)
+        out = [out[i] for i in _not_rewritten(out, pack.requests)] + list(pack.requests)
     return out
 
 
@@ -44,6 +55,7 @@ def check_joint_chain(packs: Sequence[EditPack], layers: Sequence[int]) -> None:
     same edited layers (``layers`` are the new config's), each listing the ones before it as ``parents``, each
     holding the target vectors of its chain."""
     ids: list[str] = []
+    chain: list[EditRequest] = []
     for i, pack in enumerate(packs):
         if pack.config.method != "memit" or list(pack.config.layers) != list(layers):
             raise ConfigError(f"joint=True: pack {i} was made by {pack.config.method} at layers "
@@ -52,7 +64,8 @@ def check_joint_chain(packs: Sequence[EditPack], layers: Sequence[int]) -> None:
         if pack.parents != ids:
             raise ConfigError(f"joint=True: pack {i} lists parents {pack.parents}, not the packs before it in "
                               "on_top_of: pass the whole chain, in order")
-        n = len(chain_requests(packs[:i + 1]))
+        chain = [chain[j] for j in _not_rewritten(chain, pack.requests)] + list(pack.requests)
+        n = len(chain)
         if pack.targets is None or pack.targets.shape[0] != n:
             raise ConfigError(f"joint=True: pack {i} does not hold the target vectors of its chain ({n} requests); "
                               "packs computed sequentially (joint=False) or saved by an older memit_adapter "
@@ -74,7 +87,7 @@ class JointBatch:
 def joint_batch(packs: Sequence[EditPack], new: Sequence[EditRequest], share_subject_delta: bool) -> JointBatch:
     """The :class:`JointBatch` of extending the joint chain ``packs`` with the requests ``new``."""
     chain = chain_requests(packs)
-    rows = [i for i, r in enumerate(chain) if not any(supersedes(n, r) for n in new)]
+    rows = _not_rewritten(chain, new)
     subjects = {r.subject for r in new} if share_subject_delta else set()
     old = [chain[i] for i in rows]
     return JointBatch(old, packs[-1].targets[rows].float(), [r.subject in subjects for r in old])
