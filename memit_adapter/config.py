@@ -73,6 +73,9 @@ class MemitConfig:
         v_max_grad_steps: when set (>= ``v_num_grad_steps``), the δ rows whose target is still below even odds
             after ``v_num_grad_steps`` (NLL above ln 2: edits that would not take) go on alone, up to this many
             steps in all; None = every row stops at ``v_num_grad_steps`` (published).
+        v_stop_when_top: a δ row also stops once each target token is the most probable token at its position in
+            every rewrite prompt of the row (the context templates): Most-Probable Early Stopping (MPES, Gupta et
+            al. 2025, ENCORE), against over-optimised target vectors. Not in the published method; off by default.
         clamp_norm_factor: ||delta_i|| <= factor * ||h_i|| after every step.
         kl_factor: weight of the KL term on "{subject} is a" that keeps the subject's essence.
         v_weight_decay: weight of ||delta|| / ||h||^2.
@@ -143,6 +146,7 @@ class MemitConfig:
     v_num_grad_steps: int = 25
     v_loss_threshold: float = 0.05
     v_max_grad_steps: int | None = None
+    v_stop_when_top: bool = False
     clamp_norm_factor: float = 0.75
     kl_factor: float = 0.0625
     v_weight_decay: float = 0.5
@@ -320,7 +324,7 @@ def _first_attr(obj: Any, *names: str, default: Any = None) -> Any:
 _INTS = ("v_num_grad_steps", "context_template_length", "context_template_top_k", "mom2_n_samples",
          "stats_batch_size", "seed")
 _OPTIONAL_INTS = ("preserve_max_relations", "v_batch_size", "mom2_max_length", "mom2_max_tokens", "v_max_grad_steps")
-_BOOLS = ("v_lr_relative", "share_subject_delta")
+_BOOLS = ("v_stop_when_top", "v_lr_relative", "share_subject_delta")
 _FLOATS = ("mom2_update_weight", "mom2_update_weight_per_edit", "v_lr", "v_loss_threshold", "clamp_norm_factor",
            "kl_factor", "v_weight_decay", "preserve_factor", "nullspace_threshold", "nullspace_l2")
 

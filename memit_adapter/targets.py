@@ -389,7 +389,8 @@ def _forward_step(model, spec: ArchSpec, layer: int, parts: Sequence[_Part], row
 
 
 def _losses(head: _Head, batch: _Batch, final, kl_init, delta, h_norm, config: MemitConfig):
-    """Per-request loss ``(n,)`` in float32: NLL of the targets + the weighted KL rows + weight decay; and the NLL.
+    """Per-request loss ``(n,)`` in float32: NLL of the targets + the weighted KL rows + weight decay; the NLL; and
+    how many of the request's target tokens (over its rewrite prompts) are not the most probable token.
 
     ``final``: the final states of the rows' suffixes (column = position - lookup); ``kl_init``: the unedited
     log-probabilities of ``batch``'s KL rows, in order."""
@@ -398,13 +399,15 @@ def _losses(head: _Head, batch: _Batch, final, kl_init, delta, h_norm, config: M
     tok_nll = -logp.gather(1, batch.target_ids[:, None])[:, 0] * batch.target_weight
     req_of_tok = batch.row_request[batch.target_rows]
     nll = torch.zeros(batch.n_requests, device=final.device).index_add(0, req_of_tok, tok_nll)
+    missed = (logp.detach().argmax(-1) != batch.target_ids).float()  # target tokens not (yet) the top answer
+    misses = torch.zeros(batch.n_requests, device=final.device).index_add(0, req_of_tok, missed)
     kl_rows = torch.arange(batch.n_rewrite_rows, final.shape[0], device=final.device)
     at_kl = final[kl_rows, batch.kl_pos[kl_rows] - batch.lookup[kl_rows]]
     kl_logp = torch.log_softmax(head(at_kl), dim=-1)
     kl = F.kl_div(kl_init, kl_logp, log_target=True, reduction="none").sum(-1)  # KL(now || before)
     kl = torch.zeros_like(nll).index_add(0, batch.row_request[kl_rows], kl * batch.kl_weight[kl_rows])
     decay = config.v_weight_decay * delta.norm(dim=-1) / h_norm**2
-    return nll + kl + decay, nll
+    return nll + kl + decay, nll, misses
 
 
 def delta_groups(requests: Sequence[EditRequest], config: MemitConfig) -> list[int]:
@@ -522,13 +525,15 @@ def _optimise_deltas(model, spec, tokenizer, requests, templates, config, layer,
         for step in range(budget):
             delta = param * unit
             final = _forward_step(model, spec, layer, live.parts, delta[live.row_group], as_tuple)
-            req_loss, req_nll = _losses(head, live.sub, final, live.kl_init, delta[live.req_group], live.h_norm,
-                                        config)
+            req_loss, req_nll, req_miss = _losses(head, live.sub, final, live.kl_init, delta[live.req_group],
+                                                  live.h_norm, config)
             loss = torch.zeros(n_groups, device=device).index_add(0, live.req_group, req_loss) / size  # mean per row
             shown = torch.where(active, loss.detach(), 0.0).sum() / len(going)
             nll = torch.zeros(n_groups, device=device).index_add(0, live.req_group, req_nll.detach()) / size
             last_nll = torch.where(active, nll, last_nll)
             active = active & (loss.detach() >= config.v_loss_threshold)
+            if config.v_stop_when_top:  # MPES: the row's targets are the top answers of all its rewrite prompts
+                active = active & (torch.zeros(n_groups, device=device).index_add(0, live.req_group, req_miss) > 0)
             if step >= config.v_num_grad_steps - 1:  # from here on only the rows still below even odds go on
                 active = active & (nll > UNCONVERGED_NLL)
             # the one read-back of a step: the loss shown, whether it is finite, which rows go on

@@ -548,3 +548,35 @@ def test_rows_below_even_odds_go_on_alone_up_to_the_step_cap(monkeypatch):
         torch.testing.assert_close(alone[0], z1[i], rtol=1e-4, atol=1e-4)
     with pytest.raises(Exception, match="v_max_grad_steps"):
         short.replace(v_max_grad_steps=3)
+
+
+def _top_everywhere(model, spec, tok, req, templates, delta, layer) -> bool:
+    """Whether the first target token is the most probable next token after every templated prompt, with ``delta``
+    added to block ``layer``'s output at the subject's last token (these prompts end with the subject)."""
+    target = tok(req.target_new, add_special_tokens=False)["input_ids"][0]
+    for t in templates:
+        ids = tok(t.replace("{}", req.prompt).replace("{}", req.subject), return_tensors="pt")["input_ids"]
+        with torch.no_grad(), _added_at(spec.blocks(model)[layer], ids.shape[1] - 1, delta):
+            if int(model(ids).logits[0, -1].argmax()) != target:
+                return False
+    return True
+
+
+def test_most_probable_early_stopping_stops_each_row_at_its_first_top_answer():
+    """With ``v_stop_when_top`` (MPES), each δ is the plain optimisation's δ after the fewest steps that make its
+    target the top answer of all its prompts (checked here with a hooked full forward)."""
+    model, tok = model_and_tokenizer("gpt2")
+    spec = get_arch_spec(model)
+    reqs, templates = requests(), ["{}", "the man said . {}"]
+    plain = config(v_num_grad_steps=30, v_loss_threshold=0.0)  # the loss never stops a row here
+    z_top, h = compute_targets(model, spec, tok, reqs, templates, plain.replace(v_stop_when_top=True), 2,
+                               progress=False)
+    runs = [compute_targets(model, spec, tok, reqs, templates, plain.replace(v_num_grad_steps=n), 2,
+                            progress=False)[0] for n in range(1, 31)]
+    stopped = 0
+    for i, req in enumerate(reqs):
+        first = next((n for n in range(1, 31)
+                      if _top_everywhere(model, spec, tok, req, templates, runs[n - 1][i] - h[i], 2)), 30)
+        torch.testing.assert_close(z_top[i], runs[first - 1][i], rtol=1e-4, atol=1e-4)
+        stopped += first < 30
+    assert stopped >= 2  # rows that stopped early, or the test shows nothing
