@@ -34,6 +34,7 @@ def describe(pack: EditPack) -> dict[str, Any]:
         "pack_id": pack.pack_id, "base_model": pack.base_model, "revision": pack.revision,
         "model_type": pack.model_type, "fingerprint": pack.fingerprint, "parents": list(pack.parents),
         "n_edits": len(pack.requests), "bytes": pack.nbytes,
+        "chain_targets": None if pack.targets is None else pack.targets.shape[0],
         "modules": {name: {"shape": list(d.shape), "rank": d.rank, "form": "dense" if d.is_dense else "low rank",
                            "dtype": str(d.dtype).replace("torch.", ""), "bytes": d.nbytes}
                     for name, d in sorted(pack.deltas.items())},
@@ -50,6 +51,9 @@ def format_description(info: dict[str, Any], n_requests: int = 5) -> str:
              f" ({info['model_type']}), {info['bytes'] / 1e6:.2f} MB",
              f"fingerprint of the base weights: {info['fingerprint'] or 'not recorded'}",
              f"parents: {', '.join(info['parents']) or 'none'}",
+             "target vectors: " + ("none (a joint chain cannot be extended from this pack)"
+                                   if info["chain_targets"] is None else
+                                   f"{info['chain_targets']}, of its chain's requests (joint=True can extend it)"),
              "settings: " + ", ".join(f"{k} {v}" for k, v in info["config"].items()),
              "modules:"]
     for name, m in info["modules"].items():

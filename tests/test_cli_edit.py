@@ -144,6 +144,7 @@ def test_inspect_describes_the_saved_pack(setup, capsys):
     assert main(["inspect", str(setup / "pack")]) == 0
     text = capsys.readouterr().out
     assert text.startswith(f"pack {pack.pack_id}: 5 edits") and "transformer.h.2.mlp.c_proj" in text
+    assert info["chain_targets"] == 5 and "target vectors: 5, of its chain's requests" in text
     assert repr(requests()[0].text) in text
 
 
