@@ -436,8 +436,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--plot", help="with --methods/--chain: write the metrics against the number of edits to "
                                        "this PNG")
     parser.add_argument("--chain", type=int, metavar="K",
-                        help="edits over time: K packs of --n records each, computed on top of each other and "
-                             "independently (--regimes), evaluated after every pack; prints one table")
+                        help="edits over time: K packs of --n records each, computed on top of each other "
+                             "(sequential), re-solved with the chain (joint) or independently (--regimes), evaluated "
+                             "after every pack (--every); prints one table")
     parser.add_argument("--regimes", nargs="+", choices=["sequential", "joint", "independent"],
                         default=["sequential", "independent"], help="with --chain: the regimes to run")
     parser.add_argument("--every", type=int, default=1, metavar="K",
