@@ -440,7 +440,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(sequential), re-solved with the chain (joint) or independently (--regimes), evaluated "
                              "after every pack (--every); prints one table")
     parser.add_argument("--regimes", nargs="+", choices=["sequential", "joint", "independent"],
-                        default=["sequential", "independent"], help="with --chain: the regimes to run")
+                        default=["sequential", "joint", "independent"], help="with --chain: the regimes to run")
     parser.add_argument("--every", type=int, default=1, metavar="K",
                         help="with --chain: evaluate after every K-th pack (and the last) instead of after each")
     parser.add_argument("--corpus", help="with --methods/--chain: statistics corpus (a shipped world: its own)")
