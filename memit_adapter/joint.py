@@ -5,8 +5,11 @@ a new request does not supersede) and the new requests as one MEMIT batch on the
 ``ΔW_joint − Σ ΔW_earlier``: the chain, all packs applied, is then that one batch. The target vectors of earlier
 requests are not optimised again: each pack stores ``targets``, the target vector of every request of the chain
 it ends (:func:`chain_requests`), and only the requests about a subject that the new batch edits again are
-optimised anew (they share one δ with the new ones). This module holds the bookkeeping; the solve is the
-engine's.
+optimised anew (they share one δ with the new ones). The chain equals the one batch exactly when every pack's
+batch spans the same relations; otherwise a subject's preserved relations (``preserve_factor``) are those of the
+batch in which its target vector was last optimised (world-gpt2-bpe, 100 packs of 10 against 10 of 100 on the
+same edits: Score / retention 95.0 / 96.5 against 94.8 / 96.7 after 100 edits, equal after 200). This module holds
+the bookkeeping; the solve is the engine's.
 """
 
 from __future__ import annotations
