@@ -1,4 +1,4 @@
-"""Use two packs at once, combine them into one, and see a contradiction refused.
+"""Use two packs at once, combine them into one, chain a pack onto another, and see a contradiction refused.
 
     python examples/04_stack_packs.py
 """
@@ -31,12 +31,15 @@ both = EditPack.stack([sports, more])  # one pack; its factors are the two packs
 print(f"stacked: {len(both.requests)} edits, ranks {[d.rank for d in both.deltas.values()]}")
 both.save_pretrained("out/pack-stacked")
 
-# sequential editing: compute on top of the merged first pack and record it as the parent
-sports.merge(model)
-later = edit(("serena williams", " soccer"))
-later.parents = [sports.pack_id]
-sports.unmerge(model)  # bit-for-bit the original weights again
-print("sequential pack parents:", later.parents)
+# edits over time: a pack computed on top of the first one. joint=True re-solves the first pack's edits with the new
+# one on the base model and keeps the difference: both packs applied are one batch of all their edits
+later = compute_edits(model, tok, [EditRequest("the sport played by {}", "serena williams", " soccer")], config,
+                      corpus=corpus, on_top_of=[sports], joint=True, progress=False)
+print("chained pack parents:", later.parents)
+with sports.applied(model), later.applied(model):
+    ids = tok(["the sport played by michael jordan", "the sport played by serena williams"], return_tensors="pt")
+    print("chain applied:", [tok.decode(t) for t in model(**ids).logits[:, -1].argmax(-1)])
+later.save_pretrained("out/pack-day-2")  # with its parents' ids and the chain's target vectors for the next day
 
 try:
     EditPack.stack([sports, edit(("michael jordan", " golf"))])

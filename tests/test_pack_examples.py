@@ -28,4 +28,6 @@ def test_examples_run_in_order(tmp_path):
     assert "'the sport played by michael jordan' -> 'baseball'" in outputs[1]  # stock load_adapter
     assert "[edits off] 'the sport played by michael jordan' -> 'baseball'" not in outputs[2]
     assert "refused:" in outputs[3] and "michael jordan" in outputs[3]
+    assert "chained pack parents: ['sha256:" in outputs[3] and (tmp_path / "out" / "pack-day-2" /
+                                                                "edit_targets.safetensors").is_file()
     assert (tmp_path / "out" / "merged" / "deltas.safetensors").is_file()
