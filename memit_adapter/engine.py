@@ -116,8 +116,7 @@ def compute_edits(
     names = [spec.mlp_out_name(layer) for layer in config.layers]
     fingerprint = weights_fingerprint(model, names)
     earlier = list(on_top_of)
-    if joint:
-        _check_joint(model, earlier, config)
+    held = _check_joint(model, earlier, config) if joint else []  # the chain's requests
 
     seconds: dict[str, float] = {}
     clock = time.perf_counter()
@@ -131,13 +130,11 @@ def compute_edits(
                                       progress=progress)
         _check_stats(stats, config.layers)
         seconds["statistics"], clock = time.perf_counter() - clock, time.perf_counter()
-        chain = earlier if joint else []
-        with _active(model, [] if joint else earlier):
-            solved, zs, z_loss = _targets(model, spec, tokenizer, requests, templates, config, chain, progress)
+        chain, below = (earlier, []) if joint else ([], earlier)  # re-solved with the new requests, or kept under them
+        with _active(model, below):
+            solved, zs, z_loss = _targets(model, spec, tokenizer, requests, templates, config, chain, held, progress)
             seconds["targets"], clock = time.perf_counter() - clock, time.perf_counter()
-            prior = None
-            if earlier and not joint:
-                prior = _key_rows(tokenizer, [r for p in earlier for r in p.requests], templates)
+            prior = _key_rows(tokenizer, [r for p in below for r in p.requests], templates) if below else None
             deltas = _spread_over_layers(model, spec, tokenizer, solved, templates, config, zs, stats, progress,
                                          keep_factors=keep_factors, prior=prior)
         broadcast_(t for layer in config.layers for t in (deltas[layer].B, deltas[layer].A))  # identical packs
@@ -148,34 +145,36 @@ def compute_edits(
 
     pack = EditPack(deltas=layer_deltas, requests=requests, config=config, model_type=model.config.model_type,
                     fan_in_fan_out=spec.transposed, base_model=hub_model_id(model), fingerprint=fingerprint,
-                    parents=[p.pack_id for p in earlier], targets=None if earlier and not joint else zs.float().cpu())
+                    parents=[p.pack_id for p in earlier], targets=None if below else zs.float().cpu())
     nll = z_loss.tolist()
     pack.report = {"seconds": seconds, "z_nll": nll,
                    "unconverged": [i for i, x in enumerate(nll) if x > UNCONVERGED_NLL]}
     return pack
 
 
-def _check_joint(model: nn.Module, chain: list[EditPack], config: MemitConfig) -> None:
+def _check_joint(model: nn.Module, chain: list[EditPack], config: MemitConfig) -> list[EditRequest]:
     from .apply import active_packs
 
-    check_joint_chain(chain, config.layers)
+    held = check_joint_chain(chain, config.layers)
     ids = {p.pack_id for p in chain}
     if any(p.pack_id in ids for p in active_packs(model)):
         raise ConfigError("joint=True solves on the base model, but packs of the chain are attached to or merged into "
                           "it: detach or unmerge them first")
+    return held
 
 
-def _targets(model, spec, tokenizer, requests, templates, config, chain, progress
+def _targets(model, spec, tokenizer, requests, templates, config, chain, held, progress
              ) -> tuple[list[EditRequest], torch.Tensor, torch.Tensor]:
     """``(requests to solve for, their target vectors, the new requests' final target NLL)``: the new requests
-    alone, or with a joint ``chain`` its kept requests (chain order) and then the new ones, the chain's stored
-    target vectors reused except for the requests optimised again (:func:`~memit_adapter.joint.joint_batch`)."""
+    alone, or with a joint ``chain`` (its requests ``held``) its kept requests (chain order) and then the new ones,
+    the chain's stored target vectors reused except for the requests optimised again
+    (:func:`~memit_adapter.joint.joint_batch`)."""
     last = max(config.layers)
     if not chain:
         zs, _, loss = compute_targets(model, spec, tokenizer, requests, templates, config, last,
                                       batch_size=config.v_batch_size, progress=progress, return_loss=True)
         return requests, zs, loss
-    plan = joint_batch(chain, requests, config.share_subject_delta)
+    plan = joint_batch(chain, requests, config.share_subject_delta, held)
     again = [i for i, a in enumerate(plan.again) if a]
     fresh = [plan.old[i] for i in again] + requests
     zs, _, loss = compute_targets(model, spec, tokenizer, fresh, templates, config, last,

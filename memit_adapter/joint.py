@@ -53,10 +53,10 @@ def chain_requests(packs: Sequence[EditPack]) -> list[EditRequest]:
     return out
 
 
-def check_joint_chain(packs: Sequence[EditPack], layers: Sequence[int]) -> None:
+def check_joint_chain(packs: Sequence[EditPack], layers: Sequence[int]) -> list[EditRequest]:
     """Raise :class:`ConfigError` unless ``packs`` is a joint chain that a new pack can extend: MEMIT packs of the
     same edited layers (``layers`` are the new config's), each listing the ones before it as ``parents``, each
-    holding the target vectors of its chain."""
+    holding the target vectors of its chain. Returns the chain's requests (:func:`chain_requests`)."""
     ids: list[str] = []
     chain: list[EditRequest] = []
     for i, pack in enumerate(packs):
@@ -74,6 +74,7 @@ def check_joint_chain(packs: Sequence[EditPack], layers: Sequence[int]) -> None:
                               "packs computed sequentially (joint=False) or saved by an older memit_adapter "
                               "cannot be re-solved: recompute the chain with joint=True")
         ids.append(pack.pack_id)
+    return chain
 
 
 @dataclass
@@ -87,9 +88,11 @@ class JointBatch:
     again: list[bool]
 
 
-def joint_batch(packs: Sequence[EditPack], new: Sequence[EditRequest], share_subject_delta: bool) -> JointBatch:
-    """The :class:`JointBatch` of extending the joint chain ``packs`` with the requests ``new``."""
-    chain = chain_requests(packs)
+def joint_batch(packs: Sequence[EditPack], new: Sequence[EditRequest], share_subject_delta: bool,
+                chain: Sequence[EditRequest] | None = None) -> JointBatch:
+    """The :class:`JointBatch` of extending the joint chain ``packs`` (its requests ``chain``, when already known)
+    with the requests ``new``."""
+    chain = chain_requests(packs) if chain is None else chain
     rows = _not_rewritten(chain, new)
     subjects = {r.subject for r in new} if share_subject_delta else set()
     old = [chain[i] for i in rows]

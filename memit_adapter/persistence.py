@@ -565,9 +565,7 @@ def _pack_from(folder: Path, meta: dict[str, Any]) -> EditPack:
     path = folder / weights_file
     if not path.is_file():
         raise PackError(f"{path} is missing")
-    if _sha256(path) != meta["weights_sha256"]:
-        raise PackError(f"{path} does not match the hash recorded in {METADATA_FILE}: the file is damaged, or "
-                        "comes from another save. Save the pack again.")
+    _check_hash(path, meta["weights_sha256"])
     tensors = _read_safetensors(path)
     for key, t in tensors.items():
         if t.is_floating_point() and not torch.isfinite(t).all():
@@ -598,6 +596,12 @@ def _pack_from(folder: Path, meta: dict[str, Any]) -> EditPack:
     return pack
 
 
+def _check_hash(path: Path, recorded: str | None) -> None:
+    if _sha256(path) != recorded:
+        raise PackError(f"{path} does not match the hash recorded in {METADATA_FILE}: the file is damaged, or "
+                        "comes from another save. Save the pack again.")
+
+
 def _read_targets(folder: Path, meta: dict[str, Any]) -> torch.Tensor | None:
     """The pack's target vectors, or None when it was saved without them (older packs, ROME, FT-W)."""
     name = meta.get("targets_file")
@@ -606,9 +610,7 @@ def _read_targets(folder: Path, meta: dict[str, Any]) -> torch.Tensor | None:
     path = folder / TARGETS_FILE
     if name != TARGETS_FILE or not path.is_file():
         raise PackError(f"{path} is missing (the metadata lists targets_file {name!r})")
-    if _sha256(path) != meta.get("files", {}).get(TARGETS_FILE):
-        raise PackError(f"{path} does not match the hash recorded in {METADATA_FILE}: the file is damaged, or "
-                        "comes from another save. Save the pack again.")
+    _check_hash(path, meta.get("files", {}).get(TARGETS_FILE))
     tensors = _read_safetensors(path)
     targets = tensors.get("targets")
     if targets is None or set(tensors) != {"targets"} or targets.dim() != 2:

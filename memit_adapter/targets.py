@@ -390,7 +390,8 @@ def _forward_step(model, spec: ArchSpec, layer: int, parts: Sequence[_Part], row
 
 def _losses(head: _Head, batch: _Batch, final, kl_init, delta, h_norm, config: MemitConfig):
     """Per-request loss ``(n,)`` in float32: NLL of the targets + the weighted KL rows + weight decay; the NLL; and
-    how many of the request's target tokens (over its rewrite prompts) are not the most probable token.
+    with ``config.v_stop_when_top`` how many of the request's target tokens (over its rewrite prompts) are not the
+    most probable token (else None).
 
     ``final``: the final states of the rows' suffixes (column = position - lookup); ``kl_init``: the unedited
     log-probabilities of ``batch``'s KL rows, in order."""
@@ -399,8 +400,10 @@ def _losses(head: _Head, batch: _Batch, final, kl_init, delta, h_norm, config: M
     tok_nll = -logp.gather(1, batch.target_ids[:, None])[:, 0] * batch.target_weight
     req_of_tok = batch.row_request[batch.target_rows]
     nll = torch.zeros(batch.n_requests, device=final.device).index_add(0, req_of_tok, tok_nll)
-    missed = (logp.detach().argmax(-1) != batch.target_ids).float()  # target tokens not (yet) the top answer
-    misses = torch.zeros(batch.n_requests, device=final.device).index_add(0, req_of_tok, missed)
+    misses = None
+    if config.v_stop_when_top:  # target tokens not (yet) the top answer; only MPES reads it
+        missed = (logp.detach().argmax(-1) != batch.target_ids).float()
+        misses = torch.zeros(batch.n_requests, device=final.device).index_add(0, req_of_tok, missed)
     kl_rows = torch.arange(batch.n_rewrite_rows, final.shape[0], device=final.device)
     at_kl = final[kl_rows, batch.kl_pos[kl_rows] - batch.lookup[kl_rows]]
     kl_logp = torch.log_softmax(head(at_kl), dim=-1)
