@@ -9,9 +9,10 @@ Usage::
 Everything the command can check is checked before the model is loaded: the requests (parsed and checked
 for conflicts), the config, the output folder (not a file, not someone else's files unless ``--overwrite``).
 ``--method rome`` or ``ft`` computes the paper's baselines instead (:mod:`memit_adapter.methods`).
-The settings are ``MemitConfig.for_model`` (a shipped world's tuned ``memit_config.json``), then the fields of
-``--config FILE.json``, then ``--layers``. The summary says how many rewrite prompts now give the new target
-greedily, which requests ended their target optimisation above ``v_loss_threshold``, and the time per phase.
+The settings are the method's ``for_model`` (a shipped world's tuned ``memit_config.json`` or ``ft_config.json``),
+then the fields of ``--config FILE.json``, then ``--layers``. The summary says how many rewrite prompts now give
+the new target greedily, which requests ended their target optimisation above ``v_loss_threshold``, and the time
+per phase.
 
 Started by ``torchrun`` (``torchrun --nproc-per-node 4 -m memit_adapter.cli edit ... --device cuda``), every rank
 loads the model (``--device cuda``: ``cuda:LOCAL_RANK``) and shares the work (:mod:`memit_adapter.distributed`);
@@ -115,8 +116,8 @@ def run_cli(args: argparse.Namespace) -> int:
             corpus = corpus or str(world_model_path(world) / "corpus.txt")
         if chain and not overrides:
             config = chain[-1].config
-        elif world is not None and args.method == "memit":
-            config = world_config(world, model, **overrides)
+        elif world is not None:
+            config = world_config(world, model, args.method, **overrides)
         else:
             config = config_class(args.method).for_model(model, **overrides)
         loaded = time.perf_counter() - t0

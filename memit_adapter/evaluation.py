@@ -528,7 +528,7 @@ def _compare_cli(args: argparse.Namespace, out: Path) -> int:
         from .demo.checkpoints import world_config, world_model_path
 
         corpus = corpus or str(world_model_path(world) / "corpus.txt")
-        configs["memit"] = world_config(world, model)
+        configs = {m: world_config(world, model, m) for m in {*(args.methods or ()), "memit"}}  # its tuned settings
     if corpus is None and args.stats_cache is None and (args.chain or set(args.methods) - {"ft"}):
         raise SystemExit("memit-adapter eval: MEMIT and ROME need --corpus or --stats-cache for statistics")
     common = dict(corpus=corpus, cache_dir=args.stats_cache, retention_records=records if args.retention else None,

@@ -160,3 +160,31 @@ def test_every_shipped_world_has_tuned_settings_with_their_evidence(name):
     assert all(getattr(cfg, k) == v for k, v in tuned.items()) and cfg.seed == 3
     rest = MemitConfig.for_model(model)
     assert cfg.mom2_max_tokens == rest.mom2_max_tokens  # fields the file does not set are for_model's
+
+
+@pytest.mark.parametrize("name", ["gpt2-bpe", "llama-sp", "gpt2"])
+def test_worlds_ship_the_ft_w_lr_measured_on_them_and_the_edit_command_uses_it(name, tmp_path, capsys):
+    from memit_adapter import EditPack
+    from memit_adapter.cli import main
+    from memit_adapter.demo import world_config
+    from memit_adapter.method_configs import FtConfig
+
+    model, _, records = load_world_model(name)
+    file = world_model_path(name) / "ft_config.json"
+    cfg = world_config(name, model, "ft", seed=2)
+    if name == "gpt2":  # a shaped world: the lr·d_ff rule did not give the paper's FT-W there, nothing shipped
+        assert not file.exists() and cfg == FtConfig.for_model(model, seed=2)
+        return
+    tuned = json.loads(file.read_text())
+    assert "1,000 edits" in tuned.pop("_why")
+    d_ff = model.config.n_inner if name == "gpt2-bpe" else model.config.intermediate_size
+    assert tuned == {"lr": pytest.approx(5e-4 * 16384 / d_ff, rel=1e-3)}  # lr · d_ff at GPT-J's
+    assert cfg == FtConfig.for_model(model, lr=tuned["lr"], seed=2) and cfg.lr != FtConfig().lr
+    with pytest.raises(ConfigError, match="unknown editing method"):
+        world_config(name, model, "mend")
+    rec = records[0]["requested_rewrite"]
+    (tmp_path / "edits.jsonl").write_text(json.dumps({"prompt": rec["prompt"], "subject": rec["subject"],
+                                                      "target_new": rec["target_new"]["str"]}) + "\n")
+    assert main(["edit", "--model", f"world-{name}", "--requests", str(tmp_path / "edits.jsonl"), "--method", "ft",
+                 "--out", str(tmp_path / "ft"), "--quiet"]) == 0
+    assert EditPack.from_pretrained(str(tmp_path / "ft")).config == FtConfig.for_model(model, lr=tuned["lr"])

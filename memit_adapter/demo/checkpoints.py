@@ -4,6 +4,7 @@ Usage::
 
     model, tok, records = load_world_model("gpt2-bpe")   # offline: weights, tokenizer, CounterFact records
     cfg = world_config("gpt2-bpe", model)                 # its memit_config.json, else MemitConfig.for_model
+    ft = world_config("gpt2-bpe", model, method="ft")     # its ft_config.json, else FtConfig.for_model
     corpus = world_model_path("gpt2-bpe") / "corpus.txt"  # the text it was trained on (for the statistics)
 
 ``gpt2-bpe`` and ``llama-sp`` are stock GPT-2 and LLaMA models trained the ordinary way (subword tokenizers,
@@ -18,13 +19,13 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ..config import MemitConfig
 from ..errors import ConfigError
+from ..method_configs import config_class
 
 WORLD_MODELS = {"gpt2-bpe": "world-gpt2-bpe", "llama-sp": "world-llama-sp", "gpt2": "world-gpt2",
                 "llama": "world-llama"}
 DEFAULT_WORLD = "gpt2-bpe"
-CONFIG_FILE = "memit_config.json"
+CONFIG_FILE = "{method}_config.json"  # memit_config.json, rome_config.json, ft_config.json
 
 
 def is_world_name(name: str) -> bool:
@@ -60,10 +61,12 @@ def load_world_model(name: str = DEFAULT_WORLD, *, dtype: Any = None) -> tuple[A
     return model.eval(), tokenizer, records
 
 
-def world_config(name: str, model: Any, **overrides: Any) -> MemitConfig:
-    """The MEMIT settings tuned for a shipped world (its ``memit_config.json``: the fields it sets over
-    :meth:`MemitConfig.for_model`), with ``overrides`` on top; ``for_model`` where the world ships none."""
-    file = world_model_path(name) / CONFIG_FILE
+def world_config(name: str, model: Any, method: str = "memit", **overrides: Any) -> Any:
+    """The settings of editing ``method`` (``"memit"``, ``"rome"``, ``"ft"``) tuned for a shipped world: its
+    ``{method}_config.json``, the fields it sets over ``config_class(method).for_model``, with ``overrides`` on top;
+    ``for_model`` where the world ships none. Each file's ``"_why"`` holds the measurement behind it."""
+    cls = config_class(method)
+    file = world_model_path(name) / CONFIG_FILE.format(method=method)
     tuned = json.loads(file.read_text()) if file.is_file() else {}
     tuned = {k: v for k, v in tuned.items() if not k.startswith("_")}  # "_why": the measurement behind it
-    return MemitConfig.for_model(model, **{**tuned, **overrides})
+    return cls.for_model(model, **{**tuned, **overrides})
