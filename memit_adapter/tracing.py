@@ -536,12 +536,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=256, help="rows per forward pass")
     parser.add_argument("--device", default=None, help="torch device for the model (default: cpu)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--reach", action="store_true",
+                        help="instead of tracing: can an edit at the subject's last token change each fact's answer "
+                             "to its target_new (memit_adapter.reach)? Writes reach.json")
+    parser.add_argument("--reach-layer", type=int, default=None,
+                        help="with --reach: the block after which vectors are added (default: the last layer "
+                             "MemitConfig.for_model edits, where MEMIT's target vectors sit)")
 
 
 def run_cli(args: argparse.Namespace) -> int:
     from . import plots
 
-    plots.require_matplotlib("trace")  # checked first: the figures come after all the work
+    if not args.reach:
+        plots.require_matplotlib("trace")  # checked first: the figures come after all the work
     _check_out_folder(args.out)  # before the model is loaded: a bad path costs nothing
     model, tokenizer, shipped = _load(args.model, args.device)
     facts = _cli_facts(args, shipped)
@@ -549,6 +556,8 @@ def run_cli(args: argparse.Namespace) -> int:
                 batch_size=args.batch_size)
     for prompt, subject, target in facts:  # a bad fact is refused before any folder is made
         _encode_fact(tokenizer, prompt, subject, target, model)
+    if args.reach:
+        return _reach_cli(args, model, tokenizer, shipped)
     args.out.mkdir(parents=True, exist_ok=True)
     report: dict = {"model": args.model, "n_facts": len(facts), "traces": {}}
     traces = {}
@@ -572,6 +581,30 @@ def run_cli(args: argparse.Namespace) -> int:
         print(f"MemitConfig.for_model edits layers {default}; to follow the trace, pass "
               f"layers={report['suggested_layers']} (edit --layers {report['suggested_layers'][0]}-"
               f"{report['suggested_layers'][-1]})")
+    return 0
+
+
+def _reach_cli(args: argparse.Namespace, model: nn.Module, tokenizer, shipped: list[dict] | None) -> int:
+    """``trace --reach``: :func:`~memit_adapter.reach.subject_reach` on the records' edits (``--data`` or a world's
+    records: their ``target_new``), a summary line and reach.json."""
+    from .reach import subject_reach, summarise_reach
+
+    if args.data is None and not shipped:
+        raise SystemExit("memit-adapter trace --reach: give --data records.json (their target_new is the edit)")
+    records = json.loads(args.data.read_text()) if args.data is not None else shipped
+    requests = [EditRequest.from_dict(r) for r in records[: args.limit or None]]
+    layer = MemitConfig.for_model(model).layers[-1] if args.reach_layer is None else args.reach_layer
+    try:
+        results = subject_reach(model, tokenizer, requests, layer, progress=not args.quiet)
+    except ConfigError as e:
+        raise SystemExit(f"memit-adapter trace --reach: {e}") from None
+    summary = summarise_reach(results)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "reach.json").write_text(json.dumps({"model": args.model, "layer": layer, "summary": summary,
+                                                     "facts": [r.to_dict() for r in results]}, indent=2))
+    print(f"after block {layer}: the subject's last token fails to reach the target of {summary['last_token_fails']} "
+          f"of {summary['facts']} facts (another subject token reaches {summary['another_token_reaches']} of them); "
+          f"the last token is the best for {summary['best_is_last']}  (reach.json in {args.out})")
     return 0
 
 
