@@ -16,12 +16,13 @@ Usage::
     results = subject_reach(model, tok, requests, layer=MemitConfig.for_model(model).layers[-1])
     summarise_reach(results)   # {"facts": 88, "last_token_fails": 25, "another_token_reaches": 25, ...}
 
-Measured on the shipped worlds (``memit-adapter trace --model M --reach --reach-layer L --limit 0`` over a seeded
-sample of 100 records, defaults): world-llama-sp's last subject token fails to reach the target of 14 / 29 / 56
-facts after block 0 / 2 / 4 (another subject token reaches 14 / 29 / 54 of them), and is the best token for only
-12 / 8 / 4; world-gpt2-bpe's fails for none after block 2 (MEMIT's target layer on both). On world-llama-sp, 22 of
-the same 100 requests end MEMIT's target optimisation below even odds: that world reads many subjects from their
-earlier tokens, which bounds what any last-token edit can take there.
+Measured on the shipped worlds (``subject_reach`` with its defaults on ``random.Random(0).sample(records, 100)``;
+``memit-adapter trace --model M --reach`` checks a world's first ``--limit`` records): world-llama-sp's last subject
+token fails to reach the target of 14 / 29 / 56 facts after block 0 / 2 / 4 (another subject token reaches 14 / 29 /
+54 of them), and is the best token for only 12 / 8 / 4; world-gpt2-bpe's fails for none after block 2 (MEMIT's
+target layer on both). On world-llama-sp, 22 of the same 100 requests end MEMIT's target optimisation below even
+odds: that world reads many subjects from their earlier tokens, which bounds what any last-token edit can take
+there.
 """
 
 from __future__ import annotations
