@@ -14,7 +14,7 @@ only affects its own loss, so the rows are optimised independently.
 Usage::
 
     results = subject_reach(model, tok, requests, layer=MemitConfig.for_model(model).layers[-1])
-    summarise_reach(results)   # {"facts": 88, "last_token_fails": 25, "another_token_reaches": 25, ...}
+    summarise_reach(results)   # {"facts": 100, "last_token_fails": 29, "another_token_reaches": 29, ...}
 
 Measured on the shipped worlds (``subject_reach`` with its defaults on ``random.Random(0).sample(records, 100)``;
 ``memit-adapter trace --model M --reach`` checks a world's first ``--limit`` records): world-llama-sp's last subject
