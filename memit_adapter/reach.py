@@ -86,20 +86,18 @@ def subject_reach(model: nn.Module, tokenizer, requests: Sequence[EditRequest], 
         raise ConfigError(f"steps ({steps}) and batch_size ({batch_size}) must be >= 1 and lr ({lr}) > 0")
     facts = [encode_fact(tokenizer, r.prompt, r.subject, r.target_new) for r in requests]
     rows = [(i, pos) for i, f in enumerate(facts) for pos in range(*f.subject)]
-    nll = torch.empty(len(rows))
-    start = torch.empty(len(facts))
+    block = spec.blocks(model)[layer]
+    start, nll = torch.empty(len(rows)), torch.empty(len(rows))  # per row: before, and after its steps
     with evaluating(model, freeze=True):
         for first in tqdm(range(0, len(rows), batch_size), desc="reach", disable=not progress):
             chunk = rows[first:first + batch_size]
-            before, after = _optimise_chunk(model, spec.blocks(model)[layer], tokenizer, facts, chunk, steps, lr)
-            nll[first:first + len(chunk)] = after
-            for (i, _), value in zip(chunk, before.tolist()):
-                start[i] = value
+            start[first:first + len(chunk)], nll[first:first + len(chunk)] = _optimise_chunk(
+                model, block, tokenizer, facts, chunk, steps, lr)
     out, k = [], 0
     for r, f in zip(requests, facts):
         n = f.subject[1] - f.subject[0]
         tokens = [tokenizer.decode([t]) for t in f.ids[f.subject[0]:f.subject[1]]]
-        out.append(ReachResult(r.text, r.target_new, tokens, float(start[len(out)]), nll[k:k + n].tolist(), layer))
+        out.append(ReachResult(r.text, r.target_new, tokens, float(start[k]), nll[k:k + n].tolist(), layer))
         k += n
     return out
 
@@ -113,7 +111,7 @@ def _optimise_chunk(model, block: nn.Module, tokenizer, facts, chunk, steps: int
     t_row = torch.tensor([r for r, (i, _) in enumerate(chunk) for _ in facts[i].target_ids], device=device)
     t_pos = torch.tensor([p for i, _ in chunk for p in facts[i].target_positions], device=device)
     t_ids = torch.tensor([t for i, _ in chunk for t in facts[i].target_ids], device=device)
-    n_target = torch.zeros(len(chunk), device=device).index_add(0, t_row, torch.ones_like(t_row, dtype=torch.float))
+    n_target = torch.tensor([float(len(facts[i].target_ids)) for i, _ in chunk], device=device)
 
     def target_nll(logits: torch.Tensor) -> torch.Tensor:  # mean over each row's target tokens, float32
         logp = torch.log_softmax(logits[t_row, t_pos].float(), -1).gather(1, t_ids[:, None])[:, 0]

@@ -551,13 +551,14 @@ def run_cli(args: argparse.Namespace) -> int:
         plots.require_matplotlib("trace")  # checked first: the figures come after all the work
     _check_out_folder(args.out)  # before the model is loaded: a bad path costs nothing
     model, tokenizer, shipped = _load(args.model, args.device)
-    facts = _cli_facts(args, shipped)
+    records = _cli_records(args, shipped)
+    if args.reach:
+        return _reach_cli(args, model, tokenizer, records)
+    facts = _cli_facts(args, records)
     opts = dict(samples=args.samples, embed_std=args.embed_std, noise_factor=args.noise_factor, seed=args.seed,
                 batch_size=args.batch_size)
     for prompt, subject, target in facts:  # a bad fact is refused before any folder is made
         _encode_fact(tokenizer, prompt, subject, target, model)
-    if args.reach:
-        return _reach_cli(args, model, tokenizer, shipped)
     args.out.mkdir(parents=True, exist_ok=True)
     report: dict = {"model": args.model, "n_facts": len(facts), "traces": {}}
     traces = {}
@@ -584,15 +585,14 @@ def run_cli(args: argparse.Namespace) -> int:
     return 0
 
 
-def _reach_cli(args: argparse.Namespace, model: nn.Module, tokenizer, shipped: list[dict] | None) -> int:
+def _reach_cli(args: argparse.Namespace, model: nn.Module, tokenizer, records: list[dict] | None) -> int:
     """``trace --reach``: :func:`~memit_adapter.reach.subject_reach` on the records' edits (``--data`` or a world's
     records: their ``target_new``), a summary line and reach.json."""
     from .reach import subject_reach, summarise_reach
 
-    if args.data is None and not shipped:
+    if records is None:
         raise SystemExit("memit-adapter trace --reach: give --data records.json (their target_new is the edit)")
-    records = json.loads(args.data.read_text()) if args.data is not None else shipped
-    requests = [EditRequest.from_dict(r) for r in records[: args.limit or None]]
+    requests = [EditRequest.from_dict(r) for r in records]
     layer = MemitConfig.for_model(model).layers[-1] if args.reach_layer is None else args.reach_layer
     try:
         results = subject_reach(model, tokenizer, requests, layer, progress=not args.quiet)
@@ -617,15 +617,24 @@ def _check_out_folder(out: Path) -> None:
         raise SystemExit(f"memit-adapter trace: cannot create or write {out} ({existing} is not writable)")
 
 
-def _cli_facts(args: argparse.Namespace, shipped: list[dict] | None) -> list[_Triple]:
-    """The facts to trace: ``--data``, or ``--prompt/--subject``, or the records shipped with a world model."""
-    if args.data is not None or (shipped and not args.prompt):
-        if args.prompt or args.subject:
-            raise SystemExit("give either --data or --prompt/--subject, not both")
-        records = json.loads(args.data.read_text()) if args.data is not None else shipped
-        if args.limit and len(records) > args.limit:
-            print(f"tracing the first {args.limit} of {len(records)} records (--limit 0 traces all)")
-            records = records[: args.limit]
+def _cli_records(args: argparse.Namespace, shipped: list[dict] | None) -> list[dict] | None:
+    """The CounterFact records of the command (``--data``, else a world's own unless ``--prompt`` is given), the
+    first ``--limit`` of them; None for a single ``--prompt/--subject`` fact."""
+    if args.data is None and not (shipped and not args.prompt):
+        return None
+    if args.prompt or args.subject:
+        raise SystemExit("give either --data or --prompt/--subject, not both")
+    records = json.loads(args.data.read_text()) if args.data is not None else shipped
+    if args.limit and len(records) > args.limit:
+        print(f"tracing the first {args.limit} of {len(records)} records (--limit 0 traces all)")
+        records = records[: args.limit]
+    return records
+
+
+def _cli_facts(args: argparse.Namespace, records: list[dict] | None) -> list[_Triple]:
+    """The facts to trace: the command's records (:func:`_cli_records`; their ``target_true``), or
+    ``--prompt/--subject``."""
+    if records is not None:
         return [(r.prompt, r.subject, r.target_true) for r in map(EditRequest.from_dict, records)]
     if not (args.prompt and args.subject):
         raise SystemExit("give --prompt and --subject (and optionally --object), or --data records.json")
