@@ -26,7 +26,7 @@ import math
 import random
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -236,18 +236,19 @@ class _Part:
     positions: torch.Tensor  # (rows, S)
     kv: list[tuple[torch.Tensor, torch.Tensor]]  # per layer, the prefix's keys and values (rows, heads, P, head_dim)
     block_out: torch.Tensor | None = None  # (rows, S, d_model) block L's output on the suffix, without δ
-    start: int = 0  # the batch row of the part's first row
+    rows: torch.Tensor | None = None  # (rows,) the row of the batch each of the part's rows is
 
-    def select(self, rows: torch.Tensor) -> _Part:
-        """The part of ``rows`` (ascending indices into this part), trimmed to their longest prefix and suffix."""
+    def select(self, rows: torch.Tensor, batch_rows: torch.Tensor) -> _Part:
+        """The part of ``rows`` (indices into this part), trimmed to their longest prefix and suffix, whose rows
+        are ``batch_rows`` of a (sub-)batch."""
         width, s = self.prefix_mask.shape[1], int(self.mask[rows].sum(1).max())
         first = width - int(self.prefix_mask[rows].sum(1).max())
         if len(rows) == len(self.ids) and first == 0 and s == self.ids.shape[1]:
-            return self
+            return replace(self, rows=batch_rows)
         kv = [(k[rows.to(k.device), :, first:], v[rows.to(v.device), :, first:]) for k, v in self.kv]  # layer's device
         out = None if self.block_out is None else self.block_out[rows.to(self.block_out.device), :s]
         return _Part(self.prefix_mask[rows, first:], self.ids[rows, :s], self.mask[rows, :s], self.positions[rows, :s],
-                     kv, out, self.start)
+                     kv, out, batch_rows)
 
 
 def _cut(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, lookup: torch.Tensor) -> _Part:
@@ -319,73 +320,112 @@ def _replayed_blocks(model: nn.Module, spec: ArchSpec, layer: int, output: torch
             blocks[i] = block
 
 
+SUFFIX_BUCKETS = 4  # at most this many parts a batch is cut into, by the length of the rows' suffixes
+
+
+def suffix_buckets(lengths: Sequence[int], k: int = SUFFIX_BUCKETS) -> list[list[int]]:
+    """Rows (indices into ``lengths``, their suffix lengths) grouped into at most ``k`` groups of consecutive
+    lengths, chosen to run the fewest token positions (a group runs rows x its longest suffix): rows of one
+    length never share a group with longer ones but that saves positions. Groups from short to long suffixes."""
+    sizes = sorted(set(lengths))
+    count = [sum(1 for x in lengths if x == v) for v in sizes]
+    k, m = min(k, len(sizes)), len(sizes)
+    if m == 0:
+        return []
+    # best[j][g]: fewest positions for the first j lengths in g groups; cut[j][g]: where its last group starts
+    best = [[math.inf] * (k + 1) for _ in range(m + 1)]
+    cut = [[0] * (k + 1) for _ in range(m + 1)]
+    best[0][0] = 0
+    for j in range(1, m + 1):
+        for g in range(1, k + 1):
+            for i in range(g - 1, j):
+                cost = best[i][g - 1] + sum(count[i:j]) * sizes[j - 1]
+                if cost < best[j][g]:
+                    best[j][g], cut[j][g] = cost, i
+    g = min(range(1, k + 1), key=lambda g: (best[m][g], g))
+    bounds, j = [], m
+    while g:
+        bounds.append((cut[j][g], j))
+        j, g = cut[j][g], g - 1
+    return [[r for r, x in enumerate(lengths) if sizes[a] <= x <= sizes[b - 1]] for a, b in reversed(bounds)]
+
+
 def _batch_parts(model, spec: ArchSpec, layer: int, batch: _Batch) -> tuple[list[_Part], torch.Tensor, bool]:
-    """The rewrite rows and the (shorter) KL rows of ``batch`` cut as two parts, each padded only to its own
-    widths, with block ``layer``'s output on their suffixes; the unedited final states of the suffixes
-    ``(rows, S, d_model)`` (column 0 = each row's lookup); and whether the blocks return tuples."""
+    """The rows of ``batch`` cut into parts of similar suffix length (:func:`suffix_buckets`), each padded only
+    to its own widths, with block ``layer``'s output on their suffixes; the unedited final states of the
+    suffixes ``(rows, S, d_model)`` in the batch's row order (column 0 = each row's lookup); and whether the
+    blocks return tuples."""
     parts, finals, seen = [], [], []
+    suffix = (batch.attention_mask.sum(1) - batch.lookup).tolist()
     handle = spec.blocks(model)[layer].register_forward_hook(lambda _m, _a, out: seen.append(out))
     try:
-        for a, b in _spans(batch):
-            part = _cut(model, batch.input_ids[a:b], batch.attention_mask[a:b], batch.lookup[a:b])
-            part.start = a
+        for rows in suffix_buckets(suffix):
+            idx = torch.tensor(rows, device=batch.input_ids.device)
+            part = _cut(model, batch.input_ids[idx], batch.attention_mask[idx], batch.lookup[idx])
+            part.rows = idx
             finals.append(_run_suffix(model, part))
             out = seen[-1]
             part.block_out = out[0] if isinstance(out, tuple) else out
             parts.append(part)
     finally:
         handle.remove()
-    return parts, _joined(finals), isinstance(seen[-1], tuple)
+    return parts, _joined(finals, parts), isinstance(seen[-1], tuple)
 
 
-def _spans(batch: _Batch) -> list[tuple[int, int]]:
-    """``[start, stop)`` of the rewrite rows and of the KL rows, each when there are some."""
-    return [(a, b) for a, b in ((0, batch.n_rewrite_rows), (batch.n_rewrite_rows, batch.input_ids.shape[0])) if b > a]
+def _joined(states: Sequence[torch.Tensor], parts: Sequence[_Part]) -> torch.Tensor:
+    """States ``(part rows, S_part, ...)`` of ``parts`` as one tensor in the order of the rows they hold
+    (``part.rows``, together every row once), right-padded to the widest."""
+    width = max(f.shape[1] for f in states)
+    stacked = torch.cat([F.pad(f, (0, 0, 0, width - f.shape[1])) for f in states])
+    order = torch.cat([p.rows.to(stacked.device) for p in parts])
+    return stacked[torch.argsort(order)]
 
 
-def _joined(finals: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Suffix states of consecutive parts as one ``(rows, S, d_model)``, right-padded to the widest."""
-    width = max(f.shape[1] for f in finals)
-    return torch.cat([F.pad(f, (0, 0, 0, width - f.shape[1])) for f in finals])
+def lookup_states(parts: Sequence[_Part]) -> torch.Tensor:
+    """Block L's unedited output at every row's lookup ``(rows, d_model)``, in the rows' order."""
+    return _joined([p.block_out[:, :1] for p in parts], parts)[:, 0]
 
 
 def tokens_per_step(tokenizer, requests: Sequence[EditRequest], templates: Sequence[str]) -> tuple[int, int]:
     """Token positions one step runs through the blocks after L when ``requests`` are optimised together (without
-    kept prompts): ``(suffixes, full rows)``, rows x columns of the suffixes it runs and of the whole rows it
-    would run without the cut (rewrite and KL rows each padded to their own longest, as the parts are)."""
+    kept prompts): ``(suffixes, full rows)``, rows x columns of the suffixes it runs (the parts of
+    :func:`suffix_buckets`) and of the whole rows it would run without the cut (rewrite and KL rows each padded to
+    their own longest)."""
     batch = _build_batch(tokenizer, requests, templates, "cpu")
-    suffixes = full = 0
-    for a, b in _spans(batch):
-        length, lookup = batch.attention_mask[a:b].sum(1), batch.lookup[a:b]
-        suffixes += (b - a) * int((length - lookup).max())
-        full += (b - a) * int(length.max())
+    length = batch.attention_mask.sum(1)
+    suffix = (length - batch.lookup).tolist()
+    suffixes = sum(len(rows) * max(suffix[r] for r in rows) for rows in suffix_buckets(suffix))
+    full = sum((b - a) * int(length[a:b].max())
+               for a, b in ((0, batch.n_rewrite_rows), (batch.n_rewrite_rows, len(length))) if b > a)
     return suffixes, full
 
 
 def _select_parts(parts: Sequence[_Part], rows: torch.Tensor) -> list[_Part]:
-    """The parts holding batch rows ``rows`` (ascending), each cut down to those rows and trimmed: the rows of the
-    result are ``rows`` in order."""
-    host = rows.tolist()
+    """The parts holding batch rows ``rows``, each cut down to those of them it holds and trimmed; a result's
+    ``rows`` are positions in ``rows`` (together each once)."""
+    where = {r: i for i, r in enumerate(rows.tolist())}
     out = []
     for part in parts:
-        local = [r - part.start for r in host if part.start <= r < part.start + len(part.ids)]
-        if local:
-            out.append(part.select(torch.tensor(local, device=rows.device)))
+        mine = [(j, where[r]) for j, r in enumerate(part.rows.tolist()) if r in where]
+        if mine:
+            local, at = (torch.tensor(x, device=rows.device) for x in zip(*mine))
+            out.append(part.select(local, at))
     return out
 
 
 def _forward_step(model, spec: ArchSpec, layer: int, parts: Sequence[_Part], row_delta: torch.Tensor,
                   as_tuple: bool) -> torch.Tensor:
-    """Final states of the suffixes of ``parts``' rows when block ``layer`` adds ``row_delta`` ``(rows, d_model)`` at
-    their lookups: only blocks after ``layer`` run, on the suffixes. ``h + δ`` is summed in float32 and rounded to
-    the model's dtype once."""
+    """Final states of the suffixes of ``parts``' rows, in the order of those rows, when block ``layer`` adds
+    ``row_delta`` ``(rows, d_model)`` at their lookups: only blocks after ``layer`` run, on the suffixes.
+    ``h + δ`` is summed in float32 and rounded to the model's dtype once."""
     finals = []
-    for part, d in zip(parts, row_delta.split([len(p.ids) for p in parts])):
+    for part in parts:
+        d = row_delta[part.rows.to(row_delta.device)]
         at = (part.block_out[:, 0].float() + d.to(part.block_out.device)).to(part.block_out.dtype)
         out = torch.cat([at[:, None], part.block_out[:, 1:]], 1)
         with _replayed_blocks(model, spec, layer, out, as_tuple):
             finals.append(_run_suffix(model, part))
-    return _joined(finals)
+    return _joined(finals, parts)
 
 
 def _losses(head: _Head, batch: _Batch, final, kl_init, delta, h_norm, config: MemitConfig):
@@ -506,9 +546,9 @@ def _optimise_deltas(model, spec, tokenizer, requests, templates, config, layer,
         kl_init = torch.log_softmax(head(final[kl_rows, batch.kl_pos[kl_rows] - batch.lookup[kl_rows]]), dim=-1)
         del final
         _drop_old_answers(batch, kl_init, [k.forbidden for ks in kept for k in ks])
-        # h_i: block output at the subject's last token (suffix column 0) of the bare prompt (templates[0] == "{}")
-        out = parts[0].block_out
-        h = out[torch.arange(batch.n_requests, device=out.device) * len(templates), 0].float().to(device)
+        # h_i: block output at the subject's last token of the bare prompt (templates[0] == "{}")
+        at = lookup_states(parts)
+        h = at[torch.arange(batch.n_requests, device=at.device) * len(templates)].float().to(device)
     group = torch.tensor(groups, device=device)  # (n,) δ row of each request
     n_groups = max(groups) + 1
     size = torch.zeros(n_groups, device=device).index_add(0, group, torch.ones(len(requests), device=device))

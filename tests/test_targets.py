@@ -11,9 +11,12 @@ from memit_adapter.targets import (
     _batch_parts,
     _build_batch,
     _forward_step,
+    SUFFIX_BUCKETS,
     _select_parts,
     compute_targets,
     context_templates,
+    lookup_states,
+    suffix_buckets,
 )
 
 
@@ -91,6 +94,7 @@ def _check_steps(model, spec, layer, batch, subsets):
     delta = torch.randn(batch.n_requests, model.config.hidden_size, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         parts, final, as_tuple = _batch_parts(model, spec, layer, batch)
+        assert len(parts) == min(SUFFIX_BUCKETS, len(set((batch.attention_mask.sum(1) - batch.lookup).tolist())))
         for live in map(torch.tensor, subsets):
             sub, rows = batch.subset(live)
             got = _forward_step(model, spec, layer, _select_parts(parts, rows), delta[live][sub.row_request],
@@ -106,9 +110,8 @@ def _check_steps(model, spec, layer, batch, subsets):
             torch.testing.assert_close(final[r, :n], w[-n:], rtol=1e-4, atol=1e-5)
         with capture_outputs(spec.blocks(model)[layer]) as seen:
             model.base_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
-        rewrite = torch.arange(batch.n_rewrite_rows)
-        torch.testing.assert_close(parts[0].block_out[:, 0], seen[0][rewrite, batch.lookup[rewrite]], rtol=1e-4,
-                                   atol=1e-5)
+        rows = torch.arange(len(batch.lookup))
+        torch.testing.assert_close(lookup_states(parts), seen[0][rows, batch.lookup], rtol=1e-4, atol=1e-5)
 
 
 def _reference_targets(model, spec, tok, req, templates, cfg, layer):
@@ -580,3 +583,26 @@ def test_most_probable_early_stopping_stops_each_row_at_its_first_top_answer():
         torch.testing.assert_close(z_top[i], runs[first - 1][i], rtol=1e-4, atol=1e-4)
         stopped += first < 30
     assert stopped >= 2  # rows that stopped early, or the test shows nothing
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_suffix_buckets_run_the_fewest_positions(seed):
+    """Every row in exactly one bucket, buckets of consecutive lengths, and no grouping into at most k buckets
+    of consecutive lengths runs fewer positions (brute force over all cuts)."""
+    import itertools
+    import random
+
+    rng = random.Random(seed)
+    lengths = [rng.choice(range(1, rng.randint(2, 12))) for _ in range(rng.randint(1, 40))]
+    k = rng.randint(1, 5)
+    groups = suffix_buckets(lengths, k)
+    assert sorted(r for g in groups for r in g) == list(range(len(lengths))) and len(groups) <= k
+    spans = [(min(lengths[r] for r in g), max(lengths[r] for r in g)) for g in groups]
+    assert all(a[1] < b[0] for a, b in zip(spans, spans[1:]))
+    cost = sum(len(g) * max(lengths[r] for r in g) for g in groups)
+    sizes = sorted(set(lengths))
+    best = min(sum(sum(1 for x in lengths if sizes[a] <= x <= sizes[b - 1]) * sizes[b - 1]
+                   for a, b in zip((0, *cuts), (*cuts, len(sizes))))
+               for n in range(min(k, len(sizes))) for cuts in itertools.combinations(range(1, len(sizes)), n))
+    assert cost == best
+    assert suffix_buckets([], k) == []
