@@ -8,10 +8,10 @@ from tiny import ARCHS, make_tokenizer, tiny_model
 from memit_adapter.arch import get_arch_spec
 from memit_adapter.hooks import capture_outputs
 from memit_adapter.targets import (
+    SUFFIX_BUCKETS,
     _batch_parts,
     _build_batch,
     _forward_step,
-    SUFFIX_BUCKETS,
     _select_parts,
     compute_targets,
     context_templates,
