@@ -575,6 +575,8 @@ def _optimise_deltas(model, spec, tokenizer, requests, templates, config, layer,
             nll = torch.zeros(n_groups, device=device).index_add(0, live.req_group, req_nll.detach()) / size
             last_nll = torch.where(active, nll, last_nll)
             active = active & (loss.detach() >= config.v_loss_threshold)
+            if config.v_target_nll_threshold:
+                active = active & (nll >= config.v_target_nll_threshold)
             if config.v_stop_when_top:  # MPES: the row's targets are the top answers of all its rewrite prompts
                 active = active & (torch.zeros(n_groups, device=device).index_add(0, live.req_group, req_miss) > 0)
             if step >= config.v_num_grad_steps - 1:  # from here on only the rows still below even odds go on

@@ -116,7 +116,8 @@ def _check_steps(model, spec, layer, batch, subsets):
 
 def _reference_targets(model, spec, tok, req, templates, cfg, layer):
     """An independent MEMIT z loop for one request (full forwards, δ hooked in at the lookup): ``h`` and, for
-    each step, the loss and the δ it was computed with (the loop never stops early; the caller picks the stop)."""
+    each step, the loss, the δ it was computed with and the target NLL (the loop never stops early; the caller
+    picks the stop)."""
     from memit_adapter.targets import KL_PROMPT
     from memit_adapter.tokens import encode_fact
 
@@ -143,7 +144,7 @@ def _reference_targets(model, spec, tok, req, templates, cfg, layer):
         now = torch.log_softmax(_logits(model, final(essence, essence.ids, delta)[essence.lookup]), -1)
         kl = (now.exp() * (now - before)).sum()
         loss = torch.stack(nll).mean() + cfg.kl_factor * kl + cfg.v_weight_decay * delta.norm() / h.norm() ** 2
-        history.append((loss.item(), delta.detach().clone()))
+        history.append((loss.item(), delta.detach().clone(), torch.stack(nll).mean().item()))
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -166,15 +167,36 @@ def test_targets_equal_an_independent_full_forward_loop(arch, add_bos, padding_s
     k = cfg.v_num_grad_steps // 2
     j = max(range(len(reqs)), key=lambda i: refs[i][1][1][0] - refs[i][1][-2][0])
     threshold = (refs[j][1][k - 1][0] + refs[j][1][k][0]) / 2
-    stops = [next((s for s, (loss, _) in enumerate(hist) if loss < threshold), len(hist) - 1) for _, hist in refs]
+    stops = [next((s for s, (loss, *_) in enumerate(hist) if loss < threshold), len(hist) - 1) for _, hist in refs]
     assert stops[j] == k and len(set(stops)) > 1
-    assert min(abs(loss - threshold) for _, hist in refs for loss, _ in hist) > 1e-3  # no stop decided by rounding
+    assert min(abs(loss - threshold) for _, hist in refs for loss, *_ in hist) > 1e-3  # no stop decided by rounding
     z, h = compute_targets(model, spec, tok, reqs, VARIED_TEMPLATES, cfg.replace(v_loss_threshold=threshold), layer,
                            progress=False)
     torch.testing.assert_close(h, torch.stack([h_ref for h_ref, _ in refs]), rtol=1e-5, atol=1e-5)
     want = torch.stack([h_ref + hist[k][1] for (h_ref, hist), k in zip(refs, stops)])
     torch.testing.assert_close(z, want, rtol=1e-4, atol=1e-4)
     assert not torch.allclose(z, h)
+
+
+@pytest.mark.parametrize("arch,add_bos", [("gpt2", False), ("llama", True)])
+def test_a_row_stops_once_its_target_nll_is_below_the_threshold(arch, add_bos):
+    """``v_target_nll_threshold`` stops each row at the first step whose target NLL (the independent loop's,
+    without the KL and decay terms) is below it, whatever its whole loss; each z equals that step's."""
+    model, tok = tiny_model(arch, initializer_range=0.1), make_tokenizer(add_bos=add_bos)
+    spec, layer, reqs = get_arch_spec(model), 1, varied_requests()
+    cfg = config(v_num_grad_steps=8, clamp_norm_factor=2.0, v_loss_threshold=0.0)
+    refs = [_reference_targets(model, spec, tok, r, VARIED_TEMPLATES, cfg, layer) for r in reqs]
+    k = cfg.v_num_grad_steps // 2
+    j = max(range(len(reqs)), key=lambda i: refs[i][1][1][2] - refs[i][1][-2][2])
+    threshold = (refs[j][1][k - 1][2] + refs[j][1][k][2]) / 2
+    stops = [next((s for s, (*_, nll) in enumerate(hist) if nll < threshold), len(hist) - 1) for _, hist in refs]
+    assert stops[j] == k and len(set(stops)) > 1
+    assert min(abs(nll - threshold) for _, hist in refs for *_, nll in hist) > 1e-3
+    assert any(hist[s][0] > threshold for (_, hist), s in zip(refs, stops))  # where the whole loss would go on
+    z, _ = compute_targets(model, spec, tok, reqs, VARIED_TEMPLATES, cfg.replace(v_target_nll_threshold=threshold),
+                           layer, progress=False)
+    want = torch.stack([h_ref + hist[s][1] for (h_ref, hist), s in zip(refs, stops)])
+    torch.testing.assert_close(z, want, rtol=1e-4, atol=1e-4)
 
 
 def test_blocks_and_their_hooks_are_left_in_place():
