@@ -95,6 +95,9 @@ def _check_steps(model, spec, layer, batch, subsets):
     with torch.no_grad():
         parts, final, as_tuple = _batch_parts(model, spec, layer, batch)
         assert len(parts) == min(SUFFIX_BUCKETS, len(set((batch.attention_mask.sum(1) - batch.lookup).tolist())))
+        for part in parts:  # steps keep only the prefix keys and values of the blocks after L (one element each else)
+            for i, (k, v) in enumerate(part.kv):
+                assert all((t.untyped_storage().nbytes() == t.element_size()) == (i <= layer) for t in (k, v))
         for live in map(torch.tensor, subsets):
             sub, rows = batch.subset(live)
             got = _forward_step(model, spec, layer, _select_parts(parts, rows), delta[live][sub.row_request],
