@@ -4,6 +4,10 @@ Usage::
 
     memit-adapter bench                          # GPT-2-small-sized random model, 100 requests
     memit-adapter bench --size tiny --n-requests 8 --json bench.json
+    memit-adapter bench --compare world-gpt2-bpe --n-requests 1000     # (a) / (b) / (c), see run_comparison
+    memit-adapter bench --scale llama-7b --sizes 1000 10000 --texts 2000 --json scale.json   # on a GPU
+
+On a GPU machine without the package installed: ``PYTHONPATH=. python3 -m memit_adapter.cli bench --scale ...``.
 
 Reports (1) the batched target-vector optimisation against the same code run one request at a time, and
 the token positions a step runs (suffixes) against whole rows, (2) the one-pass statistics against one full
@@ -37,19 +41,114 @@ SIZES = {
 }
 
 
-def bench_model(size: str = "small", seed: int = 0):
-    """A randomly initialised GPT-2 of ``size`` and a word-level tokenizer over its whole vocabulary."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+# random models of published shapes for `bench --scale` (GPU-sized), and tiny ones of the same kinds to test it
+SCALE_SHAPES = {
+    "gpt2-xl": ("gpt2", dict(n_layer=48, n_embd=1600, n_head=25, vocab_size=50257)),
+    "llama-7b": ("llama", dict(num_hidden_layers=32, hidden_size=4096, intermediate_size=11008, num_attention_heads=32,
+                               num_key_value_heads=32, vocab_size=32000, max_position_embeddings=2048)),
+    "tiny-gpt2": ("gpt2", dict(n_layer=4, n_embd=64, n_head=4, vocab_size=500)),
+    "tiny-llama": ("llama", dict(num_hidden_layers=4, hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                                 num_key_value_heads=2, vocab_size=500)),
+}
 
-    cfg = SIZES[size]
+
+def word_tokenizer(vocab_size: int):
+    """A word-level tokenizer of ``vocab_size`` words ``w3`` ... (ids 0-2: unknown, padding, end of text)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
     # special tokens named apart from the words: added tokens match inside words ("w1" would split "w1471")
-    vocab = {"<unk>": 0, "<pad>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, cfg["vocab_size"])}}
+    vocab = {"<unk>": 0, "<pad>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, vocab_size)}}
     raw = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     raw.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok = PreTrainedTokenizerFast(tokenizer_object=raw, unk_token="<unk>", pad_token="<pad>", eos_token="</s>")
+    return PreTrainedTokenizerFast(tokenizer_object=raw, unk_token="<unk>", pad_token="<pad>", eos_token="</s>")
+
+
+def bench_model(size: str = "small", seed: int = 0):
+    """A randomly initialised GPT-2 of ``size`` and a word-level tokenizer over its whole vocabulary."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    cfg = SIZES[size]
     torch.manual_seed(seed)
-    return GPT2LMHeadModel(GPT2Config(**cfg, bos_token_id=2, eos_token_id=2)).eval(), tok
+    return GPT2LMHeadModel(GPT2Config(**cfg, bos_token_id=2, eos_token_id=2)).eval(), word_tokenizer(cfg["vocab_size"])
+
+
+def scale_model(shape: str, *, dtype: torch.dtype = torch.bfloat16, device: str = "cuda", seed: int = 0):
+    """A randomly initialised model of ``shape`` (:data:`SCALE_SHAPES`), built on ``device`` in ``dtype``, and a
+    word-level tokenizer over its vocabulary."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    arch, fields = SCALE_SHAPES[shape]
+    config = AutoConfig.for_model(arch, **fields, bos_token_id=2, eos_token_id=2, pad_token_id=1)
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    return model.eval(), word_tokenizer(fields["vocab_size"])
+
+
+def run_scale(shape: str, sizes: list[int], *, dtype: str = "bfloat16", device: str | None = None,
+              n_texts: int = 2000, text_length: int = 128, max_minutes: float = 8.0,
+              progress: bool = True) -> dict[str, Any]:
+    """Edits at scale on a random model of ``shape``: for each number of requests in ``sizes`` (ascending), one
+    :func:`~memit_adapter.engine.compute_edits` with ``MemitConfig.for_model`` (the published presets for
+    GPT-2 XL and LLaMA-7B shapes; z chunks sized from free memory), and its seconds per phase (statistics once,
+    from ``n_texts`` random texts of ``text_length`` words; z; update: keys and solve), peak memory and
+    unconverged requests. A size whose time, extrapolated linearly from the previous one, would end past
+    ``max_minutes`` from the start is skipped (and said so), so that the run fits a device lease.
+    """
+    from .engine import compute_edits
+    from .stats import collect_stats
+
+    start = time.perf_counter()
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model, tok = scale_model(shape, dtype=getattr(torch, dtype), device=device)
+    vocab = SCALE_SHAPES[shape][1]["vocab_size"]
+    cfg = MemitConfig.for_model(model, v_batch_size=None)
+    rng = random.Random(0)
+    texts = [_words(rng, text_length, vocab) for _ in range(n_texts)]
+    requests = [EditRequest(_words(rng, 2, vocab) + " {} " + _words(rng, 3, vocab), _words(rng, 2, vocab),
+                            " " + _words(rng, 1, vocab)) for _ in range(max(sizes))]
+    out: dict[str, Any] = {"shape": shape, "device": _device_name(device), "dtype": dtype, "layers": cfg.layers,
+                           "z_steps": cfg.v_num_grad_steps, "lambda": cfg.mom2_update_weight, "n_texts": n_texts,
+                           "text_length": text_length, "build_s": round(time.perf_counter() - start, 1), "runs": []}
+    stats, out["statistics_s"] = _timed(lambda: collect_stats(model, tok, texts, cfg.layers, max_length=text_length,
+                                                              batch_size=32, progress=progress))
+    last: tuple[int, float] | None = None
+    for n in sorted(sizes):
+        left = max_minutes * 60 - (time.perf_counter() - start)
+        if last is not None and last[1] * n / last[0] > left:
+            out["runs"].append({"n_requests": n, "skipped": f"about {last[1] * n / last[0]:.0f} s expected, "
+                                                            f"{max(left, 0):.0f} s left of --max-minutes"})
+            continue
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        pack, secs = _timed(lambda n=n: compute_edits(model, tok, requests[:n], cfg, stats=stats, progress=progress))
+        out["runs"].append({"n_requests": n, "total_s": round(secs, 2),
+                            "seconds": {k: round(v, 2) for k, v in pack.report["seconds"].items()},
+                            "unconverged": len(pack.report["unconverged"]), "peak_mb": round(_peak_mb())})
+        last = (n, secs)
+        del pack
+    return out
+
+
+def _device_name(device: str) -> str:
+    if str(device).startswith("cuda") and torch.cuda.is_available():
+        return torch.cuda.get_device_name(torch.device(device))
+    return str(device)
+
+
+def format_scale(r: dict[str, Any]) -> str:
+    lines = [f"memit-adapter bench --scale: random {r['shape']} ({r['dtype']}) on {r['device']}, "
+             f"layers {r['layers']}, {r['z_steps']} z steps, λ {r['lambda']:g}; built in {r['build_s']:.0f} s; "
+             f"statistics ({r['n_texts']} texts x {r['text_length']} words) {r['statistics_s']:.1f} s",
+             "| requests | total s | z | update | unconverged | peak MB |", "|---|---|---|---|---|---|"]
+    for run in r["runs"]:
+        if "skipped" in run:
+            lines.append(f"| {run['n_requests']} | skipped: {run['skipped']} | | | | |")
+        else:
+            lines.append(f"| {run['n_requests']} | {run['total_s']:.1f} | {run['seconds']['targets']:.1f} | "
+                         f"{run['seconds']['update']:.1f} | {run['unconverged']} | {run['peak_mb']:.0f} |")
+    return "\n".join(lines)
 
 
 def reference_targets(model, spec, tokenizer, requests, templates, config: MemitConfig, layer: int
@@ -313,6 +412,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--json", default=None, help="also write the figures to this JSON file")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--scale", metavar="SHAPE", choices=sorted(SCALE_SHAPES),
+                        help="edits at scale on a random model of this shape (gpt2-xl, llama-7b; tiny-gpt2 and "
+                        "tiny-llama to try it): seconds per phase at each of --sizes requests")
+    parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 10000], help="with --scale: requests per run")
+    parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"),
+                        help="with --scale: the model's dtype")
+    parser.add_argument("--max-minutes", type=float, default=8.0,
+                        help="with --scale: skip a size whose extrapolated time would end past this")
     parser.add_argument("--compare", metavar="MODEL", help="compare (a) the published way, (b) the published "
                         "settings with this engine and (c) for_model on a shipped world (e.g. world-gpt2-bpe) or "
                         "'random' (a random GPT-2 of --size); --n-requests requests")
@@ -321,6 +428,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run_cli(args: argparse.Namespace) -> int:
     if args.json and (not Path(args.json).resolve().parent.is_dir() or Path(args.json).is_dir()):
         raise SystemExit(f"memit-adapter bench: cannot write {args.json} (no such folder, or it is a folder)")
+    if args.scale:
+        if any(n < 1 for n in args.sizes):
+            raise SystemExit(f"memit-adapter bench: --sizes must be positive, got {args.sizes}")
+        report = run_scale(args.scale, args.sizes, dtype=args.dtype, device=args.device, n_texts=args.texts,
+                           text_length=args.text_length, max_minutes=args.max_minutes, progress=not args.quiet)
+        print(format_scale(report))
+        if args.json:
+            Path(args.json).write_text(json.dumps(report, indent=2))
+        return 0
     if args.compare:
         report = run_comparison(args.compare, n_requests=args.n_requests, size=args.size, progress=not args.quiet)
         print(format_comparison(report))

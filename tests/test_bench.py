@@ -57,3 +57,27 @@ def test_bench_compare_reports_the_three_runs(tmp_path, capsys):
     assert report["b_speedup_over_a"] == runs["a_published_way"]["total_s"] / runs["b_published_engine"]["total_s"]
     assert 0 < report["z_step_tokens"] < report["z_step_tokens_full_rows"]
     assert "| a_published_way |" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("shape", ["tiny-gpt2", "tiny-llama"])
+def test_bench_scale_times_each_size_and_skips_what_would_not_fit(tmp_path, capsys, shape):
+    out = tmp_path / "scale.json"
+    assert main(["bench", "--scale", shape, "--sizes", "6", "3", "--texts", "4", "--text-length", "12",
+                 "--dtype", "float32", "--device", "cpu", "--quiet", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["shape"] == shape and report["dtype"] == "float32" and report["layers"]
+    assert [r["n_requests"] for r in report["runs"]] == [3, 6]  # ascending
+    for run in report["runs"]:
+        assert set(run["seconds"]) == {"statistics", "targets", "update"} and run["total_s"] > 0
+        assert 0 <= run["unconverged"] <= run["n_requests"]
+    assert f"random {shape} (float32)" in capsys.readouterr().out
+    # a budget the first size already spends: the second is skipped, with the reason
+    assert main(["bench", "--scale", shape, "--sizes", "2", "50", "--texts", "4", "--text-length", "12",
+                 "--dtype", "float32", "--device", "cpu", "--quiet", "--max-minutes", "1e-4", "--json", str(out)]) == 0
+    runs = json.loads(out.read_text())["runs"]
+    assert "total_s" in runs[0] and "--max-minutes" in runs[1]["skipped"] and "total_s" not in runs[1]
+
+
+def test_bench_scale_refuses_sizes_below_one():
+    with pytest.raises(SystemExit, match="--sizes must be positive"):
+        main(["bench", "--scale", "tiny-gpt2", "--sizes", "0", "--device", "cpu"])
