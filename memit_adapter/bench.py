@@ -406,7 +406,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--size", choices=sorted(SIZES), default="small", help="model size (default: GPT-2 small)")
     parser.add_argument("--n-requests", type=int, default=100)
     parser.add_argument("--z-steps", type=int, default=2, help="optimisation steps per z (the method uses 20-25)")
-    parser.add_argument("--texts", type=int, default=64, help="corpus texts for the statistics pass")
+    parser.add_argument("--texts", type=int, default=None,
+                        help="corpus texts for the statistics pass (default 64; with --scale 2000)")
     parser.add_argument("--text-length", type=int, default=128)
     parser.add_argument("--chunk", type=int, default=None, help="requests per batch in the batched run (default all)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
@@ -431,7 +432,7 @@ def run_cli(args: argparse.Namespace) -> int:
     if args.scale:
         if any(n < 1 for n in args.sizes):
             raise SystemExit(f"memit-adapter bench: --sizes must be positive, got {args.sizes}")
-        report = run_scale(args.scale, args.sizes, dtype=args.dtype, device=args.device, n_texts=args.texts,
+        report = run_scale(args.scale, args.sizes, dtype=args.dtype, device=args.device, n_texts=args.texts or 2000,
                            text_length=args.text_length, max_minutes=args.max_minutes, progress=not args.quiet)
         print(format_scale(report))
         if args.json:
@@ -443,7 +444,7 @@ def run_cli(args: argparse.Namespace) -> int:
         if args.json:
             Path(args.json).write_text(json.dumps(report, indent=2))
         return 0
-    report = run_benchmark(size=args.size, n_requests=args.n_requests, z_steps=args.z_steps, n_texts=args.texts,
+    report = run_benchmark(size=args.size, n_requests=args.n_requests, z_steps=args.z_steps, n_texts=args.texts or 64,
                            text_length=args.text_length, chunk=args.chunk, device=args.device,
                            progress=not args.quiet)
     print(format_report(report))
