@@ -346,9 +346,9 @@ SUFFIX_BUCKETS = 4  # at most this many parts a batch is cut into, by the length
 
 
 def suffix_buckets(lengths: Sequence[int], k: int = SUFFIX_BUCKETS) -> list[list[int]]:
-    """Rows (indices into ``lengths``, their suffix lengths) grouped into at most ``k`` groups of consecutive
-    lengths, chosen to run the fewest token positions (a group runs rows x its longest suffix): rows of one
-    length never share a group with longer ones but that saves positions. Groups from short to long suffixes."""
+    """Rows (indices into ``lengths``, their suffix lengths) grouped into at most ``k`` groups, each holding every
+    row of a range of consecutive lengths, chosen to run the fewest token positions (a group runs its rows x its
+    longest suffix; an exact search over the cuts between lengths). Groups from short to long suffixes."""
     sizes = sorted(set(lengths))
     count = [sum(1 for x in lengths if x == v) for v in sizes]
     k, m = min(k, len(sizes)), len(sizes)
