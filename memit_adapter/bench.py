@@ -64,26 +64,30 @@ def word_tokenizer(vocab_size: int):
     return PreTrainedTokenizerFast(tokenizer_object=raw, unk_token="<unk>", pad_token="<pad>", eos_token="</s>")
 
 
-def bench_model(size: str = "small", seed: int = 0):
-    """A randomly initialised GPT-2 of ``size`` and a word-level tokenizer over its whole vocabulary."""
-    from transformers import GPT2Config, GPT2LMHeadModel
+def random_model(arch: str, fields: dict[str, Any], *, dtype: torch.dtype = torch.float32, device: str = "cpu",
+                 seed: int = 0, **special: int):
+    """A randomly initialised ``arch`` model (a transformers model type) of config ``fields``, built on ``device``
+    in ``dtype`` (bos / eos id 2, and ``special`` ids), and a word-level tokenizer over its vocabulary."""
+    from transformers import AutoConfig, AutoModelForCausalLM
 
-    cfg = SIZES[size]
+    config = AutoConfig.for_model(arch, **fields, bos_token_id=2, eos_token_id=2, **special)
     torch.manual_seed(seed)
-    return GPT2LMHeadModel(GPT2Config(**cfg, bos_token_id=2, eos_token_id=2)).eval(), word_tokenizer(cfg["vocab_size"])
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    return model.eval(), word_tokenizer(fields["vocab_size"])
+
+
+def bench_model(size: str = "small", seed: int = 0):
+    """A randomly initialised GPT-2 of ``size`` (:data:`SIZES`) and a word-level tokenizer over its whole
+    vocabulary."""
+    return random_model("gpt2", SIZES[size], seed=seed)
 
 
 def scale_model(shape: str, *, dtype: torch.dtype = torch.bfloat16, device: str = "cuda", seed: int = 0):
     """A randomly initialised model of ``shape`` (:data:`SCALE_SHAPES`), built on ``device`` in ``dtype``, and a
     word-level tokenizer over its vocabulary."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     arch, fields = SCALE_SHAPES[shape]
-    config = AutoConfig.for_model(arch, **fields, bos_token_id=2, eos_token_id=2, pad_token_id=1)
-    torch.manual_seed(seed)
-    with torch.device(device):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    return model.eval(), word_tokenizer(fields["vocab_size"])
+    return random_model(arch, fields, dtype=dtype, device=device, seed=seed, pad_token_id=1)
 
 
 def run_scale(shape: str, sizes: list[int], *, dtype: str = "bfloat16", device: str | None = None,
@@ -106,8 +110,7 @@ def run_scale(shape: str, sizes: list[int], *, dtype: str = "bfloat16", device: 
     cfg = MemitConfig.for_model(model, v_batch_size=None)
     rng = random.Random(0)
     texts = [_words(rng, text_length, vocab) for _ in range(n_texts)]
-    requests = [EditRequest(_words(rng, 2, vocab) + " {} " + _words(rng, 3, vocab), _words(rng, 2, vocab),
-                            " " + _words(rng, 1, vocab)) for _ in range(max(sizes))]
+    requests = _random_requests(rng, max(sizes), vocab)
     out: dict[str, Any] = {"shape": shape, "device": _device_name(device), "dtype": dtype, "layers": cfg.layers,
                            "z_steps": cfg.v_num_grad_steps, "lambda": cfg.mom2_update_weight, "n_texts": n_texts,
                            "text_length": text_length, "build_s": round(time.perf_counter() - start, 1), "runs": []}
@@ -217,6 +220,12 @@ def _words(rng: random.Random, n: int, vocab: int) -> str:
     return " ".join(f"w{rng.randrange(3, vocab)}" for _ in range(n))
 
 
+def _random_requests(rng: random.Random, n: int, vocab: int) -> list[EditRequest]:
+    """``n`` requests of random words: a 2-word subject inside a 6-word prompt, a 1-word target."""
+    return [EditRequest(_words(rng, 2, vocab) + " {} " + _words(rng, 3, vocab), _words(rng, 2, vocab),
+                        " " + _words(rng, 1, vocab)) for _ in range(n)]
+
+
 def _peak_mb() -> float:
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**20
@@ -248,8 +257,7 @@ def run_benchmark(*, size: str = "small", n_requests: int = 100, z_steps: int = 
     cfg = MemitConfig.for_model(model, v_num_grad_steps=z_steps, v_loss_threshold=0.0)
     if len(cfg.layers) == 1:  # models of <= 6 layers edit one; the statistics comparison needs several
         cfg = cfg.replace(layers=list(range(min(3, spec.num_layers(model)))))
-    requests = [EditRequest(_words(rng, 2, vocab) + " {} " + _words(rng, 3, vocab), _words(rng, 2, vocab),
-                            " " + _words(rng, 1, vocab)) for _ in range(n_requests)]
+    requests = _random_requests(rng, n_requests, vocab)
     templates = ["{}"] + [_words(rng, 10, vocab) + ". {}" for _ in range(5)]
     texts = [_words(rng, text_length, vocab) for _ in range(n_texts)]
     last = max(cfg.layers)
@@ -312,8 +320,7 @@ def run_comparison(model_name: str = "world-gpt2-bpe", *, n_requests: int = 100,
         model, tok = bench_model(size)
         rng = random.Random(0)
         vocab = SIZES[size]["vocab_size"]
-        requests = [EditRequest(_words(rng, 2, vocab) + " {} " + _words(rng, 3, vocab), _words(rng, 2, vocab),
-                                " " + _words(rng, 1, vocab)) for _ in range(n_requests)]
+        requests = _random_requests(rng, n_requests, vocab)
         texts, records, everything = [_words(rng, 128, vocab) for _ in range(64)], None, None
     else:
         from .demo.checkpoints import load_world_model, world_model_path
@@ -434,21 +441,16 @@ def run_cli(args: argparse.Namespace) -> int:
             raise SystemExit(f"memit-adapter bench: --sizes must be positive, got {args.sizes}")
         report = run_scale(args.scale, args.sizes, dtype=args.dtype, device=args.device, n_texts=args.texts or 2000,
                            text_length=args.text_length, max_minutes=args.max_minutes, progress=not args.quiet)
-        print(format_scale(report))
-        if args.json:
-            Path(args.json).write_text(json.dumps(report, indent=2))
-        return 0
-    if args.compare:
+        text = format_scale(report)
+    elif args.compare:
         report = run_comparison(args.compare, n_requests=args.n_requests, size=args.size, progress=not args.quiet)
-        print(format_comparison(report))
-        if args.json:
-            Path(args.json).write_text(json.dumps(report, indent=2))
-        return 0
-    report = run_benchmark(size=args.size, n_requests=args.n_requests, z_steps=args.z_steps, n_texts=args.texts or 64,
-                           text_length=args.text_length, chunk=args.chunk, device=args.device,
-                           progress=not args.quiet)
-    print(format_report(report))
+        text = format_comparison(report)
+    else:
+        report = run_benchmark(size=args.size, n_requests=args.n_requests, z_steps=args.z_steps,
+                               n_texts=args.texts or 64, text_length=args.text_length, chunk=args.chunk,
+                               device=args.device, progress=not args.quiet)
+        text = format_report(report)
+    print(text)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=2)
+        Path(args.json).write_text(json.dumps(report, indent=2))
     return 0

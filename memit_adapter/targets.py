@@ -378,10 +378,9 @@ def _batch_parts(model, spec: ArchSpec, layer: int, batch: _Batch) -> tuple[list
     suffixes ``(rows, S, d_model)`` in the batch's row order (column 0 = each row's lookup); and whether the
     blocks return tuples."""
     parts, finals, seen = [], [], []
-    suffix = (batch.attention_mask.sum(1) - batch.lookup).tolist()
     handle = spec.blocks(model)[layer].register_forward_hook(lambda _m, _a, out: seen.append(out))
     try:
-        for rows in suffix_buckets(suffix):
+        for rows in _part_rows(batch):
             idx = torch.tensor(rows, device=batch.input_ids.device)
             part = _cut(model, batch.input_ids[idx], batch.attention_mask[idx], batch.lookup[idx])
             part.rows = idx
@@ -393,6 +392,11 @@ def _batch_parts(model, spec: ArchSpec, layer: int, batch: _Batch) -> tuple[list
         handle.remove()
     _drop_unread_kv(parts, layer)
     return parts, _joined(finals, parts), isinstance(seen[-1], tuple)
+
+
+def _part_rows(batch: _Batch) -> list[list[int]]:
+    """The batch rows of each part a step runs: :func:`suffix_buckets` of the rows' suffix lengths."""
+    return suffix_buckets((batch.attention_mask.sum(1) - batch.lookup).tolist())
 
 
 def _joined(states: Sequence[torch.Tensor], parts: Sequence[_Part]) -> torch.Tensor:
@@ -416,8 +420,8 @@ def tokens_per_step(tokenizer, requests: Sequence[EditRequest], templates: Seque
     their own longest)."""
     batch = _build_batch(tokenizer, requests, templates, "cpu")
     length = batch.attention_mask.sum(1)
-    suffix = (length - batch.lookup).tolist()
-    suffixes = sum(len(rows) * max(suffix[r] for r in rows) for rows in suffix_buckets(suffix))
+    suffix = length - batch.lookup
+    suffixes = sum(len(rows) * int(suffix[rows].max()) for rows in _part_rows(batch))
     full = sum((b - a) * int(length[a:b].max())
                for a, b in ((0, batch.n_rewrite_rows), (batch.n_rewrite_rows, len(length))) if b > a)
     return suffixes, full
