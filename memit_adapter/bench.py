@@ -23,6 +23,7 @@ import random
 import resource
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +33,7 @@ from .arch import get_arch_spec
 from .config import MemitConfig
 from .requests import EditRequest
 from .stats import _accumulate
-from .targets import KL_PROMPT, compute_targets, tokens_per_step
+from .targets import KL_PROMPT, compute_targets, lr_factor, tokens_per_step
 from .tokens import encode_fact, pad_id, pad_right
 
 SIZES = {
@@ -206,6 +207,7 @@ def _reference_one(model, block, tokenizer, req, templates, config: MemitConfig)
                 break
             opt.zero_grad()
             loss.backward()
+            opt.param_groups[0]["lr"] = config.v_lr * lr_factor(step, config.v_num_grad_steps, config.v_lr_decay_to)
             opt.step()
             with torch.no_grad():
                 max_norm = config.clamp_norm_factor * h.norm()
@@ -303,7 +305,7 @@ def published_settings(model, **fields) -> MemitConfig:
 
 
 def run_comparison(model_name: str = "world-gpt2-bpe", *, n_requests: int = 100, size: str = "small",
-                   progress: bool = True) -> dict[str, Any]:
+                   frontier: Sequence[int] = (), progress: bool = True) -> dict[str, Any]:
     """(a) the published way, (b) the published settings with this engine, (c) ``for_model``, on the same requests.
 
     ``model_name`` is a shipped world (its records, corpus and metrics) or ``"random"`` (a random GPT-2 of
@@ -311,6 +313,11 @@ def run_comparison(model_name: str = "world-gpt2-bpe", *, n_requests: int = 100,
     solve), token positions per z step, peak memory, and on a world ES / PS / NS / Score and retention.
     (a) computes the statistics with one full forward per layer and z one request at a time with full forwards
     (:func:`reference_targets`); its update phase is the engine's (the same computation).
+
+    ``frontier``: step counts at which (b) and (c) also run (``"b@20"``, ``"c@20"``: their settings with
+    ``v_num_grad_steps`` changed), so that the two methods are compared at equal time or equal Score, not only at
+    their defaults; on a world, ``report["c_at_b_score"]`` names the fastest (c) run whose Score is at least the
+    default (b)'s (see :func:`~memit_adapter.plots.plot_frontier`).
     """
     from .engine import compute_edits
     from .evaluation import evaluate_counterfact
@@ -336,7 +343,11 @@ def run_comparison(model_name: str = "world-gpt2-bpe", *, n_requests: int = 100,
     base = settings["published"]
     stats, secs = _timed(lambda: collect_stats(model, tok, texts, base.layers, max_tokens=base.mom2_max_tokens,
                                                batch_size=base.stats_batch_size, progress=False))
-    for name, cfg in (("b_published_engine", settings["published"]), ("c_for_model", settings["for_model"])):
+    configs = {"b_published_engine": settings["published"], "c_for_model": settings["for_model"]}
+    for k in frontier:
+        configs.update({f"b@{k}": settings["published"].replace(v_num_grad_steps=k),
+                        f"c@{k}": settings["for_model"].replace(v_num_grad_steps=k)})
+    for name, cfg in configs.items():
         pack, total = _timed(lambda cfg=cfg: compute_edits(model, tok, requests, cfg, stats=stats, progress=progress))
         phases = {k: round(v, 2) for k, v in pack.report["seconds"].items()}
         run = {"seconds": {**phases, "statistics": round(secs, 2)},
@@ -363,7 +374,16 @@ def run_comparison(model_name: str = "world-gpt2-bpe", *, n_requests: int = 100,
                                                   "update": b["seconds"]["update"]},
                                       "total_s": round(stats_a + z_a + b["seconds"]["update"], 2)}
     out["b_speedup_over_a"] = out["runs"]["a_published_way"]["total_s"] / b["total_s"]
+    if records is not None:
+        out["c_at_b_score"] = _fastest_at_least(out["runs"], "c", b["score"])
     return out
+
+
+def _fastest_at_least(runs: dict[str, dict[str, Any]], family: str, score: float) -> str | None:
+    """The name of the fastest run of ``family`` ("b" or "c": the default and its ``@steps`` runs) whose Score is
+    at least ``score``; None when none is."""
+    names = [n for n in runs if n[0] == family and runs[n].get("score", -1.0) >= score]
+    return min(names, key=lambda n: runs[n]["total_s"]) if names else None
 
 
 def texts_of(path: str, cfg: MemitConfig) -> list[str]:
@@ -376,7 +396,8 @@ def format_comparison(r: dict[str, Any]) -> str:
     lines = [f"memit-adapter bench --compare: {r['model']}, {r['n_requests']} requests, {r['threads']} threads",
              "| run | total s | statistics | z | update | ES | PS | NS | Score | retention |",
              "|---|---|---|---|---|---|---|---|---|---|"]
-    for name in ("a_published_way", "b_published_engine", "c_for_model"):
+    order = sorted((n for n in r["runs"] if n[0] in "bc"), key=lambda n: (n[0], r["runs"][n]["z_steps"], "@" in n))
+    for name in ("a_published_way", *order):
         run = r["runs"][name]
         sec = run["seconds"]
         m = [f"{run[k]:.3f}" if k in run else "-" for k in ("efficacy", "paraphrase", "neighborhood", "score",
@@ -385,6 +406,12 @@ def format_comparison(r: dict[str, Any]) -> str:
                      f"{sec['update']:.1f} | " + " | ".join(m) + " |")
     lines.append(f"(b) is {r['b_speedup_over_a']:.1f}x faster than (a); a z step runs {r['z_step_tokens']} token "
                  f"positions, {r['z_step_tokens'] / r['z_step_tokens_full_rows']:.0%} of whole rows")
+    if "c_at_b_score" in r:
+        b = r["runs"]["b_published_engine"]
+        c = r["c_at_b_score"]
+        lines.append(f"no (c) run reaches (b)'s Score {b['score']:.3f}" if c is None else
+                     f"(c) at (b)'s Score {b['score']:.3f} or better: {c}, {r['runs'][c]['total_s']:.1f} s against "
+                     f"(b)'s {b['total_s']:.1f} s ({r['runs'][c]['total_s'] / b['total_s']:.2f}x its time)")
     return "\n".join(lines)
 
 
@@ -431,11 +458,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compare", metavar="MODEL", help="compare (a) the published way, (b) the published "
                         "settings with this engine and (c) for_model on a shipped world (e.g. world-gpt2-bpe) or "
                         "'random' (a random GPT-2 of --size); --n-requests requests")
+    parser.add_argument("--frontier", type=int, nargs="+", default=[], metavar="STEPS",
+                        help="with --compare: also run (b) and (c) at these numbers of z steps, to compare them at "
+                        "equal time or Score")
+    parser.add_argument("--plot", default=None, metavar="PNG", help="with --compare on a world: Score and retention "
+                        "against seconds of every (b) and (c) run, to this PNG (needs matplotlib)")
 
 
 def run_cli(args: argparse.Namespace) -> int:
     if args.json and (not Path(args.json).resolve().parent.is_dir() or Path(args.json).is_dir()):
         raise SystemExit(f"memit-adapter bench: cannot write {args.json} (no such folder, or it is a folder)")
+    if (args.frontier or args.plot) and not args.compare:
+        raise SystemExit("memit-adapter bench: --frontier and --plot go with --compare")
+    if any(k < 1 for k in args.frontier):
+        raise SystemExit(f"memit-adapter bench: --frontier step counts must be positive, got {args.frontier}")
+    if args.plot:
+        if args.compare == "random":
+            raise SystemExit("memit-adapter bench: --plot needs a world (a random model has no Scores)")
+        if not Path(args.plot).resolve().parent.is_dir() or Path(args.plot).is_dir():
+            raise SystemExit(f"memit-adapter bench: cannot write {args.plot} (no such folder, or it is a folder)")
+        from .plots import require_matplotlib
+
+        require_matplotlib("bench")
     if args.scale:
         if any(n < 1 for n in args.sizes):
             raise SystemExit(f"memit-adapter bench: --sizes must be positive, got {args.sizes}")
@@ -443,8 +487,13 @@ def run_cli(args: argparse.Namespace) -> int:
                            text_length=args.text_length, max_minutes=args.max_minutes, progress=not args.quiet)
         text = format_scale(report)
     elif args.compare:
-        report = run_comparison(args.compare, n_requests=args.n_requests, size=args.size, progress=not args.quiet)
+        report = run_comparison(args.compare, n_requests=args.n_requests, size=args.size,
+                                frontier=sorted(set(args.frontier)), progress=not args.quiet)
         text = format_comparison(report)
+        if args.plot:
+            from .plots import plot_frontier
+
+            plot_frontier(report, args.plot)
     else:
         report = run_benchmark(size=args.size, n_requests=args.n_requests, z_steps=args.z_steps,
                                n_texts=args.texts or 64, text_length=args.text_length, chunk=args.chunk,

@@ -69,6 +69,9 @@ class MemitConfig:
         v_lr_relative: when True, ``v_lr`` is in units of each request's per-element RMS of ``h``
             (Adam moves every element by about ``v_lr * ||h|| / sqrt(d_model)`` a step), so the step
             fits models whose residual stream is large; the published presets use absolute steps.
+        v_lr_decay_to: the learning rate at the last of the ``v_num_grad_steps`` steps, as a fraction of ``v_lr``,
+            reached on a half cosine from ``v_lr`` at the first step (:func:`~memit_adapter.targets.lr_factor`);
+            steps past ``v_num_grad_steps`` (``v_max_grad_steps``) keep it. 1 = a constant rate (published).
         v_loss_threshold: a request stops once its loss is below this.
         v_max_grad_steps: when set (>= ``v_num_grad_steps``), the δ rows whose target is still below even odds
             after ``v_num_grad_steps`` (NLL above ln 2: edits that would not take) go on alone, up to this many
@@ -168,6 +171,7 @@ class MemitConfig:
     mom2_update_weight_per_edit: float = 0.0
     v_lr: float = 0.5
     v_lr_relative: bool = False
+    v_lr_decay_to: float = 1.0
     v_num_grad_steps: int = 25
     v_loss_threshold: float = 0.05
     v_max_grad_steps: int | None = None
@@ -209,6 +213,8 @@ class MemitConfig:
         if self.nullspace_threshold_of not in _NULLSPACE_REFERENCES:
             raise ConfigError(f"nullspace_threshold_of must be one of {_NULLSPACE_REFERENCES}, "
                               f"got {self.nullspace_threshold_of!r}")
+        if not 0 < self.v_lr_decay_to <= 1:
+            raise ConfigError(f"v_lr_decay_to must be in (0, 1] (a fraction of v_lr), got {self.v_lr_decay_to}")
         if self.v_num_grad_steps < 1:
             raise ConfigError(f"v_num_grad_steps must be >= 1 (0 steps would leave every δ at zero: an empty pack), "
                               f"got {self.v_num_grad_steps}")
@@ -352,7 +358,8 @@ _INTS = ("v_num_grad_steps", "context_template_length", "context_template_top_k"
          "stats_batch_size", "seed")
 _OPTIONAL_INTS = ("preserve_max_relations", "v_batch_size", "mom2_max_length", "mom2_max_tokens", "v_max_grad_steps")
 _BOOLS = ("v_stop_when_top", "v_lr_relative", "share_subject_delta")
-_FLOATS = ("mom2_update_weight", "mom2_update_weight_per_edit", "v_lr", "v_loss_threshold", "clamp_norm_factor",
+_FLOATS = ("mom2_update_weight", "mom2_update_weight_per_edit", "v_lr", "v_lr_decay_to", "v_loss_threshold",
+           "v_target_nll_threshold", "clamp_norm_factor",
            "kl_factor", "v_weight_decay", "preserve_factor", "nullspace_threshold", "nullspace_l2")
 
 

@@ -1,10 +1,11 @@
-"""Figures of causal traces as PNG files (needs matplotlib: ``pip install memit-adapter[plot]``).
+"""Figures of causal traces and of the speed benchmark as PNG files (needs matplotlib: ``pip install memit-adapter[plot]``).
 
 Usage::
 
     plot_trace(trace_fact(model, tok, "{} plays the sport of", "Michael Jordan"), "hidden.png")  # Figure 8
     plot_traces([hidden, mlp, attn], "traces.png")      # the three kinds side by side
     plot_severed(trace_severed(model, tok, requests), "severed.png")                        # Figure 3
+    plot_frontier(run_comparison("world-gpt2-bpe", frontier=[10, 20, 40]), "frontier.png")  # Score vs seconds
 
 Each function returns the matplotlib ``Figure`` and writes ``path`` when given. No pyplot: figures are
 rendered by the Agg backend and never shown, so this works on headless machines and in threads.
@@ -127,4 +128,39 @@ def plot_severed(result: SeveredTrace, path: str | Path | None = None) -> Figure
     return fig
 
 
-__all__ = ["plot_severed", "plot_trace", "plot_traces"]
+_FAMILIES = {"b": ("(b) published settings", "#d1495b"), "c": ("(c) for_model", "#2a9d57")}
+
+
+def plot_frontier(report: dict, path: str | Path | None = None) -> Figure:
+    """Score and retention against seconds of the edit for the runs of a ``memit-adapter bench --compare`` on a
+    world (:func:`~memit_adapter.bench.run_comparison`): one line per method through its runs at each step count,
+    the defaults ringed, so that the methods compare at equal time or equal Score, not only at their defaults."""
+    runs = {name: run for name, run in report["runs"].items() if "score" in run}
+    if not runs:
+        raise ValueError("the report has no Scores: compare on a world, not on a random model")
+    fig = _figure(9.0, 3.6)
+    axes = [fig.add_subplot(1, 2, i + 1) for i in range(2)]
+    for family, (label, color) in _FAMILIES.items():
+        names = sorted((n for n in runs if n[0] == family), key=lambda n: runs[n]["total_s"])
+        if not names:
+            continue
+        xs = [runs[n]["total_s"] for n in names]
+        for ax, key in zip(axes, ("score", "retention")):
+            ax.plot(xs, [100 * runs[n][key] for n in names], "o-", color=color, label=label)
+            for n, x in zip(names, xs):
+                ax.annotate(str(runs[n]["z_steps"]), (x, 100 * runs[n][key]), textcoords="offset points",
+                            xytext=(4, 4), fontsize=7, color=color)
+                if "@" not in n:  # the default
+                    ax.plot([x], [100 * runs[n][key]], "o", markersize=11, markerfacecolor="none", color=color)
+    for ax, what in zip(axes, ("Score (harmonic mean of ES, PS, NS)", "retention of unedited facts")):
+        ax.set_xlabel("seconds: statistics + edit")
+        ax.set_ylabel(f"{what}, %")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8, frameon=False, title="numbers: z steps; ringed: default", title_fontsize=7)
+    fig.suptitle(f"{report['model']}, {report['n_requests']} edits, {report['threads']} threads", fontsize=9)
+    if path is not None:
+        fig.savefig(path)
+    return fig
+
+
+__all__ = ["plot_frontier", "plot_severed", "plot_trace", "plot_traces"]

@@ -21,6 +21,7 @@ CounterFact-like shapes on a word-level tokenizer: a step runs 9-35% of the toke
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import random
@@ -588,6 +589,8 @@ def _optimise_deltas(model, spec, tokenizer, requests, templates, config, layer,
     unit = (g_norm / h.shape[1] ** 0.5)[:, None] if config.v_lr_relative else torch.ones_like(g_norm)[:, None]
     param = torch.zeros(n_groups, h.shape[1], device=device, requires_grad=True)
     opt = torch.optim.Adam([param], lr=config.v_lr)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        opt, functools.partial(lr_factor, steps=config.v_num_grad_steps, end=config.v_lr_decay_to))
     active = torch.ones(n_groups, dtype=torch.bool, device=device)
     last_nll = torch.zeros(n_groups, device=device)  # each row's mean target NLL when it was last measured
     going = set(range(n_groups))
@@ -621,10 +624,20 @@ def _optimise_deltas(model, spec, tokenizer, requests, templates, config, layer,
             if not still or step == budget - 1:
                 break
             _adam_step(opt, param, loss, active, unit, max_norm)
+            schedule.step()
             if still != going:
                 going = still
                 live = _Live.of(batch, parts, kl_init, groups, going, h_norm)
     return (h + (param * unit).detach()[group]), h, last_nll[group]
+
+
+def lr_factor(step: int, steps: int, end: float) -> float:
+    """The learning rate of the Adam step after ``step`` (0-based) as a fraction of ``v_lr``: a half cosine from 1
+    at step 0 to ``end`` at step ``steps - 1``, ``end`` after it; 1 throughout when ``end`` is 1."""
+    if end == 1.0 or steps < 2:
+        return 1.0
+    t = min(step, steps - 1) / (steps - 1)
+    return end + (1.0 - end) * 0.5 * (1.0 + math.cos(math.pi * t))
 
 
 def _adam_step(opt: torch.optim.Optimizer, param: torch.Tensor, loss: torch.Tensor, active: torch.Tensor,

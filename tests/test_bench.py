@@ -59,6 +59,58 @@ def test_bench_compare_reports_the_three_runs(tmp_path, capsys):
     assert "| a_published_way |" in capsys.readouterr().out
 
 
+def test_bench_compare_runs_both_methods_at_each_frontier_step_count(tmp_path, capsys):
+    out = tmp_path / "cmp.json"
+    assert main(["bench", "--compare", "random", "--size", "tiny", "--n-requests", "3", "--quiet",
+                 "--frontier", "3", "2", "3", "--json", str(out)]) == 0
+    runs = json.loads(out.read_text())["runs"]
+    assert set(runs) == {"a_published_way", "b_published_engine", "c_for_model", "b@2", "c@2", "b@3", "c@3"}
+    assert [runs[n]["z_steps"] for n in ("b@2", "c@2", "b@3", "c@3")] == [2, 2, 3, 3]
+    assert runs["c@2"]["lambda"] == runs["c_for_model"]["lambda"] and runs["b@2"]["layers"] == runs["c@2"]["layers"]
+    rows = [line.split(" | ")[0] for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    assert rows[1:] == ["| a_published_way", "| b@2", "| b@3", "| b_published_engine", "| c@2", "| c@3",
+                        "| c_for_model"]
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--frontier", "5"], "go with --compare"),
+    (["--compare", "random", "--frontier", "0"], "must be positive"),
+    (["--compare", "random", "--plot", "f.png"], "needs a world"),
+    (["--compare", "world-gpt2-bpe", "--plot", "no/such/folder/f.png"], "cannot write"),
+])
+def test_bench_frontier_and_plot_refuse_what_they_cannot_do(argv, message, capsys, monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as e:
+        main(["bench", "--quiet", *argv])
+    assert message in str(e.value)
+
+
+def test_fastest_run_at_a_score_and_the_frontier_plot(tmp_path):
+    pytest.importorskip("matplotlib")
+    from memit_adapter.bench import _fastest_at_least
+    from memit_adapter.plots import plot_frontier
+
+    runs = {"a_published_way": {"total_s": 30.0},
+            "b_published_engine": {"total_s": 10.0, "score": 0.6, "retention": 0.98, "z_steps": 20},
+            "b@10": {"total_s": 8.0, "score": 0.5, "retention": 0.99, "z_steps": 10},
+            "c_for_model": {"total_s": 40.0, "score": 0.95, "retention": 0.96, "z_steps": 60},
+            "c@10": {"total_s": 9.0, "score": 0.62, "retention": 0.98, "z_steps": 10},
+            "c@5": {"total_s": 6.0, "score": 0.3, "retention": 0.99, "z_steps": 5}}
+    assert _fastest_at_least(runs, "c", 0.6) == "c@10" and _fastest_at_least(runs, "c", 0.99) is None
+    assert _fastest_at_least(runs, "b", 0.6) == "b_published_engine"
+    report = {"model": "w", "n_requests": 3, "threads": 2, "runs": runs}
+    fig = plot_frontier(report, tmp_path / "f.png")
+    assert (tmp_path / "f.png").stat().st_size > 0
+    score_ax, retention_ax = fig.axes
+    lines = [line for line in score_ax.get_lines() if len(line.get_xdata()) > 1]
+    assert [list(line.get_xdata()) for line in lines] == [[8.0, 10.0], [6.0, 9.0, 40.0]]  # by time, b then c
+    assert list(lines[1].get_ydata()) == pytest.approx([30.0, 62.0, 95.0])
+    kept = [line for line in retention_ax.get_lines() if len(line.get_xdata()) > 1]
+    assert list(kept[0].get_ydata()) == pytest.approx([99.0, 98.0])
+    with pytest.raises(ValueError, match="no Scores"):
+        plot_frontier({**report, "runs": {"a_published_way": {"total_s": 1.0}}})
+
+
 @pytest.mark.parametrize("shape", ["tiny-gpt2", "tiny-llama"])
 def test_bench_scale_times_each_size_and_skips_what_would_not_fit(tmp_path, capsys, shape):
     out = tmp_path / "scale.json"

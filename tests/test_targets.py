@@ -1,5 +1,7 @@
 from contextlib import contextmanager
 
+import math
+
 import pytest
 import torch
 from engine_setup import VARIED_TEMPLATES, config, model_and_tokenizer, requests, varied_requests
@@ -139,7 +141,7 @@ def _reference_targets(model, spec, tok, req, templates, cfg, layer):
     delta = torch.zeros_like(h, requires_grad=True)
     opt = torch.optim.Adam([delta], lr=cfg.v_lr)
     history = []
-    for _ in range(cfg.v_num_grad_steps):
+    for step in range(cfg.v_num_grad_steps):
         nll = []
         for f in facts:
             logp = torch.log_softmax(_logits(model, final(f, f.ids[:-1], delta)[f.target_positions]), -1)
@@ -150,6 +152,10 @@ def _reference_targets(model, spec, tok, req, templates, cfg, layer):
         history.append((loss.item(), delta.detach().clone(), torch.stack(nll).mean().item()))
         opt.zero_grad()
         loss.backward()
+        # the step's rate: cosine from v_lr at step 0 down to v_lr_decay_to * v_lr at the last step
+        last = max(cfg.v_num_grad_steps - 1, 1)
+        opt.param_groups[0]["lr"] = cfg.v_lr * (cfg.v_lr_decay_to + (1 - cfg.v_lr_decay_to)
+                                                * (1 + math.cos(math.pi * step / last)) / 2)
         opt.step()
         with torch.no_grad():
             delta.mul_(min(1.0, cfg.clamp_norm_factor * h.norm() / delta.norm()))
@@ -200,6 +206,21 @@ def test_a_row_stops_once_its_target_nll_is_below_the_threshold(arch, add_bos):
                            layer, progress=False)
     want = torch.stack([h_ref + hist[s][1] for (h_ref, hist), s in zip(refs, stops)])
     torch.testing.assert_close(z, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("arch,add_bos", [("gpt2", False), ("llama", True)])
+def test_a_decaying_learning_rate_follows_its_cosine(arch, add_bos):
+    """With ``v_lr_decay_to`` the z of every row equals the independent loop run at a rate that falls on a cosine
+    from ``v_lr`` to ``v_lr_decay_to * v_lr`` over the steps, and differs from the constant rate's z."""
+    model, tok = tiny_model(arch, initializer_range=0.1), make_tokenizer(add_bos=add_bos)
+    spec, layer, reqs = get_arch_spec(model), 1, varied_requests()
+    constant = config(v_num_grad_steps=8, clamp_norm_factor=2.0, v_loss_threshold=0.0)
+    decaying = constant.replace(v_lr_decay_to=0.1)
+    refs = [_reference_targets(model, spec, tok, r, VARIED_TEMPLATES, decaying, layer) for r in reqs]
+    z, _ = compute_targets(model, spec, tok, reqs, VARIED_TEMPLATES, decaying, layer, progress=False)
+    torch.testing.assert_close(z, torch.stack([h + hist[-1][1] for h, hist in refs]), rtol=1e-4, atol=1e-4)
+    z_constant, _ = compute_targets(model, spec, tok, reqs, VARIED_TEMPLATES, constant, layer, progress=False)
+    assert (z - z_constant).norm(dim=-1).min() > 1e-3
 
 
 def test_blocks_and_their_hooks_are_left_in_place():
