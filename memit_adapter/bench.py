@@ -344,9 +344,9 @@ def run_comparison(model_name: str = "world-gpt2-bpe", *, n_requests: int = 100,
     stats, secs = _timed(lambda: collect_stats(model, tok, texts, base.layers, max_tokens=base.mom2_max_tokens,
                                                batch_size=base.stats_batch_size, progress=False))
     configs = {"b_published_engine": settings["published"], "c_for_model": settings["for_model"]}
-    for k in frontier:
-        configs.update({f"b@{k}": settings["published"].replace(v_num_grad_steps=k),
-                        f"c@{k}": settings["for_model"].replace(v_num_grad_steps=k)})
+    for family, default in (("b", settings["published"]), ("c", settings["for_model"])):
+        configs.update({f"{family}@{k}": default.replace(v_num_grad_steps=k) for k in frontier
+                        if k != default.v_num_grad_steps})  # the default run is that point already
     for name, cfg in configs.items():
         pack, total = _timed(lambda cfg=cfg: compute_edits(model, tok, requests, cfg, stats=stats, progress=progress))
         phases = {k: round(v, 2) for k, v in pack.report["seconds"].items()}

@@ -72,6 +72,19 @@ class MemitConfig:
         v_lr_decay_to: the learning rate at the last of the ``v_num_grad_steps`` steps, as a fraction of ``v_lr``,
             reached on a half cosine from ``v_lr`` at the first step (:func:`~memit_adapter.targets.lr_factor`);
             steps past ``v_num_grad_steps`` (``v_max_grad_steps``) keep it. 1 = a constant rate (published).
+            Off by default: a larger rate that decays buys Score at a small step budget but costs retention, and
+            does not reach the constant rate's Score on world-llama-sp (100 edits, for_model's other settings, all
+            requests at once, 2 threads; ES / PS / NS / retention, Score, seconds of statistics + edit):
+
+            ===============================  ===================================  ===================================
+            z steps                          world-gpt2-bpe                       world-llama-sp
+            ===============================  ===================================  ===================================
+            0.1 constant, 60 (for_model)     100 / 87 / 98.4 / 96.7, 94.8, 41 s   83 / 77.8 / 97.4 / 86.8, 85.3, 36 s
+            0.2 to 0.02, 40                  98 / 90.2 / 97.8 / 94.5, 95.2, 28 s  79 / 72 / 96.1 / 86.4, 81.2, 25 s
+            0.3 to 0.03, 30                  94 / 90.5 / 96.7 / 91.6, 93.7, 24 s  75 / 71.8 / 93.9 / 81.0, 79.1, 21 s
+            0.3 to 0.03, 20                  91 / 82.8 / 97.7 / 94.5, 90.1, 18 s  63 / 58.5 / 96.5 / 89.8, 69.2, 16 s
+            0.1 constant, 20                 82 / 70.2 / 98.5 / 97.0, 82.0, 17 s  43 / 39.5 / 99.0 / 96.9, 51.1, 16 s
+            ===============================  ===================================  ===================================
         v_loss_threshold: a request stops once its loss is below this.
         v_max_grad_steps: when set (>= ``v_num_grad_steps``), the δ rows whose target is still below even odds
             after ``v_num_grad_steps`` (NLL above ln 2: edits that would not take) go on alone, up to this many

@@ -1,4 +1,5 @@
-"""Figures of causal traces and of the speed benchmark as PNG files (needs matplotlib: ``pip install memit-adapter[plot]``).
+"""Figures of causal traces and of the speed benchmark as PNG files (needs matplotlib:
+``pip install memit-adapter[plot]``).
 
 Usage::
 

@@ -62,14 +62,14 @@ def test_bench_compare_reports_the_three_runs(tmp_path, capsys):
 def test_bench_compare_runs_both_methods_at_each_frontier_step_count(tmp_path, capsys):
     out = tmp_path / "cmp.json"
     assert main(["bench", "--compare", "random", "--size", "tiny", "--n-requests", "3", "--quiet",
-                 "--frontier", "3", "2", "3", "--json", str(out)]) == 0
-    runs = json.loads(out.read_text())["runs"]
-    assert set(runs) == {"a_published_way", "b_published_engine", "c_for_model", "b@2", "c@2", "b@3", "c@3"}
+                 "--frontier", "3", "2", "3", "20", "--json", str(out)]) == 0
+    runs = json.loads(out.read_text())["runs"]  # (b)'s default runs 20 steps: no b@20; c@20 runs
+    assert set(runs) == {"a_published_way", "b_published_engine", "c_for_model", "b@2", "c@2", "b@3", "c@3", "c@20"}
     assert [runs[n]["z_steps"] for n in ("b@2", "c@2", "b@3", "c@3")] == [2, 2, 3, 3]
     assert runs["c@2"]["lambda"] == runs["c_for_model"]["lambda"] and runs["b@2"]["layers"] == runs["c@2"]["layers"]
     rows = [line.split(" | ")[0] for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
     assert rows[1:] == ["| a_published_way", "| b@2", "| b@3", "| b_published_engine", "| c@2", "| c@3",
-                        "| c_for_model"]
+                        "| c@20", "| c_for_model"]
 
 
 @pytest.mark.parametrize("argv,message", [

@@ -1,6 +1,5 @@
-from contextlib import contextmanager
-
 import math
+from contextlib import contextmanager
 
 import pytest
 import torch
