@@ -86,6 +86,9 @@ def compute_edits(
     a subject the new batch edits, optimised again with it; the key passes and the solve cover every request.
     Every pack stores the target vectors of its chain, so the next pack can be computed in another process.
 
+    ``config.repair_rounds`` > 0 (not with ``joint``): the requests that did not take are edited again on top, up to
+    that many rounds, and the rounds' packs come back stacked as one (:mod:`memit_adapter.repair`).
+
     ``config.v_batch_size`` requests at a time go through the target-vector optimisation and through each
     layer's key pass (None: all at once on the CPU, as many as fit on an accelerator; see
     :class:`~memit_adapter.targets.ChunkSizer`). Peak memory on the model's device beyond the weights, for n
@@ -116,6 +119,9 @@ def compute_edits(
     names = [spec.mlp_out_name(layer) for layer in config.layers]
     fingerprint = weights_fingerprint(model, names)
     earlier = list(on_top_of)
+    if joint and config.repair_rounds:
+        raise ConfigError("repair_rounds does not combine with joint=True: a joint pack is one solve of its chain, "
+                          "and repair rounds are packs on top of it; compute the joint pack, then repair on top")
     held = _check_joint(model, earlier, config) if joint else []  # the chain's requests
 
     seconds: dict[str, float] = {}
@@ -149,6 +155,14 @@ def compute_edits(
     nll = z_loss.tolist()
     pack.report = {"seconds": seconds, "z_nll": nll,
                    "unconverged": [i for i, x in enumerate(nll) if x > UNCONVERGED_NLL]}
+    if config.repair_rounds:
+        from .repair import repaired
+
+        def edit_again(failing: list[EditRequest], under: list[EditPack]) -> EditPack:
+            return compute_edits(model, tokenizer, failing, config.replace(repair_rounds=0), stats=stats, arch=arch,
+                                 progress=progress, on_top_of=under)
+
+        pack = repaired(model, tokenizer, pack, config.repair_rounds, below, edit_again, _active)
     return pack
 
 
