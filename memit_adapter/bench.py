@@ -5,6 +5,7 @@ Usage::
     memit-adapter bench                          # GPT-2-small-sized random model, 100 requests
     memit-adapter bench --size tiny --n-requests 8 --json bench.json
     memit-adapter bench --compare world-gpt2-bpe --n-requests 1000     # (a) / (b) / (c), see run_comparison
+    memit-adapter bench --compare world-gpt2-bpe --frontier 10 15 20 30 --plot frontier.png   # Score vs seconds
     memit-adapter bench --scale llama-7b --sizes 1000 10000 --texts 2000 --json scale.json   # on a GPU
 
 On a GPU machine without the package installed: ``PYTHONPATH=. python3 -m memit_adapter.cli bench --scale ...``.
