@@ -163,8 +163,9 @@ def reference_targets(model, spec, tokenizer, requests, templates, config: Memit
 
     The same objective as :func:`~memit_adapter.targets.optimise_deltas` with ``preserve_factor=0`` and one δ
     per request (NLL of the target after each context template, KL of ``"{subject} is a"`` at the subject,
-    weight decay ``|δ| / |h|²``, ``|δ| <= clamp·|h|``, stop below ``v_loss_threshold``), written independently
-    of it: the baseline (a) of the benchmark, and an oracle for the engine's faster path. Returns ``(z, h)``.
+    weight decay ``|δ| / |h|²``, ``|δ| <= clamp·|h|``, stop below ``v_loss_threshold``; the rate of
+    :func:`~memit_adapter.targets.lr_factor` at each step), written independently of it but for that schedule: the
+    baseline (a) of the benchmark, and an oracle for the engine's faster path. Returns ``(z, h)``.
     """
     pairs = [_reference_one(model, spec.blocks(model)[layer], tokenizer, req, templates, config) for req in requests]
     return torch.stack([z for z, _ in pairs]), torch.stack([h for _, h in pairs])

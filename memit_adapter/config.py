@@ -69,15 +69,16 @@ class MemitConfig:
         v_lr_relative: when True, ``v_lr`` is in units of each request's per-element RMS of ``h``
             (Adam moves every element by about ``v_lr * ||h|| / sqrt(d_model)`` a step), so the step
             fits models whose residual stream is large; the published presets use absolute steps.
-        v_lr_decay_to: the learning rate at the last of the ``v_num_grad_steps`` steps, as a fraction of ``v_lr``,
-            reached on a half cosine from ``v_lr`` at the first step (:func:`~memit_adapter.targets.lr_factor`);
-            steps past ``v_num_grad_steps`` (``v_max_grad_steps``) keep it. 1 = a constant rate (published).
+        v_lr_decay_to: where the learning rate of the target vectors ends, as a fraction of ``v_lr``: a half cosine
+            from ``v_lr`` at the first Adam step to ``v_lr_decay_to * v_lr`` at step ``v_num_grad_steps - 1``
+            (:func:`~memit_adapter.targets.lr_factor`; the last step of ``v_num_grad_steps`` only measures, so the
+            last update runs just above it), kept by steps past it (``v_max_grad_steps``). 1 = constant (published).
             Off by default: a larger rate that decays buys Score at a small step budget but costs retention, and
             does not reach the constant rate's Score on world-llama-sp (100 edits, for_model's other settings, all
             requests at once, 2 threads; ES / PS / NS / retention, Score, seconds of statistics + edit):
 
             ===============================  ===================================  ===================================
-            z steps                          world-gpt2-bpe                       world-llama-sp
+            v_lr (-> end), z steps           world-gpt2-bpe                       world-llama-sp
             ===============================  ===================================  ===================================
             0.1 constant, 60 (for_model)     100 / 87 / 98.4 / 96.7, 94.8, 41 s   83 / 77.8 / 97.4 / 86.8, 85.3, 36 s
             0.2 to 0.02, 40                  98 / 90.2 / 97.8 / 94.5, 95.2, 28 s  79 / 72 / 96.1 / 86.4, 81.2, 25 s

@@ -133,7 +133,7 @@ _FAMILIES = {"b": ("(b) published settings", "#d1495b"), "c": ("(c) for_model", 
 
 
 def plot_frontier(report: dict, path: str | Path | None = None) -> Figure:
-    """Score and retention against seconds of the edit for the runs of a ``memit-adapter bench --compare`` on a
+    """Score and retention against seconds (statistics + edit) for the runs of a ``memit-adapter bench --compare`` on a
     world (:func:`~memit_adapter.bench.run_comparison`): one line per method through its runs at each step count,
     the defaults ringed, so that the methods compare at equal time or equal Score, not only at their defaults."""
     runs = {name: run for name, run in report["runs"].items() if "score" in run}

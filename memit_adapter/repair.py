@@ -17,27 +17,35 @@ Usage::
 from __future__ import annotations
 
 import dataclasses
+import logging
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 
 from torch import nn
 
+from .distributed import broadcast_object
+from .modes import evaluating
 from .pack import EditPack
 from .requests import EditRequest
+
+logger = logging.getLogger(__name__)
 
 
 def not_taken(model: nn.Module, tokenizer, requests: Sequence[EditRequest]) -> list[int]:
     """Indices of the requests (those with a ``target_true``) whose ``target_new`` is not more probable than their
-    ``target_true`` after their own prompt on ``model`` as it is (mean per-token NLL, as CounterFact's efficacy)."""
+    ``target_true`` after their own prompt on ``model`` as it is (mean per-token NLL, as CounterFact's efficacy), in
+    eval mode. Under ``torch.distributed``, rank 0's answer on every rank (a near tie must not split the ranks)."""
     from .evaluation import target_nll
 
     tested = [i for i, r in enumerate(requests) if r.target_true]
-    if not tested:
-        return []
-    prompts = [requests[i].text for i in tested]
-    new = target_nll(model, tokenizer, prompts, [requests[i].target_new for i in tested])
-    true = target_nll(model, tokenizer, prompts, [requests[i].target_true for i in tested])
-    return [i for i, a, b in zip(tested, new.tolist(), true.tolist()) if not a < b]
+    failing: list[int] = []
+    if tested:
+        prompts = [requests[i].text for i in tested]
+        with evaluating(model):
+            new = target_nll(model, tokenizer, prompts, [requests[i].target_new for i in tested])
+            true = target_nll(model, tokenizer, prompts, [requests[i].target_true for i in tested])
+        failing = [i for i, a, b in zip(tested, new.tolist(), true.tolist()) if not a < b]
+    return broadcast_object(failing)
 
 
 def repaired(model: nn.Module, tokenizer, first: EditPack, rounds: int, below: Sequence[EditPack],
@@ -47,30 +55,44 @@ def repaired(model: nn.Module, tokenizer, first: EditPack, rounds: int, below: S
 
     ``below``: the packs ``first`` was computed on top of (active while testing, under every round); ``edit(requests,
     on_top_of)`` computes one round's pack; ``active(model, packs)`` is a context manager that attaches packs.
-    The result keeps ``first``'s requests, parents, config and report (its ``"seconds"`` summed over the rounds)
-    and adds ``report["repair"]``: the number of requests failing before each round and after the last. It holds no
-    target vectors (a joint chain cannot continue from it: its rounds are not one solve).
+    A round edits the failing requests on top of ``below`` and of everything written so far, whose preserved keys are
+    those of the requests that took (not the failing ones': preserving a key the round must move would halve the
+    move). The result keeps ``first``'s requests, parents, config and report (its ``"seconds"`` summed over the
+    rounds) and adds ``report["repair"]``: the number of requests failing before each round and after the last,
+    and the seconds of the rounds. Once a round has run it holds no target vectors (a joint chain cannot continue
+    from it: its rounds are not one solve); when nothing fails it is ``first`` itself.
     """
+    if not any(r.target_true for r in first.requests):
+        logger.warning("repair_rounds: no request has a target_true, so none can be tested; no round runs")
     packs = [first]
     failing_counts: list[int] = []
     clock = time.perf_counter()
     for round_ in range(rounds + 1):
-        with active(model, [*below, *packs]):
+        so_far = EditPack.stack(packs) if len(packs) > 1 else first
+        with active(model, [*below, so_far]):
             failing = not_taken(model, tokenizer, first.requests)
         failing_counts.append(len(failing))
+        logger.info("repair: %d of %d requests fail%s", len(failing), len(first.requests),
+                    "" if round_ == rounds or not failing else f"; round {round_ + 1} of {rounds} edits them again")
         if not failing or round_ == rounds:
             break
-        packs.append(edit([first.requests[i] for i in failing], [*below, *packs]))
+        gone = set(failing)
+        took = [r for i, r in enumerate(first.requests) if i not in gone]
+        again = [first.requests[i] for i in failing]
+        if took:  # everything so far, its keys preserved but those of the failing requests
+            packs.append(edit(again, [*below, dataclasses.replace(so_far, requests=took, targets=None)]))
+        else:  # nothing took: everything so far stays active, no key of it preserved
+            with active(model, [*below, so_far]):
+                packs.append(edit(again, list(below)))
+    repair = {"failing": failing_counts, "seconds": time.perf_counter() - clock}
     if len(packs) == 1:
-        first.report["repair"] = {"failing": failing_counts, "seconds": time.perf_counter() - clock}
+        first.report["repair"] = repair
         return first
-    stacked = EditPack.stack(packs)
     seconds: dict[str, float] = {}
     for p in packs:
         for phase, s in p.report.get("seconds", {}).items():
             seconds[phase] = seconds.get(phase, 0.0) + s
-    report: Mapping = {**first.report, "seconds": seconds,
-                       "repair": {"failing": failing_counts, "seconds": time.perf_counter() - clock}}
-    out = dataclasses.replace(stacked, requests=list(first.requests), parents=list(first.parents), targets=None)
-    out.report = dict(report)
+    out = dataclasses.replace(EditPack.stack(packs), requests=list(first.requests), parents=list(first.parents),
+                              targets=None)
+    out.report = {**first.report, "seconds": seconds, "repair": repair}
     return out

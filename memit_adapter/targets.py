@@ -632,8 +632,9 @@ def _optimise_deltas(model, spec, tokenizer, requests, templates, config, layer,
 
 
 def lr_factor(step: int, steps: int, end: float) -> float:
-    """The learning rate of the Adam step after ``step`` (0-based) as a fraction of ``v_lr``: a half cosine from 1
-    at step 0 to ``end`` at step ``steps - 1``, ``end`` after it; 1 throughout when ``end`` is 1."""
+    """The learning rate of the Adam update made at ``step`` (0-based) as a fraction of ``v_lr``: a half cosine from 1
+    at step 0 to ``end`` at step ``steps - 1`` (the last step of ``steps`` makes no update, so the last update runs
+    at ``lr_factor(steps - 2)``), ``end`` after it; 1 throughout when ``end`` is 1."""
     if end == 1.0 or steps < 2:
         return 1.0
     t = min(step, steps - 1) / (steps - 1)
