@@ -55,10 +55,15 @@ def repaired(model: nn.Module, tokenizer, first: EditPack, rounds: int, below: S
 
     ``below``: the packs ``first`` was computed on top of (active while testing, under every round); ``edit(requests,
     on_top_of)`` computes one round's pack; ``active(model, packs)`` is a context manager that attaches packs.
-    A round edits the failing requests on top of ``below`` and of everything written so far, whose preserved keys are
-    those of the requests that took (not the failing ones': preserving a key the round must move would halve the
-    move). The result keeps ``first``'s requests, parents, config and report (its ``"seconds"`` summed over the
-    rounds) and adds ``report["repair"]``: the number of requests failing before each round and after the last,
+    A round edits the failing requests on top of ``below`` and of every pack so far, whose requests' keys its solve
+    preserves, the failing ones' included: a damped step (a key preserved once and edited once moves about half way,
+    in the second round, preserved twice, a third). Measured against the undamped round (the failing requests' keys
+    left out of the preserved ones), 100 edits, 2 rounds, ES / PS / NS / retention: world-llama-sp 98 / 87 / 92.2 /
+    79.6 against 94 / 82.2 / 89.6 / 70.3; GPT-2 d_ff 2,048 99 / 77 / 99.4 / 99.0 against 100 / 77.5 / 99.3 / 98.9;
+    8-layer GPT-2 100 / 78 / 98.4 / 97.2 against 100 / 78.5 / 98.3 / 97.1.
+
+    The result keeps ``first``'s requests, parents, config and report (its ``"seconds"`` summed over the rounds) and
+    adds ``report["repair"]``: the number of requests failing before each round and after the last,
     and the seconds of the rounds. Once a round has run it holds no target vectors (a joint chain cannot continue
     from it: its rounds are not one solve); when nothing fails it is ``first`` itself.
     """
@@ -68,22 +73,14 @@ def repaired(model: nn.Module, tokenizer, first: EditPack, rounds: int, below: S
     failing_counts: list[int] = []
     clock = time.perf_counter()
     for round_ in range(rounds + 1):
-        so_far = EditPack.stack(packs) if len(packs) > 1 else first
-        with active(model, [*below, so_far]):
+        with active(model, [*below, *packs]):
             failing = not_taken(model, tokenizer, first.requests)
         failing_counts.append(len(failing))
         logger.info("repair: %d of %d requests fail%s", len(failing), len(first.requests),
                     "" if round_ == rounds or not failing else f"; round {round_ + 1} of {rounds} edits them again")
         if not failing or round_ == rounds:
             break
-        gone = set(failing)
-        took = [r for i, r in enumerate(first.requests) if i not in gone]
-        again = [first.requests[i] for i in failing]
-        if took:  # everything so far, its keys preserved but those of the failing requests
-            packs.append(edit(again, [*below, dataclasses.replace(so_far, requests=took, targets=None)]))
-        else:  # nothing took: everything so far stays active, no key of it preserved
-            with active(model, [*below, so_far]):
-                packs.append(edit(again, list(below)))
+        packs.append(edit([first.requests[i] for i in failing], [*below, *packs]))
     repair = {"failing": failing_counts, "seconds": time.perf_counter() - clock}
     if len(packs) == 1:
         first.report["repair"] = repair
