@@ -116,6 +116,8 @@ def run_cli(args: argparse.Namespace) -> int:
             corpus = corpus or str(world_model_path(world) / "corpus.txt")
         if chain and not overrides:
             config = chain[-1].config
+            if args.joint and getattr(config, "repair_rounds", 0):  # a joint pack is one solve: no rounds on it
+                config = config.replace(repair_rounds=0)
         elif world is not None:
             config = world_config(world, model, args.method, **overrides)
         else:

@@ -24,7 +24,7 @@ from typing import Any
 from .pack import EditPack
 
 _SHOWN_SETTINGS = ("mom2_update_weight", "v_num_grad_steps", "v_loss_threshold", "nullspace_threshold",
-                   "original_key", "lr", "num_steps", "weight_decay")
+                   "repair_rounds", "original_key", "lr", "num_steps", "weight_decay")
 
 
 def describe(pack: EditPack) -> dict[str, Any]:

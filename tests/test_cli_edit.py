@@ -66,6 +66,19 @@ def test_edit_on_top_of_a_chain_computes_the_librarys_joint_pack(setup, capsys):
     assert "--on-top-of/--joint compute MEMIT packs" in capsys.readouterr().err
 
 
+def test_a_joint_edit_on_a_pack_made_with_repair_rounds_inherits_its_config_without_them(setup, capsys):
+    (setup / "cfg.json").write_text(json.dumps({**FIELDS, "repair_rounds": 1}))
+    assert _edit(setup) == 0
+    assert EditPack.from_pretrained(str(setup / "pack")).config.repair_rounds == 1
+    assert main(["inspect", str(setup / "pack")]) == 0
+    assert "repair_rounds" in capsys.readouterr().out
+    args = ["edit", "--model", str(setup / "m"), "--requests", str(setup / "edits.jsonl"), "--corpus",
+            str(setup / "corpus.txt"), "--quiet", "--on-top-of", str(setup / "pack"), "--out", str(setup / "p2")]
+    assert main(args + ["--joint"]) == 0  # a joint pack is one solve: the chain's config less its repair rounds
+    second = EditPack.from_pretrained(str(setup / "p2"))
+    assert second.config == EditPack.from_pretrained(str(setup / "pack")).config.replace(repair_rounds=0)
+
+
 def test_layers_flag_overrides_the_config(setup):
     assert _edit(setup, "--layers", "2") == 0
     assert list(EditPack.from_pretrained(str(setup / "pack")).config.layers) == [2]
