@@ -89,7 +89,7 @@ def repaired(model: nn.Module, tokenizer, first: EditPack, rounds: int, below: S
     for p in packs:
         for phase, s in p.report.get("seconds", {}).items():
             seconds[phase] = seconds.get(phase, 0.0) + s
-    out = dataclasses.replace(EditPack.stack(packs), requests=list(first.requests), parents=list(first.parents),
-                              targets=None)
+    # the stack's parents are first's (the rounds' other parents are in the stack) and it holds no target vectors
+    out = dataclasses.replace(EditPack.stack(packs), requests=list(first.requests))
     out.report = {**first.report, "seconds": seconds, "repair": repair}
     return out
