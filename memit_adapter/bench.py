@@ -6,6 +6,7 @@ Usage::
     memit-adapter bench --size tiny --n-requests 8 --json bench.json
     memit-adapter bench --compare world-gpt2-bpe --n-requests 1000     # (a) / (b) / (c), see run_comparison
     memit-adapter bench --compare world-gpt2-bpe --frontier 10 15 20 30 --plot frontier.png   # Score vs seconds
+    memit-adapter bench --compare world-gpt2-bpe --frontier 10x3 20x2   # also: 10 steps at 3x each method's lr
     memit-adapter bench --scale llama-7b --sizes 1000 10000 --texts 2000 --json scale.json   # on a GPU
 
 On a GPU machine without the package installed: ``PYTHONPATH=. python3 -m memit_adapter.cli bench --scale ...``.
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import random
 import resource
 import sys
@@ -307,7 +309,7 @@ def published_settings(model, **fields) -> MemitConfig:
 
 
 def run_comparison(model_name: str = "world-gpt2-bpe", *, n_requests: int = 100, size: str = "small",
-                   frontier: Sequence[int] = (), progress: bool = True) -> dict[str, Any]:
+                   frontier: Sequence[int | str] = (), progress: bool = True) -> dict[str, Any]:
     """(a) the published way, (b) the published settings with this engine, (c) ``for_model``, on the same requests.
 
     ``model_name`` is a shipped world (its records, corpus and metrics) or ``"random"`` (a random GPT-2 of
@@ -316,10 +318,12 @@ def run_comparison(model_name: str = "world-gpt2-bpe", *, n_requests: int = 100,
     (a) computes the statistics with one full forward per layer and z one request at a time with full forwards
     (:func:`reference_targets`); its update phase is the engine's (the same computation).
 
-    ``frontier``: step counts at which (b) and (c) also run (``"b@20"``, ``"c@20"``: their settings with
-    ``v_num_grad_steps`` changed), so that the two methods are compared at equal time or equal Score, not only at
-    their defaults; on a world, ``report["c_at_b_score"]`` names the fastest (c) run whose Score is at least the
-    default (b)'s (see :func:`~memit_adapter.plots.plot_frontier`).
+    ``frontier``: points at which (b) and (c) also run, each a step count (``20``: ``"b@20"``, ``"c@20"``, their
+    settings with ``v_num_grad_steps`` changed) or ``"STEPSxF"`` (``"10x3"``: ``"b@10x3"``, ``"c@10x3"``, also
+    with each method's own ``v_lr`` times F: fewer steps cover the same distance only with larger ones), so that
+    the two methods are compared at equal time or equal Score, not only at their defaults (:func:`frontier_point`);
+    on a world, ``report["c_at_b_score"]`` names the fastest (c) run whose Score is at least the default (b)'s
+    (see :func:`~memit_adapter.plots.plot_frontier`).
     """
     from .engine import compute_edits
     from .evaluation import evaluate_counterfact
@@ -346,15 +350,16 @@ def run_comparison(model_name: str = "world-gpt2-bpe", *, n_requests: int = 100,
     stats, secs = _timed(lambda: collect_stats(model, tok, texts, base.layers, max_tokens=base.mom2_max_tokens,
                                                batch_size=base.stats_batch_size, progress=False))
     configs = {"b_published_engine": settings["published"], "c_for_model": settings["for_model"]}
+    points = sorted({frontier_point(p) for p in frontier})
     for family, default in (("b", settings["published"]), ("c", settings["for_model"])):
-        configs.update({f"{family}@{k}": default.replace(v_num_grad_steps=k) for k in frontier
-                        if k != default.v_num_grad_steps})  # the default run is that point already
+        configs.update({f"{family}@{_point_name(k, f)}": default.replace(v_num_grad_steps=k, v_lr=default.v_lr * f)
+                        for k, f in points if (k, f) != (default.v_num_grad_steps, 1.0)})  # the default is that point
     for name, cfg in configs.items():
         pack, total = _timed(lambda cfg=cfg: compute_edits(model, tok, requests, cfg, stats=stats, progress=progress))
         phases = {k: round(v, 2) for k, v in pack.report["seconds"].items()}
         run = {"seconds": {**phases, "statistics": round(secs, 2)},
                "total_s": round(secs + total, 2), "layers": cfg.layers, "lambda": cfg.mom2_update_weight,
-               "z_steps": cfg.v_num_grad_steps, "peak_mb": round(_peak_mb())}
+               "z_steps": cfg.v_num_grad_steps, "v_lr": cfg.v_lr, "peak_mb": round(_peak_mb())}
         if records is not None:
             with pack.applied(model):
                 r = evaluate_counterfact(model, tok, records, generation=False, retention_records=everything)
@@ -381,6 +386,24 @@ def run_comparison(model_name: str = "world-gpt2-bpe", *, n_requests: int = 100,
     return out
 
 
+def frontier_point(point: int | str) -> tuple[int, float]:
+    """``(steps, lr factor)`` of a frontier point: ``20`` or ``"20"`` -> ``(20, 1.0)``, ``"10x3"`` -> ``(10, 3.0)``.
+    Raises ValueError unless both are positive numbers (steps an integer)."""
+    text = str(point)
+    steps, _, factor = text.partition("x")
+    try:
+        k, f = int(steps), float(factor) if factor else 1.0
+    except ValueError:
+        raise ValueError(f"a frontier point is STEPS or STEPSxF (e.g. 20, 10x3), got {text!r}") from None
+    if k < 1 or not f > 0 or math.isinf(f):
+        raise ValueError(f"a frontier point's steps and lr factor must be positive, got {text!r}")
+    return k, f
+
+
+def _point_name(steps: int, factor: float) -> str:
+    return str(steps) if factor == 1.0 else f"{steps}x{factor:g}"
+
+
 def _fastest_at_least(runs: dict[str, dict[str, Any]], family: str, score: float) -> str | None:
     """The name of the fastest run of ``family`` ("b" or "c": the default and its ``@steps`` runs) whose Score is
     at least ``score``; None when none is."""
@@ -398,7 +421,8 @@ def format_comparison(r: dict[str, Any]) -> str:
     lines = [f"memit-adapter bench --compare: {r['model']}, {r['n_requests']} requests, {r['threads']} threads",
              "| run | total s | statistics | z | update | ES | PS | NS | Score | retention |",
              "|---|---|---|---|---|---|---|---|---|---|"]
-    order = sorted((n for n in r["runs"] if n[0] in "bc"), key=lambda n: (n[0], r["runs"][n]["z_steps"], "@" in n))
+    order = sorted((n for n in r["runs"] if n[0] in "bc"),
+                   key=lambda n: (n[0], r["runs"][n]["z_steps"], r["runs"][n].get("v_lr", 0.0), "@" in n))
     for name in ("a_published_way", *order):
         run = r["runs"][name]
         sec = run["seconds"]
@@ -460,9 +484,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compare", metavar="MODEL", help="compare (a) the published way, (b) the published "
                         "settings with this engine and (c) for_model on a shipped world (e.g. world-gpt2-bpe) or "
                         "'random' (a random GPT-2 of --size); --n-requests requests")
-    parser.add_argument("--frontier", type=int, nargs="+", default=[], metavar="STEPS",
-                        help="with --compare: also run (b) and (c) at these numbers of z steps, to compare them at "
-                        "equal time or Score")
+    parser.add_argument("--frontier", nargs="+", default=[], metavar="STEPS[xF]",
+                        help="with --compare: also run (b) and (c) at these numbers of z steps (10x3: 10 steps at "
+                        "3x each method's learning rate), to compare them at equal time or Score")
     parser.add_argument("--plot", default=None, metavar="PNG", help="with --compare on a world: Score and retention "
                         "against seconds of every (b) and (c) run, to this PNG (needs matplotlib)")
 
@@ -472,8 +496,11 @@ def run_cli(args: argparse.Namespace) -> int:
         raise SystemExit(f"memit-adapter bench: cannot write {args.json} (no such folder, or it is a folder)")
     if (args.frontier or args.plot) and not args.compare:
         raise SystemExit("memit-adapter bench: --frontier and --plot go with --compare")
-    if any(k < 1 for k in args.frontier):
-        raise SystemExit(f"memit-adapter bench: --frontier step counts must be positive, got {args.frontier}")
+    for point in args.frontier:
+        try:
+            frontier_point(point)
+        except ValueError as e:
+            raise SystemExit(f"memit-adapter bench: --frontier: {e}") from None
     if args.plot:
         if args.compare == "random":
             raise SystemExit("memit-adapter bench: --plot needs a world (a random model has no Scores)")
@@ -490,7 +517,7 @@ def run_cli(args: argparse.Namespace) -> int:
         text = format_scale(report)
     elif args.compare:
         report = run_comparison(args.compare, n_requests=args.n_requests, size=args.size,
-                                frontier=sorted(set(args.frontier)), progress=not args.quiet)
+                                frontier=args.frontier, progress=not args.quiet)
         text = format_comparison(report)
         if args.plot:
             from .plots import plot_frontier

@@ -130,6 +130,12 @@ class MemitConfig:
             ES / PS / NS / retention 100 / 87 / 98.4 / 96.7 in 65 s, at most 3 98 / 90.2 / 97.1 / 94.3 in 50 s,
             at most 1 97 / 92.2 / 96.7 / 90.7 in 40 s (2 threads, nothing else running; before the parts by
             suffix length).
+        preserve_every: the kept prompts take part in one target-vector step of every this many (steps 0, k,
+            2k, ...), at ``k`` times their weight, so that their mean pull on δ stays the same ("lazy
+            regularization", Karras et al., 2020); 1 = every step. They are most of a step's rows where a batch
+            holds many relations (see ``preserve_max_relations``), so this cuts their cost by ``k`` without
+            dropping any of them. A row's ``v_loss_threshold`` is tested on their steps only (the loss of the
+            others lacks their term).
         share_subject_delta: requests about the same subject share one δ, optimised on the mean of their
             losses (their keys coincide in a causal model, so separate δs would ask one key for several
             values and the solve would average them away). Without shared subjects it changes nothing.
@@ -208,6 +214,7 @@ class MemitConfig:
     v_weight_decay: float = 0.5
     preserve_factor: float = 0.0
     preserve_max_relations: int | None = None
+    preserve_every: int = 1
     share_subject_delta: bool = True
     repair_rounds: int = 0
     v_batch_size: int | None = 32
@@ -250,6 +257,8 @@ class MemitConfig:
                               f"got {self.v_max_grad_steps}")
         if self.repair_rounds < 0:
             raise ConfigError(f"repair_rounds must be >= 0, got {self.repair_rounds}")
+        if self.preserve_every < 1:
+            raise ConfigError(f"preserve_every must be >= 1, got {self.preserve_every}")
         if self.preserve_max_relations is not None and self.preserve_max_relations < 1:
             raise ConfigError(f"preserve_max_relations must be None or >= 1, got {self.preserve_max_relations}")
         if self.v_batch_size is not None and self.v_batch_size < 1:
@@ -384,7 +393,7 @@ def _first_attr(obj: Any, *names: str, default: Any = None) -> Any:
 
 
 _INTS = ("v_num_grad_steps", "context_template_length", "context_template_top_k", "mom2_n_samples",
-         "stats_batch_size", "seed", "repair_rounds")
+         "stats_batch_size", "seed", "repair_rounds", "preserve_every")
 _OPTIONAL_INTS = ("preserve_max_relations", "v_batch_size", "mom2_max_length", "mom2_max_tokens", "v_max_grad_steps")
 _BOOLS = ("v_stop_when_top", "v_lr_relative", "share_subject_delta")
 _FLOATS = ("mom2_update_weight", "mom2_update_weight_per_edit", "v_lr", "v_lr_decay_to", "v_loss_threshold",

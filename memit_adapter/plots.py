@@ -134,8 +134,9 @@ _FAMILIES = {"b": ("(b) published settings", "#d1495b"), "c": ("(c) for_model", 
 
 def plot_frontier(report: dict, path: str | Path | None = None) -> Figure:
     """Score and retention against seconds (statistics + edit) for the runs of a ``memit-adapter bench --compare`` on a
-    world (:func:`~memit_adapter.bench.run_comparison`): one line per method through its runs at each step count,
-    the defaults ringed, so that the methods compare at equal time or equal Score, not only at their defaults."""
+    world (:func:`~memit_adapter.bench.run_comparison`): one line per method through its runs at each frontier point
+    (labelled with its steps, and ``xF`` where its learning rate is F times the default's), the defaults ringed, so
+    that the methods compare at equal time or equal Score, not only at their defaults."""
     runs = {name: run for name, run in report["runs"].items() if "score" in run}
     if not runs:
         raise ValueError("the report has no Scores: compare on a world, not on a random model")
@@ -149,7 +150,8 @@ def plot_frontier(report: dict, path: str | Path | None = None) -> Figure:
         for ax, key in zip(axes, ("score", "retention")):
             ax.plot(xs, [100 * runs[n][key] for n in names], "o-", color=color, label=label)
             for n, x in zip(names, xs):
-                ax.annotate(str(runs[n]["z_steps"]), (x, 100 * runs[n][key]), textcoords="offset points",
+                label = n.split("@", 1)[1] if "@" in n else str(runs[n]["z_steps"])  # steps[xlr factor]
+                ax.annotate(label, (x, 100 * runs[n][key]), textcoords="offset points",
                             xytext=(4, 4), fontsize=7, color=color)
                 if "@" not in n:  # the default
                     ax.plot([x], [100 * runs[n][key]], "o", markersize=11, markerfacecolor="none", color=color)
@@ -157,7 +159,7 @@ def plot_frontier(report: dict, path: str | Path | None = None) -> Figure:
         ax.set_xlabel("seconds: statistics + edit")
         ax.set_ylabel(f"{what}, %")
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8, frameon=False, title="numbers: z steps; ringed: default", title_fontsize=7)
+    axes[0].legend(fontsize=8, frameon=False, title="z steps (xF: F x lr); ringed: default", title_fontsize=7)
     fig.suptitle(f"{report['model']}, {report['n_requests']} edits, {report['threads']} threads", fontsize=9)
     if path is not None:
         fig.savefig(path)

@@ -88,9 +88,17 @@ class _Batch:
     n_requests: int
     n_rewrite_rows: int
 
-    def subset(self, requests: torch.Tensor) -> tuple[_Batch, torch.Tensor]:
-        """The rows of ``requests`` (ascending indices), trimmed to their longest row; and those rows' indices."""
+    @property
+    def first_kept_row(self) -> int:
+        """The first row of the kept prompts (after the rewrite rows and one KL row per request)."""
+        return self.n_rewrite_rows + self.n_requests
+
+    def subset(self, requests: torch.Tensor, kept: bool = True) -> tuple[_Batch, torch.Tensor]:
+        """The rows of ``requests`` (ascending indices), without the kept prompts' unless ``kept``, trimmed to their
+        longest row; and those rows' indices."""
         keep = torch.isin(self.row_request, requests)
+        if not kept:
+            keep[self.first_kept_row:] = False
         rows = keep.nonzero()[:, 0]  # rewrite rows first, then KL rows, as in self
         new_row = torch.full_like(self.row_request, -1)
         new_row[rows] = torch.arange(len(rows), device=rows.device)
@@ -266,17 +274,32 @@ def _cut(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, lookup: t
 
 
 def _prefix_kv(model, input_ids, attention_mask, positions) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Every layer's keys and values of left-padded prefixes. Padding columns are zeroed: there a row without
-    prefix tokens attends to nothing, which some attention kernels answer with NaN, and a NaN in a masked
-    column would survive the mask (0 * NaN)."""
-    cache = DynamicCache()  # no config: every layer keeps all columns (a sliding window is left to the mask)
-    model.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
-                     past_key_values=cache, use_cache=True)
-    keep = attention_mask.bool()[:, None, :, None]
-    out = []
-    for layer in cache.layers:  # each on its layer's device
-        at = keep.to(layer.keys.device)
-        out.append((torch.where(at, layer.keys, 0), torch.where(at, layer.values, 0)))
+    """Every layer's keys and values of left-padded prefixes ``(rows, heads, P, head_dim)``. The rows run in groups
+    of similar prefix length (:func:`length_buckets`), each at its own width: a batch mixes prefixes of a context
+    template and the subject (a dozen tokens or more) with those of the subject alone ("{subject} is a", the kept
+    prompts), and one pass at the longest width would run the short ones' padding through every block. Padding
+    columns are zeroed: there a row without prefix tokens attends to nothing, which some attention kernels answer
+    with NaN, and a NaN in a masked column would survive the mask (0 * NaN)."""
+    lengths = attention_mask.sum(1).tolist()
+    width = input_ids.shape[1]
+    out: list[tuple[torch.Tensor, torch.Tensor]] = []
+    for rows in length_buckets(lengths):
+        w = max(lengths[r] for r in rows)
+        if w == 0:  # rows without a prefix keep zeros
+            continue
+        idx, cols = torch.tensor(rows, device=input_ids.device), slice(width - w, width)
+        cache = DynamicCache()  # no config: every layer keeps all columns (a sliding window is left to the mask)
+        model.base_model(input_ids=input_ids[idx, cols], attention_mask=attention_mask[idx, cols],
+                         position_ids=positions[idx, cols], past_key_values=cache, use_cache=True)
+        if not out:
+            out = [(k.new_zeros(len(lengths), k.shape[1], width, k.shape[3]),
+                    v.new_zeros(len(lengths), v.shape[1], width, v.shape[3]))
+                   for k, v in ((layer.keys, layer.values) for layer in cache.layers)]
+        keep = attention_mask[idx, cols].bool()[:, None, :, None]
+        for (keys, values), layer in zip(out, cache.layers):  # each on its layer's device
+            at, i = keep.to(layer.keys.device), idx.to(layer.keys.device)
+            keys[i, :, cols] = torch.where(at, layer.keys, 0)
+            values[i, :, cols] = torch.where(at, layer.values, 0)
     return out
 
 
@@ -343,13 +366,13 @@ def _replayed_blocks(model: nn.Module, spec: ArchSpec, layer: int, output: torch
             blocks[i] = block
 
 
-SUFFIX_BUCKETS = 4  # at most this many parts a batch is cut into, by the length of the rows' suffixes
+LENGTH_BUCKETS = 4  # at most this many groups of rows by length: the parts a batch is cut into, the prefix passes
 
 
-def suffix_buckets(lengths: Sequence[int], k: int = SUFFIX_BUCKETS) -> list[list[int]]:
-    """Rows (indices into ``lengths``, their suffix lengths) grouped into at most ``k`` groups, each holding every
-    row of a range of consecutive lengths, chosen to run the fewest token positions (a group runs its rows x its
-    longest suffix; an exact search over the cuts between lengths). Groups from short to long suffixes."""
+def length_buckets(lengths: Sequence[int], k: int = LENGTH_BUCKETS) -> list[list[int]]:
+    """Rows (indices into ``lengths``, their lengths: of suffixes or of prefixes) grouped into at most ``k`` groups,
+    each holding every row of a range of consecutive lengths, chosen to run the fewest token positions (a group runs
+    its rows x its longest; an exact search over the cuts between lengths). Groups from short to long."""
     sizes = sorted(set(lengths))
     count = [sum(1 for x in lengths if x == v) for v in sizes]
     k, m = min(k, len(sizes)), len(sizes)
@@ -374,7 +397,7 @@ def suffix_buckets(lengths: Sequence[int], k: int = SUFFIX_BUCKETS) -> list[list
 
 
 def _batch_parts(model, spec: ArchSpec, layer: int, batch: _Batch) -> tuple[list[_Part], torch.Tensor, bool]:
-    """The rows of ``batch`` cut into parts of similar suffix length (:func:`suffix_buckets`), each padded only
+    """The rows of ``batch`` cut into parts of similar suffix length (:func:`length_buckets`), each padded only
     to its own widths, with block ``layer``'s output on their suffixes; the unedited final states of the
     suffixes ``(rows, S, d_model)`` in the batch's row order (column 0 = each row's lookup); and whether the
     blocks return tuples."""
@@ -396,8 +419,8 @@ def _batch_parts(model, spec: ArchSpec, layer: int, batch: _Batch) -> tuple[list
 
 
 def _part_rows(batch: _Batch) -> list[list[int]]:
-    """The batch rows of each part a step runs: :func:`suffix_buckets` of the rows' suffix lengths."""
-    return suffix_buckets((batch.attention_mask.sum(1) - batch.lookup).tolist())
+    """The batch rows of each part a step runs: :func:`length_buckets` of the rows' suffix lengths."""
+    return length_buckets((batch.attention_mask.sum(1) - batch.lookup).tolist())
 
 
 def _joined(states: Sequence[torch.Tensor], parts: Sequence[_Part]) -> torch.Tensor:
@@ -417,7 +440,7 @@ def lookup_states(parts: Sequence[_Part]) -> torch.Tensor:
 def tokens_per_step(tokenizer, requests: Sequence[EditRequest], templates: Sequence[str]) -> tuple[int, int]:
     """Token positions one step runs through the blocks after L when ``requests`` are optimised together (without
     kept prompts): ``(suffixes, full rows)``, rows x columns of the suffixes it runs (the parts of
-    :func:`suffix_buckets`) and of the whole rows it would run without the cut (rewrite and KL rows each padded to
+    :func:`length_buckets`) and of the whole rows it would run without the cut (rewrite and KL rows each padded to
     their own longest)."""
     batch = _build_batch(tokenizer, requests, templates, "cpu")
     length = batch.attention_mask.sum(1)
@@ -513,7 +536,8 @@ def optimise_deltas(model, spec: ArchSpec, tokenizer, requests, templates, confi
 
     What δ cannot change is run once: each row's prefix (the tokens before its lookup) through every block,
     its suffix (the lookup onwards) through the blocks up to ``layer``. A step runs only the suffixes, only
-    through the blocks after ``layer``, and only of the rows whose loss has not yet reached ``v_loss_threshold``.
+    through the blocks after ``layer``, and only of the rows whose loss has not yet reached ``v_loss_threshold``
+    (the kept prompts' rows only every ``config.preserve_every`` steps).
     The forward and backward run in the model's dtype; δ, the logits, the loss and Adam's state are float32.
     ``relations`` (relation id -> prompt template) are the relations whose answers ``config.preserve_factor``
     keeps; None = :func:`relation_templates` of ``requests``.
@@ -554,10 +578,14 @@ class _Live:
 
     @classmethod
     def of(cls, batch: _Batch, parts: Sequence[_Part], kl_init: torch.Tensor, groups: Sequence[int],
-           going: set[int], h_norm: torch.Tensor) -> _Live:
+           going: set[int], h_norm: torch.Tensor, kept_weight: float = 1.0) -> _Live:
+        """The live rows of ``going``'s requests; with ``kept_weight`` 0 without the kept prompts, else with their
+        weights times ``kept_weight``."""
         device = batch.input_ids.device
         idx = torch.tensor([i for i, g in enumerate(groups) if g in going], device=device)
-        sub, rows = batch.subset(idx)
+        sub, rows = batch.subset(idx, kept=kept_weight != 0)
+        if kept_weight not in (0, 1):
+            sub.kl_weight[sub.first_kept_row:] *= kept_weight  # a copy: subset indexes
         req_group = torch.tensor(groups, device=device)[idx]
         return cls(sub, _select_parts(parts, rows), req_group, req_group[sub.row_request], h_norm[idx],
                    kl_init[rows[sub.n_rewrite_rows:] - batch.n_rewrite_rows])
@@ -594,11 +622,13 @@ def _optimise_deltas(model, spec, tokenizer, requests, templates, config, layer,
     active = torch.ones(n_groups, dtype=torch.bool, device=device)
     last_nll = torch.zeros(n_groups, device=device)  # each row's mean target NLL when it was last measured
     going = set(range(n_groups))
-    live = _Live.of(batch, parts, kl_init, groups, going, h_norm)
+    every = config.preserve_every if batch.first_kept_row < len(batch.input_ids) else 1
+    lives = _lives(batch, parts, kl_init, groups, going, h_norm, every)
     budget = max(config.v_num_grad_steps, config.v_max_grad_steps or 0)
     with tqdm(total=budget, desc="target vectors", unit="step", disable=not progress, leave=False) as bar:
         for step in range(budget):
             delta = param * unit
+            live = lives[step % every != 0]  # the kept prompts' step, or one without them
             final = _forward_step(model, spec, layer, live.parts, delta[live.row_group], as_tuple)
             req_loss, req_nll, req_miss = _losses(head, live.sub, final, live.kl_init, delta[live.req_group],
                                                   live.h_norm, config)
@@ -606,7 +636,8 @@ def _optimise_deltas(model, spec, tokenizer, requests, templates, config, layer,
             shown = torch.where(active, loss.detach(), 0.0).sum() / len(going)
             nll = torch.zeros(n_groups, device=device).index_add(0, live.req_group, req_nll.detach()) / size
             last_nll = torch.where(active, nll, last_nll)
-            active = active & (loss.detach() >= config.v_loss_threshold)
+            if step % every == 0:
+                active = active & (loss.detach() >= config.v_loss_threshold)
             if config.v_target_nll_threshold:
                 active = active & (nll >= config.v_target_nll_threshold)
             if config.v_stop_when_top:  # MPES: the row's targets are the top answers of all its rewrite prompts
@@ -627,8 +658,15 @@ def _optimise_deltas(model, spec, tokenizer, requests, templates, config, layer,
             schedule.step()
             if still != going:
                 going = still
-                live = _Live.of(batch, parts, kl_init, groups, going, h_norm)
+                lives = _lives(batch, parts, kl_init, groups, going, h_norm, every)
     return (h + (param * unit).detach()[group]), h, last_nll[group]
+
+
+def _lives(batch: _Batch, parts, kl_init, groups, going, h_norm, every: int) -> tuple[_Live, _Live]:
+    """What a step runs with the kept prompts (at ``every`` times their weight) and without them (the same
+    object when ``every`` is 1: every step has them)."""
+    full = _Live.of(batch, parts, kl_init, groups, going, h_norm, kept_weight=float(every))
+    return (full, full) if every == 1 else (full, _Live.of(batch, parts, kl_init, groups, going, h_norm, 0.0))
 
 
 def lr_factor(step: int, steps: int, end: float) -> float:

@@ -62,19 +62,27 @@ def test_bench_compare_reports_the_three_runs(tmp_path, capsys):
 def test_bench_compare_runs_both_methods_at_each_frontier_step_count(tmp_path, capsys):
     out = tmp_path / "cmp.json"
     assert main(["bench", "--compare", "random", "--size", "tiny", "--n-requests", "3", "--quiet",
-                 "--frontier", "3", "2", "3", "20", "--json", str(out)]) == 0
+                 "--frontier", "3", "2", "3x1", "20", "2x2.5", "--json", str(out)]) == 0
     runs = json.loads(out.read_text())["runs"]  # (b)'s default runs 20 steps: no b@20; c@20 runs
-    assert set(runs) == {"a_published_way", "b_published_engine", "c_for_model", "b@2", "c@2", "b@3", "c@3", "c@20"}
-    assert [runs[n]["z_steps"] for n in ("b@2", "c@2", "b@3", "c@3")] == [2, 2, 3, 3]
+    assert set(runs) == {"a_published_way", "b_published_engine", "c_for_model", "b@2", "c@2", "b@3", "c@3", "c@20",
+                         "b@2x2.5", "c@2x2.5"}
+    assert [runs[n]["z_steps"] for n in ("b@2", "c@2", "b@3", "c@3", "b@2x2.5")] == [2, 2, 3, 3, 2]
     assert runs["c@2"]["lambda"] == runs["c_for_model"]["lambda"] and runs["b@2"]["layers"] == runs["c@2"]["layers"]
+    for family in "bc":  # the lr factor scales each method's own learning rate
+        default = runs["b_published_engine" if family == "b" else "c_for_model"]["v_lr"]
+        assert runs[f"{family}@2"]["v_lr"] == default
+        assert runs[f"{family}@2x2.5"]["v_lr"] == pytest.approx(2.5 * default)
     rows = [line.split(" | ")[0] for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
-    assert rows[1:] == ["| a_published_way", "| b@2", "| b@3", "| b_published_engine", "| c@2", "| c@3",
-                        "| c@20", "| c_for_model"]
+    assert rows[1:] == ["| a_published_way", "| b@2", "| b@2x2.5", "| b@3", "| b_published_engine", "| c@2",
+                        "| c@2x2.5", "| c@3", "| c@20", "| c_for_model"]
 
 
 @pytest.mark.parametrize("argv,message", [
     (["--frontier", "5"], "go with --compare"),
     (["--compare", "random", "--frontier", "0"], "must be positive"),
+    (["--compare", "random", "--frontier", "10x0"], "must be positive"),
+    (["--compare", "random", "--frontier", "10xfast"], "STEPS or STEPSxF"),
+    (["--compare", "random", "--frontier", "2.5"], "STEPS or STEPSxF"),
     (["--compare", "random", "--plot", "f.png"], "needs a world"),
     (["--compare", "world-gpt2-bpe", "--plot", "no/such/folder/f.png"], "cannot write"),
 ])

@@ -9,15 +9,15 @@ from tiny import ARCHS, make_tokenizer, tiny_model
 from memit_adapter.arch import get_arch_spec
 from memit_adapter.hooks import capture_outputs
 from memit_adapter.targets import (
-    SUFFIX_BUCKETS,
+    LENGTH_BUCKETS,
     _batch_parts,
     _build_batch,
     _forward_step,
     _select_parts,
     compute_targets,
     context_templates,
+    length_buckets,
     lookup_states,
-    suffix_buckets,
 )
 
 
@@ -95,7 +95,7 @@ def _check_steps(model, spec, layer, batch, subsets):
     delta = torch.randn(batch.n_requests, model.config.hidden_size, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         parts, final, as_tuple = _batch_parts(model, spec, layer, batch)
-        assert len(parts) == min(SUFFIX_BUCKETS, len(set((batch.attention_mask.sum(1) - batch.lookup).tolist())))
+        assert len(parts) == min(LENGTH_BUCKETS, len(set((batch.attention_mask.sum(1) - batch.lookup).tolist())))
         for part in parts:  # steps keep only the prefix keys and values of the blocks after L (one element each else)
             for i, (k, v) in enumerate(part.kv):
                 assert all((t.untyped_storage().nbytes() == t.element_size()) == (i <= layer) for t in (k, v))
@@ -378,15 +378,17 @@ def _preserve_pair(true_of_alpha=None):
             EditRequest("{} lives in", "michael jordan", " paris", relation_id="lives")]
 
 
-def test_preserve_term_is_the_kl_of_the_subjects_other_relations():
+@pytest.mark.parametrize("every", [1, 3])
+def test_preserve_term_is_the_kl_of_the_subjects_other_relations(every):
     """Against an independent Adam loop on NLL(new object) + f * KL(now || before) of the next token after
-    "alpha beta lives in" (the relation another request of the batch edits)."""
+    "alpha beta lives in" (the relation another request of the batch edits); with ``preserve_every`` k the KL
+    counts on steps 0, k, 2k, ... at k times its weight and not on the others."""
     model, tok = model_and_tokenizer("gpt2")
     spec = get_arch_spec(model)
     reqs = _preserve_pair()
     f = 3.0
     cfg = config(v_num_grad_steps=6, kl_factor=0.0, v_weight_decay=0.0, clamp_norm_factor=100.0,
-                 v_loss_threshold=0.0, v_lr=0.3, preserve_factor=f)
+                 v_loss_threshold=0.0, v_lr=0.3, preserve_factor=f, preserve_every=every)
     z, h = compute_targets(model, spec, tok, reqs, ["{}"], cfg, 1, progress=False)
     z0, _ = compute_targets(model, spec, tok, reqs, ["{}"], cfg.replace(preserve_factor=0.0), 1, progress=False)
     assert not torch.allclose(z[0], z0[0], atol=1e-3)
@@ -400,17 +402,41 @@ def test_preserve_term_is_the_kl_of_the_subjects_other_relations():
         before = torch.log_softmax(_logits(model, last), -1)
     delta = torch.zeros(h.shape[1], requires_grad=True)
     opt = torch.optim.Adam([delta], lr=0.3)
-    for _ in range(5):
+    for step in range(5):
         with _added_at(block, subj_last, delta):
             final = model.base_model(input_ids=torch.tensor([ids[:-1]])).last_hidden_state
             kept = model.base_model(input_ids=kept_ids).last_hidden_state[0, -1]
         nll = -torch.log_softmax(_logits(model, final[0, -1]), -1)[ids[-1]]
         now = torch.log_softmax(_logits(model, kept), -1)
-        loss = nll + f * (now.exp() * (now - before)).sum()
+        weight = f * every if step % every == 0 else 0.0
+        loss = nll + weight * (now.exp() * (now - before)).sum()
         opt.zero_grad()
         loss.backward()
         opt.step()
     torch.testing.assert_close(z[0] - h[0], delta.detach(), rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.parametrize("every", [2, 3])
+def test_preserve_every_runs_the_kept_prompts_on_their_steps_only(every):
+    """The last block sees the two kept prompts' rows (one per subject) on ceil(steps / k) of the steps only."""
+    model, tok = model_and_tokenizer("gpt2")
+    spec = get_arch_spec(model)
+    steps = 7
+    cfg = config(v_num_grad_steps=steps, v_loss_threshold=0.0, preserve_factor=1.0, v_batch_size=None)
+
+    def rows_seen(c):
+        seen = []
+        handle = spec.blocks(model)[-1].register_forward_hook(lambda _m, args, _o: seen.append(args[0].shape[0]))
+        try:
+            compute_targets(model, spec, tok, _preserve_pair(), ["{}"], c, 1, progress=False)
+        finally:
+            handle.remove()
+        return sum(seen)
+
+    every_step = rows_seen(cfg)
+    assert every_step - rows_seen(cfg.replace(preserve_every=every)) == 2 * (steps - math.ceil(steps / every))
+    # without preservation: two rows fewer at every step and in the two passes before (prefixes, unedited suffixes)
+    assert every_step - rows_seen(cfg.replace(preserve_factor=0.0)) == 2 * (steps + 2)
 
 
 def test_kept_prompt_answered_with_the_old_object_is_dropped():
@@ -631,7 +657,7 @@ def test_most_probable_early_stopping_stops_each_row_at_its_first_top_answer():
 
 
 @pytest.mark.parametrize("seed", range(20))
-def test_suffix_buckets_run_the_fewest_positions(seed):
+def test_length_buckets_run_the_fewest_positions(seed):
     """Every row in exactly one bucket, buckets of consecutive lengths, and no grouping into at most k buckets
     of consecutive lengths runs fewer positions (brute force over all cuts)."""
     import itertools
@@ -640,7 +666,7 @@ def test_suffix_buckets_run_the_fewest_positions(seed):
     rng = random.Random(seed)
     lengths = [rng.choice(range(1, rng.randint(2, 12))) for _ in range(rng.randint(1, 40))]
     k = rng.randint(1, 5)
-    groups = suffix_buckets(lengths, k)
+    groups = length_buckets(lengths, k)
     assert sorted(r for g in groups for r in g) == list(range(len(lengths))) and len(groups) <= k
     spans = [(min(lengths[r] for r in g), max(lengths[r] for r in g)) for g in groups]
     assert all(a[1] < b[0] for a, b in zip(spans, spans[1:]))
@@ -650,4 +676,4 @@ def test_suffix_buckets_run_the_fewest_positions(seed):
                    for a, b in zip((0, *cuts), (*cuts, len(sizes))))
                for n in range(min(k, len(sizes))) for cuts in itertools.combinations(range(1, len(sizes)), n))
     assert cost == best
-    assert suffix_buckets([], k) == []
+    assert length_buckets([], k) == []

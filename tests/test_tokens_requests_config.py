@@ -76,7 +76,8 @@ def test_config_json_round_trip_and_validation():
                 dict(seed=float("nan")), dict(v_lr_relative="no"), dict(share_subject_delta=1), dict(v_lr="0.5"),
                 dict(kl_factor=True),
                 dict(mom2_max_tokens=10.0), dict(stats_batch_size=True), dict(mom2_update_weight_per_edit=-1.0),
-                dict(preserve_max_relations=0), dict(preserve_max_relations=2.0), dict(v_lr_decay_to=0.0),
+                dict(preserve_max_relations=0), dict(preserve_every=0), dict(preserve_every=1.5),
+                dict(preserve_max_relations=2.0), dict(v_lr_decay_to=0.0),
                 dict(v_lr_decay_to=1.5), dict(v_lr_decay_to=float("nan")), dict(v_lr_decay_to="0.5"),
                 dict(v_target_nll_threshold="0.1"), dict(repair_rounds=-1), dict(repair_rounds=True)]:
         with pytest.raises(ConfigError):
