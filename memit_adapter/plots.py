@@ -134,8 +134,8 @@ _FAMILIES = {"b": ("(b) published settings", "#d1495b"), "c": ("(c) for_model", 
 
 def plot_frontier(report: dict, path: str | Path | None = None) -> Figure:
     """Score and retention against seconds (statistics + edit) for the runs of a ``memit-adapter bench --compare`` on a
-    world (:func:`~memit_adapter.bench.run_comparison`): one line per method through its runs at each frontier point
-    (labelled with its steps, and ``xF`` where its learning rate is F times the default's), the defaults ringed, so
+    world (:func:`~memit_adapter.bench.run_comparison`): one line per method through its runs at its own learning rate
+    (labelled with their steps), triangles for its runs at F times it (labelled ``STEPSxF``), the defaults ringed, so
     that the methods compare at equal time or equal Score, not only at their defaults."""
     runs = {name: run for name, run in report["runs"].items() if "score" in run}
     if not runs:
@@ -146,12 +146,18 @@ def plot_frontier(report: dict, path: str | Path | None = None) -> Figure:
         names = sorted((n for n in runs if n[0] == family), key=lambda n: runs[n]["total_s"])
         if not names:
             continue
-        xs = [runs[n]["total_s"] for n in names]
+        line = [n for n in names if "x" not in n.partition("@")[2]]  # the default learning rate, by steps
+        scaled = [n for n in names if n not in line]  # xF points: markers off the line
         for ax, key in zip(axes, ("score", "retention")):
-            ax.plot(xs, [100 * runs[n][key] for n in names], "o-", color=color, label=label)
-            for n, x in zip(names, xs):
-                label = n.split("@", 1)[1] if "@" in n else str(runs[n]["z_steps"])  # steps[xlr factor]
-                ax.annotate(label, (x, 100 * runs[n][key]), textcoords="offset points",
+            ax.plot([runs[n]["total_s"] for n in line], [100 * runs[n][key] for n in line], "o-", color=color,
+                    label=label)
+            if scaled:
+                ax.plot([runs[n]["total_s"] for n in scaled], [100 * runs[n][key] for n in scaled], "^",
+                        color=color, label=f"{label}, F x its lr")
+            for n in names:
+                x = runs[n]["total_s"]
+                text = n.split("@", 1)[1] if "@" in n else str(runs[n]["z_steps"])  # steps[xF]
+                ax.annotate(text, (x, 100 * runs[n][key]), textcoords="offset points",
                             xytext=(4, 4), fontsize=7, color=color)
                 if "@" not in n:  # the default
                     ax.plot([x], [100 * runs[n][key]], "o", markersize=11, markerfacecolor="none", color=color)

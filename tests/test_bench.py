@@ -103,8 +103,10 @@ def test_fastest_run_at_a_score_and_the_frontier_plot(tmp_path):
             "b@10": {"total_s": 8.0, "score": 0.5, "retention": 0.99, "z_steps": 10},
             "c_for_model": {"total_s": 40.0, "score": 0.95, "retention": 0.96, "z_steps": 60},
             "c@10": {"total_s": 9.0, "score": 0.62, "retention": 0.98, "z_steps": 10},
-            "c@5": {"total_s": 6.0, "score": 0.3, "retention": 0.99, "z_steps": 5}}
-    assert _fastest_at_least(runs, "c", 0.6) == "c@10" and _fastest_at_least(runs, "c", 0.99) is None
+            "c@5": {"total_s": 6.0, "score": 0.3, "retention": 0.99, "z_steps": 5},
+            "c@5x3": {"total_s": 6.5, "score": 0.7, "retention": 0.9, "z_steps": 5}}
+    assert _fastest_at_least(runs, "c", 0.6) == "c@5x3" and _fastest_at_least(runs, "c", 0.99) is None
+    assert _fastest_at_least(runs, "c", 0.8) == "c_for_model"
     assert _fastest_at_least(runs, "b", 0.6) == "b_published_engine"
     report = {"model": "w", "n_requests": 3, "threads": 2, "runs": runs}
     fig = plot_frontier(report, tmp_path / "f.png")
@@ -113,6 +115,9 @@ def test_fastest_run_at_a_score_and_the_frontier_plot(tmp_path):
     lines = [line for line in score_ax.get_lines() if len(line.get_xdata()) > 1]
     assert [list(line.get_xdata()) for line in lines] == [[8.0, 10.0], [6.0, 9.0, 40.0]]  # by time, b then c
     assert list(lines[1].get_ydata()) == pytest.approx([30.0, 62.0, 95.0])
+    scaled = [line for line in score_ax.get_lines() if line.get_marker() == "^"]  # c@5x3: a marker off the line
+    assert [(list(line.get_xdata()), list(line.get_ydata())) for line in scaled] == [([6.5], [pytest.approx(70.0)])]
+    assert [t.get_text() for t in score_ax.texts if t.get_text().startswith("5")] == ["5", "5x3"]
     kept = [line for line in retention_ax.get_lines() if len(line.get_xdata()) > 1]
     assert list(kept[0].get_ydata()) == pytest.approx([99.0, 98.0])
     with pytest.raises(ValueError, match="no Scores"):
