@@ -351,6 +351,9 @@ def run_comparison(model_name: str = "world-gpt2-bpe", *, n_requests: int = 100,
                                                batch_size=base.stats_batch_size, progress=False))
     configs = {"b_published_engine": settings["published"], "c_for_model": settings["for_model"]}
     points = sorted({frontier_point(p) for p in frontier})
+    names = [_point_name(k, f) for k, f in points]
+    if len(set(names)) < len(names):
+        raise ValueError(f"frontier points that differ only past 6 significant digits: {list(frontier)}")
     for family, default in (("b", settings["published"]), ("c", settings["for_model"])):
         configs.update({f"{family}@{_point_name(k, f)}": default.replace(v_num_grad_steps=k, v_lr=default.v_lr * f)
                         for k, f in points if (k, f) != (default.v_num_grad_steps, 1.0)})  # the default is that point
@@ -390,9 +393,9 @@ def frontier_point(point: int | str) -> tuple[int, float]:
     """``(steps, lr factor)`` of a frontier point: ``20`` or ``"20"`` -> ``(20, 1.0)``, ``"10x3"`` -> ``(10, 3.0)``.
     Raises ValueError unless both are positive numbers (steps an integer)."""
     text = str(point)
-    steps, _, factor = text.partition("x")
+    steps, x, factor = text.partition("x")
     try:
-        k, f = int(steps), float(factor) if factor else 1.0
+        k, f = int(steps), float(factor) if x else 1.0
     except ValueError:
         raise ValueError(f"a frontier point is STEPS or STEPSxF (e.g. 20, 10x3), got {text!r}") from None
     if k < 1 or not f > 0 or math.isinf(f):
@@ -405,8 +408,8 @@ def _point_name(steps: int, factor: float) -> str:
 
 
 def _fastest_at_least(runs: dict[str, dict[str, Any]], family: str, score: float) -> str | None:
-    """The name of the fastest run of ``family`` ("b" or "c": the default and its ``@steps`` runs) whose Score is
-    at least ``score``; None when none is."""
+    """The name of the fastest run of ``family`` ("b" or "c": the default and its ``@STEPS[xF]`` runs) whose Score
+    is at least ``score``; None when none is."""
     names = [n for n in runs if n[0] == family and runs[n].get("score", -1.0) >= score]
     return min(names, key=lambda n: runs[n]["total_s"]) if names else None
 

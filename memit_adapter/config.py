@@ -134,9 +134,10 @@ class MemitConfig:
             2k, ...), at ``k`` times their weight, so that their mean pull on δ stays the same ("lazy
             regularization", Karras et al., 2020); 1 = every step. They are most of a step's rows where a batch
             holds many relations (see ``preserve_max_relations``), so this cuts their cost by ``k`` without
-            dropping any of them. A row's ``v_loss_threshold`` is tested on their steps only (the loss of the
-            others lacks their term). Off by default: where it saves most it costs a little Score (100 edits,
-            for_model, ES / PS / NS / retention, seconds of the edit; 2 threads, nothing else running):
+            dropping any of them. A δ row that has kept prompts is tested against ``v_loss_threshold`` on their
+            steps only (the loss of the others lacks their term), with their KL at its own weight. Off by default:
+            where it saves most it costs a little Score (100 edits, for_model, ES / PS / NS / retention, seconds of
+            the edit; 2 threads, nothing else running):
 
             ==================  ===================================  ===================================
             world               1 (every step)                       2

@@ -146,7 +146,8 @@ def plot_frontier(report: dict, path: str | Path | None = None) -> Figure:
         names = sorted((n for n in runs if n[0] == family), key=lambda n: runs[n]["total_s"])
         if not names:
             continue
-        line = [n for n in names if "x" not in n.partition("@")[2]]  # the default learning rate, by steps
+        default_lr = next((runs[n].get("v_lr") for n in names if "@" not in n), None)
+        line = [n for n in names if runs[n].get("v_lr") == default_lr]  # the default learning rate, by steps
         scaled = [n for n in names if n not in line]  # xF points: markers off the line
         for ax, key in zip(axes, ("score", "retention")):
             ax.plot([runs[n]["total_s"] for n in line], [100 * runs[n][key] for n in line], "o-", color=color,

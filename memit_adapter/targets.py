@@ -255,8 +255,12 @@ class _Part:
         first = width - int(self.prefix_mask[rows].sum(1).max())
         if len(rows) == len(self.ids) and first == 0 and s == self.ids.shape[1]:
             return replace(self, rows=batch_rows)
-        kv = [(k[rows.to(k.device), :, first:], v[rows.to(v.device), :, first:]) for k, v in self.kv]  # layer's device
-        out = None if self.block_out is None else self.block_out[rows.to(self.block_out.device), :s]
+        at = rows.tolist()
+        if at == list(range(at[0], at[0] + len(at))):  # a run of rows (those without kept prompts): views, no copies
+            rows = slice(at[0], at[0] + len(at))
+        on = lambda t: rows if isinstance(rows, slice) else rows.to(t.device)  # noqa: E731  (the layer's device)
+        kv = [(k[on(k), :, first:], v[on(v), :, first:]) for k, v in self.kv]
+        out = None if self.block_out is None else self.block_out[on(self.block_out), :s]
         return _Part(self.prefix_mask[rows, first:], self.ids[rows, :s], self.mask[rows, :s], self.positions[rows, :s],
                      kv, out, batch_rows)
 
@@ -480,9 +484,9 @@ def _forward_step(model, spec: ArchSpec, layer: int, parts: Sequence[_Part], row
 
 
 def _losses(head: _Head, batch: _Batch, final, kl_init, delta, h_norm, config: MemitConfig):
-    """Per-request loss ``(n,)`` in float32: NLL of the targets + the weighted KL rows + weight decay; the NLL; and
-    with ``config.v_stop_when_top`` how many of the request's target tokens (over its rewrite prompts) are not the
-    most probable token (else None).
+    """Per-request loss ``(n,)`` in float32: NLL of the targets + the weighted KL rows + weight decay; the NLL; with
+    ``config.v_stop_when_top`` how many of the request's target tokens (over its rewrite prompts) are not the most
+    probable token (else None); and the part of the loss that is the kept prompts' weighted KL.
 
     ``final``: the final states of the rows' suffixes (column = position - lookup); ``kl_init``: the unedited
     log-probabilities of ``batch``'s KL rows, in order."""
@@ -499,9 +503,11 @@ def _losses(head: _Head, batch: _Batch, final, kl_init, delta, h_norm, config: M
     at_kl = final[kl_rows, batch.kl_pos[kl_rows] - batch.lookup[kl_rows]]
     kl_logp = torch.log_softmax(head(at_kl), dim=-1)
     kl = F.kl_div(kl_init, kl_logp, log_target=True, reduction="none").sum(-1)  # KL(now || before)
-    kl = torch.zeros_like(nll).index_add(0, batch.row_request[kl_rows], kl * batch.kl_weight[kl_rows])
+    kl = kl * batch.kl_weight[kl_rows]
+    kept = batch.first_kept_row - batch.n_rewrite_rows  # the kept prompts' first among the KL rows
+    per_req = lambda x, rows: torch.zeros_like(nll).index_add(0, batch.row_request[rows], x)  # noqa: E731
     decay = config.v_weight_decay * delta.norm(dim=-1) / h_norm**2
-    return nll + kl + decay, nll, misses
+    return nll + per_req(kl, kl_rows) + decay, nll, misses, per_req(kl[kept:], kl_rows[kept:])
 
 
 def delta_groups(requests: Sequence[EditRequest], config: MemitConfig) -> list[int]:
@@ -547,7 +553,8 @@ def optimise_deltas(model, spec: ArchSpec, tokenizer, requests, templates, confi
     target tokens, ``b`` bytes per element of the model's dtype, ``d_kv`` = key heads x head dim:
     ``2·n_layers·r·P·d_kv·b`` for the prefixes' keys and values while they are computed, then
     ``2·(n_layers - L - 1)·r·P·d_kv·b`` (a step reads only those of the blocks after L), twice while a step's attention
-    appends the suffixes' keys and values to them;
+    appends the suffixes' keys and values to them, and with ``preserve_every`` > 1 once more, for the rows without the
+    kept prompts, once a δ row has stopped (before, they are views);
     ``r·S·d_model·b`` for block L's output; ``(m + r_kl)·vocab·4·3`` for the float32 logits, log-probabilities
     and their gradient, and ``r_kl·vocab·4`` for the unedited ones; and ``(n_layers - L - 1)·r·S·a·b`` for the
     activations autograd keeps through the blocks after L, ``a`` about ``10·d_model + 4·d_ff`` (architecture
@@ -578,14 +585,11 @@ class _Live:
 
     @classmethod
     def of(cls, batch: _Batch, parts: Sequence[_Part], kl_init: torch.Tensor, groups: Sequence[int],
-           going: set[int], h_norm: torch.Tensor, kept_weight: float = 1.0) -> _Live:
-        """The live rows of ``going``'s requests; with ``kept_weight`` 0 without the kept prompts, else with their
-        weights times ``kept_weight``."""
+           going: set[int], h_norm: torch.Tensor, kept: bool = True) -> _Live:
+        """The rows of ``going``'s requests, without their kept prompts unless ``kept``."""
         device = batch.input_ids.device
         idx = torch.tensor([i for i, g in enumerate(groups) if g in going], device=device)
-        sub, rows = batch.subset(idx, kept=kept_weight != 0)
-        if kept_weight not in (0, 1):
-            sub.kl_weight[sub.first_kept_row:] *= kept_weight  # a copy: subset indexes
+        sub, rows = batch.subset(idx, kept=kept)
         req_group = torch.tensor(groups, device=device)[idx]
         return cls(sub, _select_parts(parts, rows), req_group, req_group[sub.row_request], h_norm[idx],
                    kl_init[rows[sub.n_rewrite_rows:] - batch.n_rewrite_rows])
@@ -622,22 +626,30 @@ def _optimise_deltas(model, spec, tokenizer, requests, templates, config, layer,
     active = torch.ones(n_groups, dtype=torch.bool, device=device)
     last_nll = torch.zeros(n_groups, device=device)  # each row's mean target NLL when it was last measured
     going = set(range(n_groups))
-    every = config.preserve_every if batch.first_kept_row < len(batch.input_ids) else 1
+    # the δ rows with kept prompts: their loss is whole only on the kept prompts' steps (0, every, 2 every, ...)
+    kept_req = batch.row_request[batch.first_kept_row:][batch.kl_weight[batch.first_kept_row:] > 0]
+    has_kept = torch.zeros(n_groups, dtype=torch.bool, device=device)
+    has_kept[group[kept_req]] = True
+    every = config.preserve_every if bool(has_kept.any()) else 1
     lives = _lives(batch, parts, kl_init, groups, going, h_norm, every)
     budget = max(config.v_num_grad_steps, config.v_max_grad_steps or 0)
     with tqdm(total=budget, desc="target vectors", unit="step", disable=not progress, leave=False) as bar:
         for step in range(budget):
             delta = param * unit
-            live = lives[step % every != 0]  # the kept prompts' step, or one without them
+            kept_step = step % every == 0
+            live = lives[not kept_step]  # with the kept prompts, or without them
             final = _forward_step(model, spec, layer, live.parts, delta[live.row_group], as_tuple)
-            req_loss, req_nll, req_miss = _losses(head, live.sub, final, live.kl_init, delta[live.req_group],
-                                                  live.h_norm, config)
+            req_loss, req_nll, req_miss, req_kept = _losses(head, live.sub, final, live.kl_init,
+                                                            delta[live.req_group], live.h_norm, config)
             loss = torch.zeros(n_groups, device=device).index_add(0, live.req_group, req_loss) / size  # mean per row
+            objective = loss  # what the step descends: the kept prompts' KL at `every` times on their steps
+            if every > 1 and kept_step:
+                objective = loss + (every - 1) * torch.zeros_like(loss).index_add(0, live.req_group, req_kept) / size
             shown = torch.where(active, loss.detach(), 0.0).sum() / len(going)
             nll = torch.zeros(n_groups, device=device).index_add(0, live.req_group, req_nll.detach()) / size
             last_nll = torch.where(active, nll, last_nll)
-            if step % every == 0:
-                active = active & (loss.detach() >= config.v_loss_threshold)
+            tested = has_kept.logical_not() | kept_step  # rows whose loss this step is whole
+            active = active & (tested.logical_not() | (loss.detach() >= config.v_loss_threshold))
             if config.v_target_nll_threshold:
                 active = active & (nll >= config.v_target_nll_threshold)
             if config.v_stop_when_top:  # MPES: the row's targets are the top answers of all its rewrite prompts
@@ -654,7 +666,7 @@ def _optimise_deltas(model, spec, tokenizer, requests, templates, config, layer,
             still = {g for g, on in enumerate(flags[2:]) if on}
             if not still or step == budget - 1:
                 break
-            _adam_step(opt, param, loss, active, unit, max_norm)
+            _adam_step(opt, param, objective, active, unit, max_norm)
             schedule.step()
             if still != going:
                 going = still
@@ -663,10 +675,10 @@ def _optimise_deltas(model, spec, tokenizer, requests, templates, config, layer,
 
 
 def _lives(batch: _Batch, parts, kl_init, groups, going, h_norm, every: int) -> tuple[_Live, _Live]:
-    """What a step runs with the kept prompts (at ``every`` times their weight) and without them (the same
-    object when ``every`` is 1: every step has them)."""
-    full = _Live.of(batch, parts, kl_init, groups, going, h_norm, kept_weight=float(every))
-    return (full, full) if every == 1 else (full, _Live.of(batch, parts, kl_init, groups, going, h_norm, 0.0))
+    """What a step runs with the kept prompts and without them (the same object when ``every`` is 1: every step
+    has them)."""
+    full = _Live.of(batch, parts, kl_init, groups, going, h_norm)
+    return (full, full) if every == 1 else (full, _Live.of(batch, parts, kl_init, groups, going, h_norm, kept=False))
 
 
 def lr_factor(step: int, steps: int, end: float) -> float:
@@ -699,13 +711,13 @@ def _dtype_name(model: nn.Module) -> str:
 
 
 def _drop_old_answers(batch: _Batch, kl_init: torch.Tensor, forbidden: Sequence[frozenset[int]]) -> None:
-    """Zero the weight of the last ``len(forbidden)`` KL rows (the kept prompts) whose unedited top token is
-    in their forbidden set: such a prompt asks about the fact being rewritten, under another relation id."""
+    """Zero the weight of the kept prompts' rows (``forbidden``: one set per row) whose unedited top token is in
+    their forbidden set: such a prompt asks about the fact being rewritten, under another relation id."""
     if not forbidden:
         return
-    top = kl_init[-len(forbidden):].argmax(-1).tolist()
-    drop = torch.tensor([t in f for t, f in zip(top, forbidden)], device=batch.kl_weight.device)
-    batch.kl_weight[-len(forbidden):][drop] = 0.0
+    top = kl_init[batch.first_kept_row - batch.n_rewrite_rows:].argmax(-1).tolist()
+    drop = torch.tensor([t in f for t, f in zip(top, forbidden, strict=True)], device=batch.kl_weight.device)
+    batch.kl_weight[batch.first_kept_row:][drop] = 0.0
 
 
 def compute_targets(model, spec: ArchSpec, tokenizer, requests, templates, config: MemitConfig, layer: int,

@@ -82,6 +82,7 @@ def test_bench_compare_runs_both_methods_at_each_frontier_step_count(tmp_path, c
     (["--compare", "random", "--frontier", "0"], "must be positive"),
     (["--compare", "random", "--frontier", "10x0"], "must be positive"),
     (["--compare", "random", "--frontier", "10xfast"], "STEPS or STEPSxF"),
+    (["--compare", "random", "--frontier", "10x"], "STEPS or STEPSxF"),
     (["--compare", "random", "--frontier", "2.5"], "STEPS or STEPSxF"),
     (["--compare", "random", "--plot", "f.png"], "needs a world"),
     (["--compare", "world-gpt2-bpe", "--plot", "no/such/folder/f.png"], "cannot write"),
@@ -99,12 +100,12 @@ def test_fastest_run_at_a_score_and_the_frontier_plot(tmp_path):
     from memit_adapter.plots import plot_frontier
 
     runs = {"a_published_way": {"total_s": 30.0},
-            "b_published_engine": {"total_s": 10.0, "score": 0.6, "retention": 0.98, "z_steps": 20},
-            "b@10": {"total_s": 8.0, "score": 0.5, "retention": 0.99, "z_steps": 10},
-            "c_for_model": {"total_s": 40.0, "score": 0.95, "retention": 0.96, "z_steps": 60},
-            "c@10": {"total_s": 9.0, "score": 0.62, "retention": 0.98, "z_steps": 10},
-            "c@5": {"total_s": 6.0, "score": 0.3, "retention": 0.99, "z_steps": 5},
-            "c@5x3": {"total_s": 6.5, "score": 0.7, "retention": 0.9, "z_steps": 5}}
+            "b_published_engine": {"total_s": 10.0, "score": 0.6, "retention": 0.98, "z_steps": 20, "v_lr": 0.5},
+            "b@10": {"total_s": 8.0, "score": 0.5, "retention": 0.99, "z_steps": 10, "v_lr": 0.5},
+            "c_for_model": {"total_s": 40.0, "score": 0.95, "retention": 0.96, "z_steps": 60, "v_lr": 0.1},
+            "c@10": {"total_s": 9.0, "score": 0.62, "retention": 0.98, "z_steps": 10, "v_lr": 0.1},
+            "c@5": {"total_s": 6.0, "score": 0.3, "retention": 0.99, "z_steps": 5, "v_lr": 0.1},
+            "c@5x3": {"total_s": 6.5, "score": 0.7, "retention": 0.9, "z_steps": 5, "v_lr": 0.3}}
     assert _fastest_at_least(runs, "c", 0.6) == "c@5x3" and _fastest_at_least(runs, "c", 0.99) is None
     assert _fastest_at_least(runs, "c", 0.8) == "c_for_model"
     assert _fastest_at_least(runs, "b", 0.6) == "b_published_engine"

@@ -439,6 +439,30 @@ def test_preserve_every_runs_the_kept_prompts_on_their_steps_only(every):
     assert every_step - rows_seen(cfg.replace(preserve_factor=0.0)) == 2 * (steps + 2)
 
 
+def test_preserve_every_gives_the_same_targets_batched_and_one_at_a_time():
+    """With kept prompts every 3rd step and a threshold that rows reach mid-run, batching changes no δ: a row
+    with kept prompts is tested on their steps only, a row without (a request lacking ``relation_id``) on every
+    step, whoever shares its chunk."""
+    from memit_adapter import EditRequest
+
+    model, tok = model_and_tokenizer("gpt2")
+    spec = get_arch_spec(model)
+    reqs = [EditRequest("{} plays", "alpha beta", " golf", relation_id="sport"),
+            EditRequest("{} lives in", "michael jordan", " paris", relation_id="lives"),
+            EditRequest("{} speaks", "toko", " french", relation_id="speaks"),
+            EditRequest("the mother tongue of {} is", "danielle darrieux", " french")]
+    cfg = config(v_num_grad_steps=15, v_loss_threshold=4.35, preserve_factor=1.0, preserve_every=3)
+    templates = ["{}", "he said that {}"]
+    z_all, h = compute_targets(model, spec, tok, reqs, templates, cfg, 2, progress=False)
+    z_one, _ = compute_targets(model, spec, tok, reqs, templates, cfg, 2, batch_size=1, progress=False)
+    torch.testing.assert_close(z_all, z_one, rtol=1e-4, atol=1e-4)
+    z_full, _ = compute_targets(model, spec, tok, reqs, templates, cfg.replace(v_loss_threshold=0.0), 2,
+                                progress=False)
+    moved, full = (z_all - h).norm(dim=-1), (z_full - h).norm(dim=-1)
+    for i in (0, 3):  # one row with kept prompts and the one without stop part way
+        assert 0 < moved[i] < full[i] - 1e-3
+
+
 def test_kept_prompt_answered_with_the_old_object_is_dropped():
     """A kept prompt whose unedited answer is the subject's ``target_true`` asks about the rewritten fact:
     it is left out, and the δ equals the one optimised without preservation."""
