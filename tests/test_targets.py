@@ -440,9 +440,10 @@ def test_preserve_every_runs_the_kept_prompts_on_their_steps_only(every):
 
 
 def test_preserve_every_gives_the_same_targets_batched_and_one_at_a_time():
-    """With kept prompts every 3rd step and a threshold that rows reach mid-run, batching changes no δ: a row
-    with kept prompts is tested on their steps only, a row without (a request lacking ``relation_id``) on every
-    step, whoever shares its chunk."""
+    """With kept prompts every 3rd step and thresholds that rows reach part way, batching changes no δ: a row with
+    kept prompts is tested on their steps only, a row without (a request lacking ``relation_id``) on every step,
+    whoever shares its chunk. The thresholds span the target NLL of rows 0 and 3 from the end of the run to its
+    start, so that they stop at different steps whatever the tiny model's weights."""
     from memit_adapter import EditRequest
 
     model, tok = model_and_tokenizer("gpt2")
@@ -451,16 +452,21 @@ def test_preserve_every_gives_the_same_targets_batched_and_one_at_a_time():
             EditRequest("{} lives in", "michael jordan", " paris", relation_id="lives"),
             EditRequest("{} speaks", "toko", " french", relation_id="speaks"),
             EditRequest("the mother tongue of {} is", "danielle darrieux", " french")]
-    cfg = config(v_num_grad_steps=15, v_loss_threshold=4.35, preserve_factor=1.0, preserve_every=3)
+    cfg = config(v_num_grad_steps=15, v_loss_threshold=0.0, preserve_factor=1.0, preserve_every=3)
     templates = ["{}", "he said that {}"]
-    z_all, h = compute_targets(model, spec, tok, reqs, templates, cfg, 2, progress=False)
-    z_one, _ = compute_targets(model, spec, tok, reqs, templates, cfg, 2, batch_size=1, progress=False)
-    torch.testing.assert_close(z_all, z_one, rtol=1e-4, atol=1e-4)
-    z_full, _ = compute_targets(model, spec, tok, reqs, templates, cfg.replace(v_loss_threshold=0.0), 2,
-                                progress=False)
-    moved, full = (z_all - h).norm(dim=-1), (z_full - h).norm(dim=-1)
-    for i in (0, 3):  # one row with kept prompts and the one without stop part way
-        assert 0 < moved[i] < full[i] - 1e-3
+    run = lambda c, **kw: compute_targets(model, spec, tok, reqs, templates, c, 2, progress=False,  # noqa: E731
+                                          return_loss=True, **kw)
+    z_full, h, end = run(cfg)
+    start = run(cfg.replace(v_num_grad_steps=1))[2]
+    full = (z_full - h).norm(dim=-1)
+    stopped_part_way = set()
+    for thr in torch.cat([torch.linspace(float(end[i]), float(start[i]), 6) for i in (0, 3)]).tolist():
+        z_all = run(cfg.replace(v_loss_threshold=thr))[0]
+        torch.testing.assert_close(z_all, run(cfg.replace(v_loss_threshold=thr), batch_size=1)[0],
+                                   rtol=1e-4, atol=1e-4)
+        moved = (z_all - h).norm(dim=-1)
+        stopped_part_way |= {i for i in range(len(reqs)) if 0 < moved[i] < full[i] - 1e-3}
+    assert {0, 3} <= stopped_part_way  # a row with kept prompts and the one without stop part way
 
 
 def test_kept_prompt_answered_with_the_old_object_is_dropped():
