@@ -329,6 +329,8 @@ def run_comparison(model_name: str = "world-gpt2-bpe", *, n_requests: int = 100,
     from .evaluation import evaluate_counterfact
     from .stats import collect_stats
 
+    points = frontier_points(frontier)  # bad points fail before anything is loaded
+
     if model_name == "random":
         model, tok = bench_model(size)
         rng = random.Random(0)
@@ -350,10 +352,6 @@ def run_comparison(model_name: str = "world-gpt2-bpe", *, n_requests: int = 100,
     stats, secs = _timed(lambda: collect_stats(model, tok, texts, base.layers, max_tokens=base.mom2_max_tokens,
                                                batch_size=base.stats_batch_size, progress=False))
     configs = {"b_published_engine": settings["published"], "c_for_model": settings["for_model"]}
-    points = sorted({frontier_point(p) for p in frontier})
-    names = [_point_name(k, f) for k, f in points]
-    if len(set(names)) < len(names):
-        raise ValueError(f"frontier points that differ only past 6 significant digits: {list(frontier)}")
     for family, default in (("b", settings["published"]), ("c", settings["for_model"])):
         configs.update({f"{family}@{_point_name(k, f)}": default.replace(v_num_grad_steps=k, v_lr=default.v_lr * f)
                         for k, f in points if (k, f) != (default.v_num_grad_steps, 1.0)})  # the default is that point
@@ -386,6 +384,16 @@ def run_comparison(model_name: str = "world-gpt2-bpe", *, n_requests: int = 100,
     out["b_speedup_over_a"] = out["runs"]["a_published_way"]["total_s"] / b["total_s"]
     if records is not None:
         out["c_at_b_score"] = _fastest_at_least(out["runs"], "c", b["score"])
+    return out
+
+
+def frontier_points(points: Sequence[int | str]) -> list[tuple[int, float]]:
+    """The distinct :func:`frontier_point` of ``points``, sorted. Raises ValueError on a bad point, and on two whose
+    run names would be the same (factors that differ only past 6 significant digits)."""
+    out = sorted({frontier_point(p) for p in points})
+    names = [_point_name(k, f) for k, f in out]
+    if len(set(names)) < len(names):
+        raise ValueError(f"frontier points that differ only past 6 significant digits: {list(points)}")
     return out
 
 
@@ -499,11 +507,10 @@ def run_cli(args: argparse.Namespace) -> int:
         raise SystemExit(f"memit-adapter bench: cannot write {args.json} (no such folder, or it is a folder)")
     if (args.frontier or args.plot) and not args.compare:
         raise SystemExit("memit-adapter bench: --frontier and --plot go with --compare")
-    for point in args.frontier:
-        try:
-            frontier_point(point)
-        except ValueError as e:
-            raise SystemExit(f"memit-adapter bench: --frontier: {e}") from None
+    try:
+        frontier_points(args.frontier)
+    except ValueError as e:
+        raise SystemExit(f"memit-adapter bench: --frontier: {e}") from None
     if args.plot:
         if args.compare == "random":
             raise SystemExit("memit-adapter bench: --plot needs a world (a random model has no Scores)")

@@ -253,10 +253,9 @@ class MemitConfig:
         if any(x < 0 for x in self.layers) or self.layers != sorted(set(self.layers)):
             raise ConfigError(f"layers must be distinct non-negative ints in ascending order, got {self.layers!r}")
         _positive(self, "mom2_update_weight", "v_lr", "clamp_norm_factor", "mom2_n_samples", "stats_batch_size",
-                  "context_template_length", "context_template_top_k", "nullspace_l2")
+                  "context_template_length", "context_template_top_k", "nullspace_l2", "preserve_every")
         _non_negative(self, "v_loss_threshold", "v_target_nll_threshold", "kl_factor", "v_weight_decay",
-                      "preserve_factor",
-                      "mom2_update_weight_per_edit", "nullspace_threshold")
+                      "preserve_factor", "mom2_update_weight_per_edit", "nullspace_threshold", "repair_rounds")
         if self.nullspace_threshold_of not in _NULLSPACE_REFERENCES:
             raise ConfigError(f"nullspace_threshold_of must be one of {_NULLSPACE_REFERENCES}, "
                               f"got {self.nullspace_threshold_of!r}")
@@ -268,10 +267,6 @@ class MemitConfig:
         if self.v_max_grad_steps is not None and self.v_max_grad_steps < self.v_num_grad_steps:
             raise ConfigError(f"v_max_grad_steps must be None or >= v_num_grad_steps ({self.v_num_grad_steps}), "
                               f"got {self.v_max_grad_steps}")
-        if self.repair_rounds < 0:
-            raise ConfigError(f"repair_rounds must be >= 0, got {self.repair_rounds}")
-        if self.preserve_every < 1:
-            raise ConfigError(f"preserve_every must be >= 1, got {self.preserve_every}")
         if self.preserve_max_relations is not None and self.preserve_max_relations < 1:
             raise ConfigError(f"preserve_max_relations must be None or >= 1, got {self.preserve_max_relations}")
         if self.v_batch_size is not None and self.v_batch_size < 1:

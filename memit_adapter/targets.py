@@ -594,6 +594,10 @@ class _Live:
         return cls(sub, _select_parts(parts, rows), req_group, req_group[sub.row_request], h_norm[idx],
                    kl_init[rows[sub.n_rewrite_rows:] - batch.n_rewrite_rows])
 
+    def by_row(self, per_request: torch.Tensor, n_rows: int) -> torch.Tensor:
+        """Per-request values summed over each δ row ``(n_rows,)``."""
+        return per_request.new_zeros(n_rows).index_add(0, self.req_group, per_request)
+
 
 def _optimise_deltas(model, spec, tokenizer, requests, templates, config, layer, progress, relations):
     device = input_device(model)  # the batch, δ and the loss; block L's output and the states come from their modules
@@ -641,19 +645,19 @@ def _optimise_deltas(model, spec, tokenizer, requests, templates, config, layer,
             final = _forward_step(model, spec, layer, live.parts, delta[live.row_group], as_tuple)
             req_loss, req_nll, req_miss, req_kept = _losses(head, live.sub, final, live.kl_init,
                                                             delta[live.req_group], live.h_norm, config)
-            loss = torch.zeros(n_groups, device=device).index_add(0, live.req_group, req_loss) / size  # mean per row
+            loss = live.by_row(req_loss, n_groups) / size  # mean per row
             objective = loss  # what the step descends: the kept prompts' KL at `every` times on their steps
             if every > 1 and kept_step:
-                objective = loss + (every - 1) * torch.zeros_like(loss).index_add(0, live.req_group, req_kept) / size
+                objective = loss + (every - 1) * live.by_row(req_kept, n_groups) / size
             shown = torch.where(active, loss.detach(), 0.0).sum() / len(going)
-            nll = torch.zeros(n_groups, device=device).index_add(0, live.req_group, req_nll.detach()) / size
+            nll = live.by_row(req_nll.detach(), n_groups) / size
             last_nll = torch.where(active, nll, last_nll)
-            tested = has_kept.logical_not() | kept_step  # rows whose loss this step is whole
-            active = active & (tested.logical_not() | (loss.detach() >= config.v_loss_threshold))
+            below = loss.detach() < config.v_loss_threshold
+            active = active & ~(below if kept_step else below & ~has_kept)  # a row with kept prompts: on their steps
             if config.v_target_nll_threshold:
                 active = active & (nll >= config.v_target_nll_threshold)
             if config.v_stop_when_top:  # MPES: the row's targets are the top answers of all its rewrite prompts
-                active = active & (torch.zeros(n_groups, device=device).index_add(0, live.req_group, req_miss) > 0)
+                active = active & (live.by_row(req_miss, n_groups) > 0)
             if step >= config.v_num_grad_steps - 1:  # from here on only the rows still below even odds go on
                 active = active & (nll > UNCONVERGED_NLL)
             # the one read-back of a step: the loss shown, whether it is finite, which rows go on
