@@ -194,6 +194,11 @@ def process_group(device: str | None = None) -> Iterator[bool]:
     this rank's GPU first (``torch.cuda.set_device``): the collectives here run on the current CUDA device."""
     start = (dist.is_available() and not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1)
     if start:
+        # torch._dynamo imported while a group exists (transformers' from_pretrained imports it) keeps a reference
+        # to the group, so destroy_process_group cannot free it: its gloo threads then outlive the interpreter,
+        # and one releasing a finished collective during shutdown aborts the process (SIGABRT, exit code -6)
+        # after the work is done. Imported first, it holds none.
+        import torch._dynamo  # noqa: F401
         cuda = device is not None and device.startswith("cuda") and torch.cuda.is_available()
         if cuda:
             torch.cuda.set_device(torch.device(rank_device(device)))

@@ -7,6 +7,7 @@ process group and saves each rank's results to ``OUT/rank{r}.pt``; the tests com
 
 from __future__ import annotations
 
+import importlib
 import os
 import signal
 import subprocess
@@ -50,6 +51,7 @@ def _worker(out: Path) -> None:
     torch.set_num_threads(1)
     with process_group() as distributed:
         assert distributed
+        importlib.import_module("torch._dynamo")  # as from_pretrained does: it must not keep the group alive
         model, tok = model_and_tokenizer("gpt2")
         saved: list[int] = []
         save = stats_module.StatsCache.save
@@ -79,6 +81,17 @@ def _worker(out: Path) -> None:
                     "saved": saved, "pack_id": pack.pack_id, "z_nll": pack.report["z_nll"],
                     "deltas": {name: (d.B, d.A) for name, d in pack.deltas.items()},
                     "one_z": one_z, "one_nll": one_nll}, out / f"rank{rank()}.pt")
+        r = rank()
+    # the group is gone, its threads too (a thread left running into interpreter shutdown can abort the process)
+    torch.save(_gloo_threads(), out / f"threads{r}.pt")
+
+
+def _gloo_threads() -> list[str] | None:
+    """The names of this process's gloo threads (None where ``/proc`` lists no threads)."""
+    tasks = Path("/proc/self/task")
+    if not tasks.is_dir():
+        return None
+    return [n for n in ((t / "comm").read_text().strip() for t in tasks.iterdir()) if "gloo" in n]
 
 
 # -- launching -----------------------------------------------------------------------------------------------
@@ -123,6 +136,15 @@ def single() -> dict:
 
 
 # -- the tests -----------------------------------------------------------------------------------------------
+
+def test_leaving_the_process_group_stops_its_threads(ranks):
+    _, _, out = ranks
+    for r in (0, 1):
+        threads = torch.load(out / f"threads{r}.pt")
+        if threads is None:
+            pytest.skip("no /proc/self/task here to list a process's threads")
+        assert threads == [], f"rank {r} still runs {threads} after leaving the group"
+
 
 def test_statistics_are_all_reduced_to_those_of_one_process(ranks, single):
     r0, r1, _ = ranks
