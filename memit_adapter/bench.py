@@ -7,6 +7,7 @@ Usage::
     memit-adapter bench --compare world-gpt2-bpe --n-requests 1000     # (a) / (b) / (c), see run_comparison
     memit-adapter bench --compare world-gpt2-bpe --frontier 10 15 20 30 --plot frontier.png   # Score vs seconds
     memit-adapter bench --compare world-gpt2-bpe --frontier 10x3 20x2   # also: 10 steps at 3x each method's lr
+    memit-adapter bench --compare world-gpt2-bpe --seeds 0 1 2   # mean ± sd over three samples of requests
     memit-adapter bench --scale llama-7b --sizes 1000 10000 --texts 2000 --json scale.json   # on a GPU
 
 On a GPU machine without the package installed: ``PYTHONPATH=. python3 -m memit_adapter.cli bench --scale ...``.
@@ -24,6 +25,7 @@ import json
 import math
 import random
 import resource
+import statistics
 import sys
 import time
 from collections.abc import Sequence
@@ -309,7 +311,8 @@ def published_settings(model, **fields) -> MemitConfig:
 
 
 def run_comparison(model_name: str = "world-gpt2-bpe", *, n_requests: int = 100, size: str = "small",
-                   frontier: Sequence[int | str] = (), progress: bool = True) -> dict[str, Any]:
+                   frontier: Sequence[int | str] = (), seeds: Sequence[int] = (0,), progress: bool = True
+                   ) -> dict[str, Any]:
     """(a) the published way, (b) the published settings with this engine, (c) ``for_model``, on the same requests.
 
     ``model_name`` is a shipped world (its records, corpus and metrics) or ``"random"`` (a random GPT-2 of
@@ -324,30 +327,42 @@ def run_comparison(model_name: str = "world-gpt2-bpe", *, n_requests: int = 100,
     the two methods are compared at equal time or equal Score, not only at their defaults (:func:`frontier_point`);
     on a world, ``report["c_at_b_score"]`` names the fastest (c) run whose Score is at least the default (b)'s
     (see :func:`~memit_adapter.plots.plot_frontier`).
+
+    ``seeds``: each (b) and (c) run is repeated once per seed ``s``, on the requests ``random.Random(s)`` samples
+    and with the config's ``seed`` set to ``s`` (which samples the context templates). With several seeds a run
+    reports the mean of each figure, the sample standard deviation of its metrics (``run["sd"]``) and every
+    seed's own run (``run["per_seed"]``): on 100 edits of a small world, one seed's PS moves by several points
+    with the templates and requests alone. (a) is timed on the first seed's requests.
     """
     from .engine import compute_edits
     from .evaluation import evaluate_counterfact
     from .stats import collect_stats
 
     points = frontier_points(frontier)  # bad points fail before anything is loaded
+    seeds = comparison_seeds(seeds)
 
     if model_name == "random":
         model, tok = bench_model(size)
         rng = random.Random(0)
         vocab = SIZES[size]["vocab_size"]
-        requests = _random_requests(rng, n_requests, vocab)
-        texts, records, everything = [_words(rng, 128, vocab) for _ in range(64)], None, None
+        first = _random_requests(rng, n_requests, vocab)  # then the texts, from the same generator
+        texts, everything = [_words(rng, 128, vocab) for _ in range(64)], None
+        samples = {s: (first if s == 0 else _random_requests(random.Random(s), n_requests, vocab), None)
+                   for s in seeds}
     else:
         from .demo.checkpoints import load_world_model, world_model_path
 
         model, tok, everything = load_world_model(model_name)
         texts = str(world_model_path(model_name) / "corpus.txt")
-        records = random.Random(0).sample(everything, min(n_requests, len(everything)))
-        requests = [EditRequest.from_dict(r) for r in records]
+        samples = {}
+        for s in seeds:
+            records = random.Random(s).sample(everything, min(n_requests, len(everything)))
+            samples[s] = ([EditRequest.from_dict(r) for r in records], records)
+    requests = samples[seeds[0]][0]
     spec = get_arch_spec(model)
     settings = {"published": published_settings(model), "for_model": MemitConfig.for_model(model)}
     out: dict[str, Any] = {"model": model_name, "n_requests": len(requests), "threads": torch.get_num_threads(),
-                           "runs": {}}
+                           "seeds": seeds, "runs": {}}
     base = settings["published"]
     stats, secs = _timed(lambda: collect_stats(model, tok, texts, base.layers, max_tokens=base.mom2_max_tokens,
                                                batch_size=base.stats_batch_size, progress=False))
@@ -356,17 +371,22 @@ def run_comparison(model_name: str = "world-gpt2-bpe", *, n_requests: int = 100,
         configs.update({f"{family}@{_point_name(k, f)}": default.replace(v_num_grad_steps=k, v_lr=default.v_lr * f)
                         for k, f in points if (k, f) != (default.v_num_grad_steps, 1.0)})  # the default is that point
     for name, cfg in configs.items():
-        pack, total = _timed(lambda cfg=cfg: compute_edits(model, tok, requests, cfg, stats=stats, progress=progress))
-        phases = {k: round(v, 2) for k, v in pack.report["seconds"].items()}
-        run = {"seconds": {**phases, "statistics": round(secs, 2)},
-               "total_s": round(secs + total, 2), "layers": cfg.layers, "lambda": cfg.mom2_update_weight,
-               "z_steps": cfg.v_num_grad_steps, "v_lr": cfg.v_lr, "peak_mb": round(_peak_mb())}
-        if records is not None:
-            with pack.applied(model):
-                r = evaluate_counterfact(model, tok, records, generation=False, retention_records=everything)
-            run.update(efficacy=r.efficacy_score, paraphrase=r.paraphrase_score, neighborhood=r.neighborhood_score,
-                       score=r.score, retention=r.retention)
-        out["runs"][name] = run
+        per_seed = []
+        for seed, (requests_s, records) in samples.items():
+            cfg_s = cfg.replace(seed=seed)
+            pack, total = _timed(lambda c=cfg_s, q=requests_s: compute_edits(model, tok, q, c, stats=stats,
+                                                                             progress=progress))
+            phases = {k: round(v, 2) for k, v in pack.report["seconds"].items()}
+            run = {"seconds": {**phases, "statistics": round(secs, 2)},
+                   "total_s": round(secs + total, 2), "layers": cfg.layers, "lambda": cfg.mom2_update_weight,
+                   "z_steps": cfg.v_num_grad_steps, "v_lr": cfg.v_lr, "peak_mb": round(_peak_mb())}
+            if records is not None:
+                with pack.applied(model):
+                    r = evaluate_counterfact(model, tok, records, generation=False, retention_records=everything)
+                run.update(efficacy=r.efficacy_score, paraphrase=r.paraphrase_score,
+                           neighborhood=r.neighborhood_score, score=r.score, retention=r.retention)
+            per_seed.append(run)
+        out["runs"][name] = mean_run(per_seed)
     from .targets import context_templates
 
     z_templates = context_templates(model, tok, base)
@@ -382,9 +402,40 @@ def run_comparison(model_name: str = "world-gpt2-bpe", *, n_requests: int = 100,
                                                   "update": b["seconds"]["update"]},
                                       "total_s": round(stats_a + z_a + b["seconds"]["update"], 2)}
     out["b_speedup_over_a"] = out["runs"]["a_published_way"]["total_s"] / b["total_s"]
-    if records is not None:
+    if everything is not None:
         out["c_at_b_score"] = _fastest_at_least(out["runs"], "c", b["score"])
     return out
+
+
+METRICS = ("efficacy", "paraphrase", "neighborhood", "score", "retention")
+
+
+def comparison_seeds(seeds: Sequence[int]) -> list[int]:
+    """``seeds`` as a list; ValueError unless they are distinct non-negative integers, at least one."""
+    out = list(seeds)
+    if not out or any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in out):
+        raise ValueError(f"seeds must be non-negative integers, at least one, got {out}")
+    if len(set(out)) < len(out):
+        raise ValueError(f"seeds must be distinct, got {out}")
+    return out
+
+
+def mean_run(per_seed: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """One seed's run as it is; several seeds' runs as one whose times, phase seconds and metrics are their
+    means, with the sample standard deviation of each metric in ``"sd"``, the largest peak memory, and the runs
+    themselves in ``"per_seed"``."""
+    if len(per_seed) == 1:
+        return per_seed[0]
+    first = per_seed[0]
+    mean = lambda key: statistics.fmean(r[key] for r in per_seed)  # noqa: E731
+    run = {**first, "total_s": round(mean("total_s"), 2), "peak_mb": max(r["peak_mb"] for r in per_seed),
+           "seconds": {k: round(statistics.fmean(r["seconds"][k] for r in per_seed), 2) for k in first["seconds"]},
+           "per_seed": list(per_seed)}
+    metrics = [k for k in METRICS if k in first]
+    run.update({k: mean(k) for k in metrics})
+    if metrics:
+        run["sd"] = {k: statistics.stdev(r[k] for r in per_seed) for k in metrics}
+    return run
 
 
 def frontier_points(points: Sequence[int | str]) -> list[tuple[int, float]]:
@@ -429,7 +480,9 @@ def texts_of(path: str, cfg: MemitConfig) -> list[str]:
 
 
 def format_comparison(r: dict[str, Any]) -> str:
-    lines = [f"memit-adapter bench --compare: {r['model']}, {r['n_requests']} requests, {r['threads']} threads",
+    seeds = r.get("seeds", [0])
+    over = f", the mean (± sd) over seeds {seeds}" if len(seeds) > 1 else ""
+    lines = [f"memit-adapter bench --compare: {r['model']}, {r['n_requests']} requests, {r['threads']} threads{over}",
              "| run | total s | statistics | z | update | ES | PS | NS | Score | retention |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     order = sorted((n for n in r["runs"] if n[0] in "bc"),
@@ -437,8 +490,8 @@ def format_comparison(r: dict[str, Any]) -> str:
     for name in ("a_published_way", *order):
         run = r["runs"][name]
         sec = run["seconds"]
-        m = [f"{run[k]:.3f}" if k in run else "-" for k in ("efficacy", "paraphrase", "neighborhood", "score",
-                                                              "retention")]
+        m = [("-" if k not in run else f"{run[k]:.3f}±{run['sd'][k]:.3f}" if "sd" in run else f"{run[k]:.3f}")
+             for k in METRICS]
         lines.append(f"| {name} | {run['total_s']:.1f} | {sec['statistics']:.1f} | {sec['targets']:.1f} | "
                      f"{sec['update']:.1f} | " + " | ".join(m) + " |")
     lines.append(f"(b) is {r['b_speedup_over_a']:.1f}x faster than (a); a z step runs {r['z_step_tokens']} token "
@@ -498,6 +551,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--frontier", nargs="+", default=[], metavar="STEPS[xF]",
                         help="with --compare: also run (b) and (c) at these numbers of z steps (10x3: 10 steps at "
                         "3x each method's learning rate), to compare them at equal time or Score")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0], metavar="SEED",
+                        help="with --compare: repeat each (b) and (c) run on the requests and context templates of "
+                        "each seed, and report the mean and standard deviation (default: 0)")
     parser.add_argument("--plot", default=None, metavar="PNG", help="with --compare on a world: Score and retention "
                         "against seconds of every (b) and (c) run, to this PNG (needs matplotlib)")
 
@@ -505,12 +561,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run_cli(args: argparse.Namespace) -> int:
     if args.json and (not Path(args.json).resolve().parent.is_dir() or Path(args.json).is_dir()):
         raise SystemExit(f"memit-adapter bench: cannot write {args.json} (no such folder, or it is a folder)")
-    if (args.frontier or args.plot) and not args.compare:
-        raise SystemExit("memit-adapter bench: --frontier and --plot go with --compare")
-    try:
-        frontier_points(args.frontier)
-    except ValueError as e:
-        raise SystemExit(f"memit-adapter bench: --frontier: {e}") from None
+    if (args.frontier or args.plot or args.seeds != [0]) and not args.compare:
+        raise SystemExit("memit-adapter bench: --frontier, --seeds and --plot go with --compare")
+    for option, check, value in (("--frontier", frontier_points, args.frontier),
+                                 ("--seeds", comparison_seeds, args.seeds)):
+        try:
+            check(value)
+        except ValueError as e:
+            raise SystemExit(f"memit-adapter bench: {option}: {e}") from None
     if args.plot:
         if args.compare == "random":
             raise SystemExit("memit-adapter bench: --plot needs a world (a random model has no Scores)")
@@ -527,7 +585,7 @@ def run_cli(args: argparse.Namespace) -> int:
         text = format_scale(report)
     elif args.compare:
         report = run_comparison(args.compare, n_requests=args.n_requests, size=args.size,
-                                frontier=args.frontier, progress=not args.quiet)
+                                frontier=args.frontier, seeds=args.seeds, progress=not args.quiet)
         text = format_comparison(report)
         if args.plot:
             from .plots import plot_frontier

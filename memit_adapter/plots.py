@@ -136,7 +136,8 @@ def plot_frontier(report: dict, path: str | Path | None = None) -> Figure:
     """Score and retention against seconds (statistics + edit) for the runs of a ``memit-adapter bench --compare`` on a
     world (:func:`~memit_adapter.bench.run_comparison`): one line per method through its runs at its own learning rate
     (labelled with their steps), triangles for its runs at F times it (labelled ``STEPSxF``), the defaults ringed, so
-    that the methods compare at equal time or equal Score, not only at their defaults."""
+    that the methods compare at equal time or equal Score, not only at their defaults; with several seeds, each run's
+    mean with ± one standard deviation."""
     runs = {name: run for name, run in report["runs"].items() if "score" in run}
     if not runs:
         raise ValueError("the report has no Scores: compare on a world, not on a random model")
@@ -162,12 +163,17 @@ def plot_frontier(report: dict, path: str | Path | None = None) -> Figure:
                             xytext=(4, 4), fontsize=7, color=color)
                 if "@" not in n:  # the default
                     ax.plot([x], [100 * runs[n][key]], "o", markersize=11, markerfacecolor="none", color=color)
+                if "sd" in runs[n]:  # several seeds: ± one standard deviation
+                    ax.errorbar([x], [100 * runs[n][key]], yerr=[100 * runs[n]["sd"][key]], color=color,
+                                capsize=3, linewidth=0.8)
     for ax, what in zip(axes, ("Score (harmonic mean of ES, PS, NS)", "retention of unedited facts")):
         ax.set_xlabel("seconds: statistics + edit")
         ax.set_ylabel(f"{what}, %")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8, frameon=False, title="z steps (xF: F x lr); ringed: default", title_fontsize=7)
-    fig.suptitle(f"{report['model']}, {report['n_requests']} edits, {report['threads']} threads", fontsize=9)
+    seeds = report.get("seeds", [0])
+    over = f", mean ± sd over seeds {seeds}" if len(seeds) > 1 else ""
+    fig.suptitle(f"{report['model']}, {report['n_requests']} edits, {report['threads']} threads{over}", fontsize=9)
     if path is not None:
         fig.savefig(path)
     return fig

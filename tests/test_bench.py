@@ -77,6 +77,74 @@ def test_bench_compare_runs_both_methods_at_each_frontier_step_count(tmp_path, c
                         "| c@2x2.5", "| c@3", "| c@20", "| c_for_model"]
 
 
+def test_bench_compare_repeats_each_run_per_seed_and_reports_their_means(tmp_path, capsys):
+    out = tmp_path / "cmp.json"
+    assert main(["bench", "--compare", "random", "--size", "tiny", "--n-requests", "3", "--quiet",
+                 "--seeds", "0", "5", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["seeds"] == [0, 5]
+    for name in ("b_published_engine", "c_for_model"):
+        run = report["runs"][name]
+        per_seed = run["per_seed"]
+        assert len(per_seed) == 2 and "sd" not in run  # a random model has no metrics
+        assert run["total_s"] == pytest.approx(sum(r["total_s"] for r in per_seed) / 2, abs=0.01)
+        assert run["seconds"]["targets"] == pytest.approx(sum(r["seconds"]["targets"] for r in per_seed) / 2,
+                                                          abs=0.01)
+    assert "per_seed" not in report["runs"]["a_published_way"]  # timed once, on the first seed's requests
+    assert "over seeds [0, 5]" in capsys.readouterr().out
+
+
+def test_mean_run_averages_times_and_metrics_and_gives_their_spread():
+    from memit_adapter.bench import mean_run
+
+    def run(total, z, es, score):
+        return {"total_s": total, "seconds": {"statistics": 1.0, "targets": z, "update": 0.5}, "peak_mb": total,
+                "z_steps": 20, "efficacy": es, "paraphrase": 0.5, "neighborhood": 0.9, "score": score,
+                "retention": 0.95}
+
+    one = run(10.0, 8.0, 0.9, 0.8)
+    assert mean_run([one]) is one
+    runs = [run(10.0, 8.0, 0.9, 0.8), run(14.0, 11.0, 0.7, 0.6), run(12.0, 8.0, 0.8, 0.9)]
+    m = mean_run(runs)
+    assert m["total_s"] == 12.0 and m["seconds"]["targets"] == 9.0 and m["peak_mb"] == 14.0 and m["z_steps"] == 20
+    assert m["efficacy"] == pytest.approx(0.8) and m["score"] == pytest.approx(23 / 30)
+    assert m["sd"]["efficacy"] == pytest.approx(0.1)  # sample sd of 0.9, 0.7, 0.8
+    assert m["sd"]["score"] == pytest.approx(((0.8 - 23 / 30) ** 2 + (0.6 - 23 / 30) ** 2 + (0.9 - 23 / 30) ** 2)
+                                             ** 0.5 / 2 ** 0.5)
+    assert m["sd"]["paraphrase"] == 0.0 and m["per_seed"] == runs
+
+
+@pytest.mark.slow
+def test_bench_compare_on_a_world_runs_each_seed_on_its_own_sample():
+    """Seed 1's (c) run is the pack of seed 1's sample and templates, scored as one would by hand."""
+    import random
+
+    from memit_adapter import EditRequest, MemitConfig, compute_edits
+    from memit_adapter.bench import published_settings, run_comparison
+    from memit_adapter.demo.checkpoints import load_world_model, world_model_path
+    from memit_adapter.evaluation import evaluate_counterfact
+    from memit_adapter.stats import collect_stats
+
+    report = run_comparison("world-gpt2-bpe", n_requests=3, seeds=[0, 1], progress=False)
+    c = report["runs"]["c_for_model"]
+    model, tok, everything = load_world_model("world-gpt2-bpe")
+    records = random.Random(1).sample(everything, 3)
+    assert records != random.Random(0).sample(everything, 3)
+    base = published_settings(model)
+    stats = collect_stats(model, tok, str(world_model_path("world-gpt2-bpe") / "corpus.txt"), base.layers,
+                          max_tokens=base.mom2_max_tokens, batch_size=base.stats_batch_size, progress=False)
+    pack = compute_edits(model, tok, [EditRequest.from_dict(r) for r in records],
+                         MemitConfig.for_model(model, seed=1), stats=stats, progress=False)
+    with pack.applied(model):
+        r = evaluate_counterfact(model, tok, records, generation=False, retention_records=everything)
+    seed1 = c["per_seed"][1]
+    for key, value in (("efficacy", r.efficacy_score), ("paraphrase", r.paraphrase_score),
+                       ("neighborhood", r.neighborhood_score), ("retention", r.retention)):
+        assert seed1[key] == pytest.approx(value, abs=1e-6)
+        assert c[key] == pytest.approx((c["per_seed"][0][key] + seed1[key]) / 2)
+    assert set(c["sd"]) == {"efficacy", "paraphrase", "neighborhood", "score", "retention"}
+
+
 @pytest.mark.parametrize("argv,message", [
     (["--frontier", "5"], "go with --compare"),
     (["--compare", "random", "--frontier", "0"], "must be positive"),
@@ -85,6 +153,9 @@ def test_bench_compare_runs_both_methods_at_each_frontier_step_count(tmp_path, c
     (["--compare", "random", "--frontier", "10x"], "STEPS or STEPSxF"),
     (["--compare", "random", "--frontier", "2.5"], "STEPS or STEPSxF"),
     (["--compare", "random", "--plot", "f.png"], "needs a world"),
+    (["--seeds", "1"], "go with --compare"),
+    (["--compare", "random", "--seeds", "1", "1"], "distinct"),
+    (["--compare", "random", "--seeds", "0", "-2"], "non-negative"),
     (["--compare", "world-gpt2-bpe", "--plot", "no/such/folder/f.png"], "cannot write"),
 ])
 def test_bench_frontier_and_plot_refuse_what_they_cannot_do(argv, message, capsys, monkeypatch, tmp_path):
@@ -123,6 +194,13 @@ def test_fastest_run_at_a_score_and_the_frontier_plot(tmp_path):
     assert list(kept[0].get_ydata()) == pytest.approx([99.0, 98.0])
     with pytest.raises(ValueError, match="no Scores"):
         plot_frontier({**report, "runs": {"a_published_way": {"total_s": 1.0}}})
+    assert not score_ax.containers  # one seed: no error bars
+    sd = {"score": 0.02, "retention": 0.01}
+    fig = plot_frontier({**report, "seeds": [0, 1], "runs": {**runs, "c@10": {**runs["c@10"], "sd": sd}}})
+    (bar,) = fig.axes[0].containers  # c@10's Score: 62 ± 2
+    segment = bar.lines[2][0].get_segments()[0]
+    assert [tuple(p) for p in segment] == [pytest.approx((9.0, 60.0)), pytest.approx((9.0, 64.0))]
+    assert "seeds [0, 1]" in fig._suptitle.get_text()
 
 
 @pytest.mark.parametrize("shape", ["tiny-gpt2", "tiny-llama"])
