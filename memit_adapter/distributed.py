@@ -191,7 +191,9 @@ def process_group(device: str | None = None) -> Iterator[bool]:
     and leave it on exit; yields whether the work is distributed. For a CUDA ``device`` the group uses NCCL for
     CUDA tensors and gloo for host tensors (this rank's GPU, ``cuda:LOCAL_RANK``, made the current one); else
     gloo. A group already initialised (by the caller) is used as it is, and left to the caller; with NCCL, set
-    this rank's GPU first (``torch.cuda.set_device``): the collectives here run on the current CUDA device."""
+    this rank's GPU first (``torch.cuda.set_device``): the collectives here run on the current CUDA device. Such
+    a caller should ``import torch._dynamo`` before ``init_process_group``: imported later (loading a model with
+    transformers does), it keeps the group alive past ``destroy_process_group``, and the process may abort on exit."""
     start = (dist.is_available() and not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1)
     if start:
         # torch._dynamo imported while a group exists (transformers' from_pretrained imports it) keeps a reference
