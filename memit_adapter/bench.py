@@ -383,13 +383,12 @@ def run_comparison(model_name: str = "world-gpt2-bpe", *, n_requests: int = 100,
             if records is not None:
                 with pack.applied(model):
                     r = evaluate_counterfact(model, tok, records, generation=False, retention_records=everything)
-                run.update(efficacy=r.efficacy_score, paraphrase=r.paraphrase_score,
-                           neighborhood=r.neighborhood_score, score=r.score, retention=r.retention)
+                run.update({key: getattr(r, name) for key, name in _RUN_METRICS.items()})
             per_seed.append(run)
         out["runs"][name] = mean_run(per_seed)
     from .targets import context_templates
 
-    z_templates = context_templates(model, tok, base)
+    z_templates = context_templates(model, tok, base.replace(seed=seeds[0]))  # those of (b)'s first-seed run
     out["z_step_tokens"], out["z_step_tokens_full_rows"] = tokens_per_step(tok, requests[:32], z_templates)
     # (a): statistics one full forward per edited layer, z one request at a time with full forwards
     _, stats_a = _timed(lambda: [_accumulate(model, tok, texts if isinstance(texts, list) else
@@ -407,7 +406,8 @@ def run_comparison(model_name: str = "world-gpt2-bpe", *, n_requests: int = 100,
     return out
 
 
-METRICS = ("efficacy", "paraphrase", "neighborhood", "score", "retention")
+_RUN_METRICS = {"efficacy": "efficacy_score", "paraphrase": "paraphrase_score", "neighborhood": "neighborhood_score",
+                "score": "score", "retention": "retention"}  # a run's key: the CounterFactResult attribute
 
 
 def comparison_seeds(seeds: Sequence[int]) -> list[int]:
@@ -427,11 +427,13 @@ def mean_run(per_seed: Sequence[dict[str, Any]]) -> dict[str, Any]:
     if len(per_seed) == 1:
         return per_seed[0]
     first = per_seed[0]
-    mean = lambda key: statistics.fmean(r[key] for r in per_seed)  # noqa: E731
+    def mean(key: str) -> float:
+        return statistics.fmean(r[key] for r in per_seed)
+
     run = {**first, "total_s": round(mean("total_s"), 2), "peak_mb": max(r["peak_mb"] for r in per_seed),
            "seconds": {k: round(statistics.fmean(r["seconds"][k] for r in per_seed), 2) for k in first["seconds"]},
            "per_seed": list(per_seed)}
-    metrics = [k for k in METRICS if k in first]
+    metrics = [k for k in _RUN_METRICS if k in first]
     run.update({k: mean(k) for k in metrics})
     if metrics:
         run["sd"] = {k: statistics.stdev(r[k] for r in per_seed) for k in metrics}
@@ -479,9 +481,18 @@ def texts_of(path: str, cfg: MemitConfig) -> list[str]:
     return load_corpus(path, cfg.mom2_n_samples, cfg.seed)[0]
 
 
+def seeds_note(report: dict[str, Any]) -> str:
+    """``", mean over seeds [...]"`` for a comparison run on several seeds (with ``± sd`` where it has metrics);
+    ``""`` for one."""
+    seeds = report.get("seeds", [0])
+    if len(seeds) < 2:
+        return ""
+    sd = any("sd" in run for run in report["runs"].values())
+    return f", mean{' ± sd' if sd else ''} over seeds {seeds}"
+
+
 def format_comparison(r: dict[str, Any]) -> str:
-    seeds = r.get("seeds", [0])
-    over = f", the mean (± sd) over seeds {seeds}" if len(seeds) > 1 else ""
+    over = seeds_note(r)
     lines = [f"memit-adapter bench --compare: {r['model']}, {r['n_requests']} requests, {r['threads']} threads{over}",
              "| run | total s | statistics | z | update | ES | PS | NS | Score | retention |",
              "|---|---|---|---|---|---|---|---|---|---|"]
@@ -491,7 +502,7 @@ def format_comparison(r: dict[str, Any]) -> str:
         run = r["runs"][name]
         sec = run["seconds"]
         m = [("-" if k not in run else f"{run[k]:.3f}±{run['sd'][k]:.3f}" if "sd" in run else f"{run[k]:.3f}")
-             for k in METRICS]
+             for k in _RUN_METRICS]
         lines.append(f"| {name} | {run['total_s']:.1f} | {sec['statistics']:.1f} | {sec['targets']:.1f} | "
                      f"{sec['update']:.1f} | " + " | ".join(m) + " |")
     lines.append(f"(b) is {r['b_speedup_over_a']:.1f}x faster than (a); a z step runs {r['z_step_tokens']} token "
@@ -551,7 +562,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--frontier", nargs="+", default=[], metavar="STEPS[xF]",
                         help="with --compare: also run (b) and (c) at these numbers of z steps (10x3: 10 steps at "
                         "3x each method's learning rate), to compare them at equal time or Score")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0], metavar="SEED",
+    parser.add_argument("--seeds", type=int, nargs="+", default=None, metavar="SEED",
                         help="with --compare: repeat each (b) and (c) run on the requests and context templates of "
                         "each seed, and report the mean and standard deviation (default: 0)")
     parser.add_argument("--plot", default=None, metavar="PNG", help="with --compare on a world: Score and retention "
@@ -561,10 +572,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run_cli(args: argparse.Namespace) -> int:
     if args.json and (not Path(args.json).resolve().parent.is_dir() or Path(args.json).is_dir()):
         raise SystemExit(f"memit-adapter bench: cannot write {args.json} (no such folder, or it is a folder)")
-    if (args.frontier or args.plot or args.seeds != [0]) and not args.compare:
+    if (args.frontier or args.plot or args.seeds is not None) and not args.compare:
         raise SystemExit("memit-adapter bench: --frontier, --seeds and --plot go with --compare")
     for option, check, value in (("--frontier", frontier_points, args.frontier),
-                                 ("--seeds", comparison_seeds, args.seeds)):
+                                 ("--seeds", comparison_seeds, args.seeds or [0])):
         try:
             check(value)
         except ValueError as e:
@@ -585,7 +596,7 @@ def run_cli(args: argparse.Namespace) -> int:
         text = format_scale(report)
     elif args.compare:
         report = run_comparison(args.compare, n_requests=args.n_requests, size=args.size,
-                                frontier=args.frontier, seeds=args.seeds, progress=not args.quiet)
+                                frontier=args.frontier, seeds=args.seeds or [0], progress=not args.quiet)
         text = format_comparison(report)
         if args.plot:
             from .plots import plot_frontier

@@ -49,6 +49,7 @@ process (see :func:`~memit_adapter.engine.compute_edits`), the z chunks of this 
 
 from __future__ import annotations
 
+import importlib
 import os
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -200,7 +201,7 @@ def process_group(device: str | None = None) -> Iterator[bool]:
         # to the group, so destroy_process_group cannot free it: its gloo threads then outlive the interpreter,
         # and one releasing a finished collective during shutdown aborts the process (SIGABRT, exit code -6)
         # after the work is done. Imported first, it holds none.
-        import torch._dynamo  # noqa: F401
+        importlib.import_module("torch._dynamo")  # (an import statement would make torch a local name here)
         cuda = device is not None and device.startswith("cuda") and torch.cuda.is_available()
         if cuda:
             torch.cuda.set_device(torch.device(rank_device(device)))

@@ -171,9 +171,10 @@ def plot_frontier(report: dict, path: str | Path | None = None) -> Figure:
         ax.set_ylabel(f"{what}, %")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8, frameon=False, title="z steps (xF: F x lr); ringed: default", title_fontsize=7)
-    seeds = report.get("seeds", [0])
-    over = f", mean ± sd over seeds {seeds}" if len(seeds) > 1 else ""
-    fig.suptitle(f"{report['model']}, {report['n_requests']} edits, {report['threads']} threads{over}", fontsize=9)
+    from .bench import seeds_note
+
+    fig.suptitle(f"{report['model']}, {report['n_requests']} edits, {report['threads']} threads{seeds_note(report)}",
+                 fontsize=9)
     if path is not None:
         fig.savefig(path)
     return fig

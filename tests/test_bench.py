@@ -77,10 +77,27 @@ def test_bench_compare_runs_both_methods_at_each_frontier_step_count(tmp_path, c
                         "| c@2x2.5", "| c@3", "| c@20", "| c_for_model"]
 
 
-def test_bench_compare_repeats_each_run_per_seed_and_reports_their_means(tmp_path, capsys):
+def test_bench_compare_repeats_each_run_per_seed_and_reports_their_means(tmp_path, capsys, monkeypatch):
+    import random
+
+    from memit_adapter import engine
+    from memit_adapter.bench import SIZES, _random_requests
+
+    calls = []
+    compute_edits = engine.compute_edits
+
+    def recorded(model, tok, requests, cfg, **kwargs):
+        calls.append((list(requests), cfg.seed, cfg.v_num_grad_steps))
+        return compute_edits(model, tok, requests, cfg, **kwargs)
+
+    monkeypatch.setattr(engine, "compute_edits", recorded)
     out = tmp_path / "cmp.json"
     assert main(["bench", "--compare", "random", "--size", "tiny", "--n-requests", "3", "--quiet",
                  "--seeds", "0", "5", "--json", str(out)]) == 0
+    vocab = SIZES["tiny"]["vocab_size"]
+    sample = {s: _random_requests(random.Random(s), 3, vocab) for s in (0, 5)}  # seed 0: the requests of old
+    assert sample[0] != sample[5]
+    assert calls == [(sample[0], 0, 20), (sample[5], 5, 20), (sample[0], 0, 60), (sample[5], 5, 60)]  # (b), (c)
     report = json.loads(out.read_text())
     assert report["seeds"] == [0, 5]
     for name in ("b_published_engine", "c_for_model"):
@@ -154,11 +171,12 @@ def test_bench_compare_on_a_world_runs_each_seed_on_its_own_sample():
     (["--compare", "random", "--frontier", "2.5"], "STEPS or STEPSxF"),
     (["--compare", "random", "--plot", "f.png"], "needs a world"),
     (["--seeds", "1"], "go with --compare"),
+    (["--seeds", "0"], "go with --compare"),
     (["--compare", "random", "--seeds", "1", "1"], "distinct"),
     (["--compare", "random", "--seeds", "0", "-2"], "non-negative"),
     (["--compare", "world-gpt2-bpe", "--plot", "no/such/folder/f.png"], "cannot write"),
 ])
-def test_bench_frontier_and_plot_refuse_what_they_cannot_do(argv, message, capsys, monkeypatch, tmp_path):
+def test_bench_compare_options_refuse_what_they_cannot_do(argv, message, capsys, monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit) as e:
         main(["bench", "--quiet", *argv])
@@ -192,9 +210,9 @@ def test_fastest_run_at_a_score_and_the_frontier_plot(tmp_path):
     assert [t.get_text() for t in score_ax.texts if t.get_text().startswith("5")] == ["5", "5x3"]
     kept = [line for line in retention_ax.get_lines() if len(line.get_xdata()) > 1]
     assert list(kept[0].get_ydata()) == pytest.approx([99.0, 98.0])
+    assert not score_ax.containers  # one seed: no error bars
     with pytest.raises(ValueError, match="no Scores"):
         plot_frontier({**report, "runs": {"a_published_way": {"total_s": 1.0}}})
-    assert not score_ax.containers  # one seed: no error bars
     sd = {"score": 0.02, "retention": 0.01}
     fig = plot_frontier({**report, "seeds": [0, 1], "runs": {**runs, "c@10": {**runs["c@10"], "sd": sd}}})
     (bar,) = fig.axes[0].containers  # c@10's Score: 62 ± 2

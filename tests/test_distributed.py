@@ -2,7 +2,8 @@
 target vectors, the pack, and the ``edit`` command's saved pack, written by rank 0 alone.
 
 Run as a script (``torchrun ... tests/test_distributed.py OUT``) this file is the worker: it computes under the
-process group and saves each rank's results to ``OUT/rank{r}.pt``; the tests compare them with one process.
+process group and saves each rank's results to ``OUT/rank{r}.pt``; the tests compare them with one process. After
+leaving the group it saves the names of its gloo threads still running to ``OUT/threads{r}.pt``.
 """
 
 from __future__ import annotations
