@@ -334,8 +334,6 @@ def run_comparison(model_name: str = "world-gpt2-bpe", *, n_requests: int = 100,
     seed's own run (``run["per_seed"]``): on 100 edits of a small world, one seed's PS moves by several points
     with the templates and requests alone. (a) is timed on the first seed's requests.
     """
-    from .engine import compute_edits
-    from .evaluation import evaluate_counterfact
     from .stats import collect_stats
 
     points = frontier_points(frontier)  # bad points fail before anything is loaded
@@ -371,21 +369,9 @@ def run_comparison(model_name: str = "world-gpt2-bpe", *, n_requests: int = 100,
         configs.update({f"{family}@{_point_name(k, f)}": default.replace(v_num_grad_steps=k, v_lr=default.v_lr * f)
                         for k, f in points if (k, f) != (default.v_num_grad_steps, 1.0)})  # the default is that point
     for name, cfg in configs.items():
-        per_seed = []
-        for seed, (requests_s, records) in samples.items():
-            cfg_s = cfg.replace(seed=seed)
-            pack, total = _timed(lambda c=cfg_s, q=requests_s: compute_edits(model, tok, q, c, stats=stats,
-                                                                             progress=progress))
-            phases = {k: round(v, 2) for k, v in pack.report["seconds"].items()}
-            run = {"seconds": {**phases, "statistics": round(secs, 2)},
-                   "total_s": round(secs + total, 2), "layers": cfg.layers, "lambda": cfg.mom2_update_weight,
-                   "z_steps": cfg.v_num_grad_steps, "v_lr": cfg.v_lr, "peak_mb": round(_peak_mb())}
-            if records is not None:
-                with pack.applied(model):
-                    r = evaluate_counterfact(model, tok, records, generation=False, retention_records=everything)
-                run.update({key: getattr(r, name) for key, name in _RUN_METRICS.items()})
-            per_seed.append(run)
-        out["runs"][name] = mean_run(per_seed)
+        out["runs"][name] = mean_run([_run_once(model, tok, requests_s, records, everything, cfg.replace(seed=seed),
+                                                stats, secs, progress)
+                                      for seed, (requests_s, records) in samples.items()])
     from .targets import context_templates
 
     z_templates = context_templates(model, tok, base.replace(seed=seeds[0]))  # those of (b)'s first-seed run
@@ -404,6 +390,25 @@ def run_comparison(model_name: str = "world-gpt2-bpe", *, n_requests: int = 100,
     if everything is not None:
         out["c_at_b_score"] = _fastest_at_least(out["runs"], "c", b["score"])
     return out
+
+
+def _run_once(model, tok, requests, records, everything, cfg: MemitConfig, stats, stats_s: float,
+              progress: bool) -> dict[str, Any]:
+    """One (b) or (c) run of :func:`run_comparison`: its seconds per phase, settings and peak memory, and with
+    ``records`` (a world's) their metrics and the retention of ``everything``."""
+    from .engine import compute_edits
+    from .evaluation import evaluate_counterfact
+
+    pack, total = _timed(lambda: compute_edits(model, tok, requests, cfg, stats=stats, progress=progress))
+    phases = {k: round(v, 2) for k, v in pack.report["seconds"].items()}
+    run = {"seconds": {**phases, "statistics": round(stats_s, 2)},
+           "total_s": round(stats_s + total, 2), "layers": cfg.layers, "lambda": cfg.mom2_update_weight,
+           "z_steps": cfg.v_num_grad_steps, "v_lr": cfg.v_lr, "peak_mb": round(_peak_mb())}
+    if records is not None:
+        with pack.applied(model):
+            r = evaluate_counterfact(model, tok, records, generation=False, retention_records=everything)
+        run.update({key: getattr(r, name) for key, name in _RUN_METRICS.items()})
+    return run
 
 
 _RUN_METRICS = {"efficacy": "efficacy_score", "paraphrase": "paraphrase_score", "neighborhood": "neighborhood_score",
@@ -427,6 +432,7 @@ def mean_run(per_seed: Sequence[dict[str, Any]]) -> dict[str, Any]:
     if len(per_seed) == 1:
         return per_seed[0]
     first = per_seed[0]
+
     def mean(key: str) -> float:
         return statistics.fmean(r[key] for r in per_seed)
 

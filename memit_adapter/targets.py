@@ -486,28 +486,32 @@ def _forward_step(model, spec: ArchSpec, layer: int, parts: Sequence[_Part], row
 def _losses(head: _Head, batch: _Batch, final, kl_init, delta, h_norm, config: MemitConfig):
     """Per-request loss ``(n,)`` in float32: NLL of the targets + the weighted KL rows + weight decay; the NLL; with
     ``config.v_stop_when_top`` how many of the request's target tokens (over its rewrite prompts) are not the most
-    probable token (else None); and the part of the loss that is the kept prompts' weighted KL.
+    probable token (else None); and with ``config.preserve_every`` > 1 the part of the loss that is the kept prompts'
+    weighted KL (else None).
 
     ``final``: the final states of the rows' suffixes (column = position - lookup); ``kl_init``: the unedited
     log-probabilities of ``batch``'s KL rows, in order."""
+    def per_request(values: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:  # each row's value, summed by request
+        return torch.zeros(batch.n_requests, device=final.device).index_add(0, batch.row_request[rows], values)
+
     at_targets = final[batch.target_rows, batch.target_pos - batch.lookup[batch.target_rows]]
     logp = torch.log_softmax(head(at_targets), dim=-1)
     tok_nll = -logp.gather(1, batch.target_ids[:, None])[:, 0] * batch.target_weight
-    req_of_tok = batch.row_request[batch.target_rows]
-    nll = torch.zeros(batch.n_requests, device=final.device).index_add(0, req_of_tok, tok_nll)
+    nll = per_request(tok_nll, batch.target_rows)
     misses = None
     if config.v_stop_when_top:  # target tokens not (yet) the top answer; only MPES reads it
-        missed = (logp.detach().argmax(-1) != batch.target_ids).float()
-        misses = torch.zeros(batch.n_requests, device=final.device).index_add(0, req_of_tok, missed)
+        misses = per_request((logp.detach().argmax(-1) != batch.target_ids).float(), batch.target_rows)
     kl_rows = torch.arange(batch.n_rewrite_rows, final.shape[0], device=final.device)
     at_kl = final[kl_rows, batch.kl_pos[kl_rows] - batch.lookup[kl_rows]]
     kl_logp = torch.log_softmax(head(at_kl), dim=-1)
     kl = F.kl_div(kl_init, kl_logp, log_target=True, reduction="none").sum(-1)  # KL(now || before)
     kl = kl * batch.kl_weight[kl_rows]
-    kept = batch.first_kept_row - batch.n_rewrite_rows  # the kept prompts' first among the KL rows
-    per_req = lambda x, rows: torch.zeros_like(nll).index_add(0, batch.row_request[rows], x)  # noqa: E731
+    kept_kl = None
+    if config.preserve_every > 1:
+        kept = batch.first_kept_row - batch.n_rewrite_rows  # the kept prompts' first among the KL rows
+        kept_kl = per_request(kl[kept:], kl_rows[kept:])
     decay = config.v_weight_decay * delta.norm(dim=-1) / h_norm**2
-    return nll + per_req(kl, kl_rows) + decay, nll, misses, per_req(kl[kept:], kl_rows[kept:])
+    return nll + per_request(kl, kl_rows) + decay, nll, misses, kept_kl
 
 
 def delta_groups(requests: Sequence[EditRequest], config: MemitConfig) -> list[int]:
