@@ -140,7 +140,8 @@ def compute_edits(
         with _active(model, below):
             solved, zs, z_loss = _targets(model, spec, tokenizer, requests, templates, config, chain, held, progress)
             seconds["targets"], clock = time.perf_counter() - clock, time.perf_counter()
-            prior = _key_rows(tokenizer, [r for p in below for r in p.requests], templates) if below else None
+            prior = (_key_rows(tokenizer, [r for p in below for r in p.requests], templates, config.subject_keys)
+                     if below else None)
             deltas = _spread_over_layers(model, spec, tokenizer, solved, templates, config, zs, stats, progress,
                                          keep_factors=keep_factors, prior=prior)
         broadcast_(t for layer in config.layers for t in (deltas[layer].B, deltas[layer].A))  # identical packs
@@ -246,7 +247,7 @@ def _spread_over_layers(model, spec, tokenizer, requests, templates, config, zs,
     ``P(KKᵀ + K₀K₀ᵀ) + αI`` rather than C (the keep-factors rule is unaffected by them: C stays the corpus's).
     The pack keeps the low-rank form ``B = R`` ``(d_out, n)``, ``A`` ``(n, d_in)``.
     """
-    rows = _key_rows(tokenizer, requests, templates)
+    rows = _key_rows(tokenizer, requests, templates, config.subject_keys)
     projected = config.nullspace_threshold > 0  # AlphaEdit's null-space solve instead of MEMIT's λC one
     lam = config.update_weight(len(requests) + (len(prior.bare) if prior is not None else 0))  # all keys solved for
     sizer = ChunkSizer(config.v_batch_size, input_device(model))
@@ -301,24 +302,29 @@ def _frobenius(B: torch.Tensor, A: torch.Tensor) -> float:
 @dataclass
 class _KeyRows:
     """Each request's prompts as token ids cut after the subject's last token (where keys and ``cur`` are read;
-    no later token can reach it in a causal model): the bare one and one per prefixed context template."""
+    no later token can reach it in a causal model): the bare one and the others whose keys are averaged (one per
+    prefixed context template; with ``subject_keys`` also the subject alone after each of them and bare)."""
 
     bare: list[list[int]]  # n rows
-    templated: list[list[list[int]]]  # n x (len(templates) - 1) rows
+    templated: list[list[list[int]]]  # n x (len(templates) - 1) rows, or n x (2 * len(templates) - 1)
 
 
-def _key_rows(tokenizer, requests: list[EditRequest], templates: list[str]) -> _KeyRows:
-    def cut(template: str, req: EditRequest) -> list[int]:
-        fact = encode_fact(tokenizer, template.replace("{}", req.prompt), req.subject)
+def _key_rows(tokenizer, requests: list[EditRequest], templates: list[str], subject_keys: bool = False) -> _KeyRows:
+    """The rows a key is read from (see ``MemitConfig.subject_keys``)."""
+    def cut(template: str, req: EditRequest, prompt: str) -> list[int]:
+        fact = encode_fact(tokenizer, template.replace("{}", prompt), req.subject)
         return fact.ids[: fact.lookup + 1]
 
-    return _KeyRows([cut(templates[0], r) for r in requests], [[cut(t, r) for t in templates[1:]] for r in requests])
+    alone = templates[1:] + templates[:1] if subject_keys else []  # the subject with nothing of the prompt
+    return _KeyRows([cut(templates[0], r, r.prompt) for r in requests],
+                    [[cut(t, r, r.prompt) for t in templates[1:]] + [cut(t, r, "{}") for t in alone]
+                     for r in requests])
 
 
 @torch.no_grad()
 def _keys_and_outputs(model, spec, rows: _KeyRows, pad: int, layer: int, last: int, sizer: ChunkSizer
                       ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Keys at ``layer`` (mean over prefixed templates, then mean with the bare one) ``(n, d_in)`` and block
+    """Keys at ``layer`` (mean over the templated rows, then mean with the bare one) ``(n, d_in)`` and block
     ``last``'s output at the bare prompt ``(n, d_model)``, both float32, in chunks of requests of ``sizer``; each on
     the device its module runs on.
 

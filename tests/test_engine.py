@@ -192,7 +192,8 @@ def test_base_model_is_recorded_only_as_a_hub_id(tmp_path):
 
 def _reference_spread(model, tok, reqs, templates, cfg, zs, stats):
     """MEMIT's spreading as published: per layer, one full forward per prompt (targets included) on a copy of the
-    model whose weights the earlier layers' updates were added to; the dense solve."""
+    model whose weights the earlier layers' updates were added to; the dense solve. With ``cfg.subject_keys`` the
+    subject alone, after each context and bare, joins the prefixed prompts' mean."""
     from memit_adapter.hooks import capture_inputs, capture_outputs
     from memit_adapter.solve import layer_update
     from memit_adapter.tokens import encode_fact
@@ -203,8 +204,10 @@ def _reference_spread(model, tok, reqs, templates, cfg, zs, stats):
         keys, cur = [], []
         for r in reqs:
             k = []
-            for j, t in enumerate(templates):
-                fact = encode_fact(tok, t.replace("{}", r.prompt), r.subject, r.target_new)
+            texts = [t.replace("{}", r.prompt) for t in templates]
+            texts += [t for t in templates[1:] + templates[:1] if cfg.subject_keys]  # each filled with the subject
+            for j, text in enumerate(texts):
+                fact = encode_fact(tok, text, r.subject, r.target_new if j < len(templates) else "")
                 with torch.no_grad(), capture_inputs(spec.mlp_out_module(ref, layer)) as k_in, \
                         capture_outputs(spec.blocks(ref)[last]) as outs:
                     ref.base_model(input_ids=torch.tensor([fact.ids]))
@@ -245,6 +248,35 @@ def test_spreading_equals_full_forwards_on_edited_weights(arch, chunk):
         got = deltas[layer].weight_delta()
         w = want[spec.mlp_out_name(layer)]
         assert (got - w).abs().max() <= 1e-5 * w.abs().max(), layer
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_subject_keys_add_the_subject_alone_to_each_key(arch):
+    """With ``subject_keys`` each key also reads the subject alone (after each context, and bare): the rows say so
+    in words, the spread equals full forwards of those texts, and the update differs from the published keys'."""
+    model, tok = model_and_tokenizer(arch)
+    reqs = varied_requests()
+    cfg = config(layers=[1, 2], context_templates=VARIED_TEMPLATES, v_batch_size=2, subject_keys=True)
+    rows = engine_mod._key_rows(tok, reqs, VARIED_TEMPLATES, subject_keys=True)
+    texts = ["the man said . the mother tongue of danielle darrieux",
+             "he said that the capital of italy is rome and that . the mother tongue of danielle darrieux",
+             "the man said . danielle darrieux",
+             "he said that the capital of italy is rome and that . danielle darrieux", "danielle darrieux"]
+    words = [tok.decode(row, skip_special_tokens=True).strip() for row in rows.templated[1]]
+    assert words == [tok.decode(tok(text)["input_ids"], skip_special_tokens=True).strip() for text in texts]
+    assert words[-1] == "danielle darrieux"
+    assert len(engine_mod._key_rows(tok, reqs, VARIED_TEMPLATES).templated[1]) == 2
+    stats = collect_stats(model, tok, corpus(), cfg.layers, n_samples=cfg.mom2_n_samples, progress=False)
+    zs = torch.randn(len(reqs), model.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    spec = get_arch_spec(model)
+    got = {cfg_.subject_keys: engine_mod._spread_over_layers(model, spec, tok, reqs, VARIED_TEMPLATES, cfg_, zs, stats,
+                                                              False, keep_factors=False)
+           for cfg_ in (cfg, cfg.replace(subject_keys=False))}
+    want = _reference_spread(model, tok, reqs, VARIED_TEMPLATES, cfg, zs, stats)
+    for layer in cfg.layers:
+        w = want[spec.mlp_out_name(layer)]
+        assert (got[True][layer].weight_delta() - w).abs().max() <= 1e-5 * w.abs().max(), layer
+        assert (got[False][layer].weight_delta() - w).abs().max() > 1e-2 * w.abs().max(), layer
 
 
 def test_key_passes_stop_where_they_have_what_they_measure():
