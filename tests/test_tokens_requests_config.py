@@ -110,6 +110,7 @@ def test_for_model_presets_and_scaled_defaults():
     assert xl.update_weight(10_000) == 20000  # published presets keep their fixed λ
     assert (small.v_num_grad_steps, small.v_loss_threshold, small.preserve_factor) == (60, 0.001, 0.5)
     assert xl.preserve_factor == gptj.preserve_factor == llama.preserve_factor == 0.0  # published method
+    assert small.subject_keys and not (xl.subject_keys or gptj.subject_keys or llama.subject_keys)
     twelve = MemitConfig.for_model(_Shell(GPT2Config(n_layer=12, n_embd=768)))
     assert twelve.layers == [1, 2, 3, 4] and twelve.mom2_update_weight == pytest.approx(307.2)
     assert not xl.v_lr_relative and xl.v_lr == 0.5 and xl.clamp_norm_factor == 0.75
