@@ -157,8 +157,9 @@ class MemitConfig:
             the prompt before it (not part of the published method). The published key sees the subject only
             where the request's prompt puts it ("the home of X"), and on a small model the words before the subject
             move the key, so a paraphrase that puts it elsewhere ("X resides in") reads a key the edit barely
-            reaches. It costs one more key pass per layer over rows that end at the subject (about 4% of a
-            1,000-edit batch). Measured with for_model's other settings, ES / PS / NS / Score / retention, 100
+            reaches. It doubles the rows of each layer's key pass, less one (about 4% more time on a 1,000-edit
+            batch, and twice that pass's memory; packs kept under the new one, ``on_top_of``, are read the same
+            way). Measured with for_model's other settings, ES / PS / NS / Score / retention, 100
             edits as the mean over the samples of seeds 0, 1, 2, 1,000 edits on seed 0's:
 
             ===============  ======  =================================  =================================
@@ -177,8 +178,8 @@ class MemitConfig:
             :meth:`for_model`'s scaled defaults turn it on; the published presets keep the published key.
             Where it helps, on world-gpt2-bpe (100 edits, seeds 0 and 1): paraphrases that put the subject first
             when the request's prompt does not succeed 91.9% of the time against 83.2% with the published key;
-            those that put it later when the request's prompt has it first stay at 82.7% against 82.2% (the
-            subject alone adds nothing to such a request's rows).
+            those that put it later when the request's prompt has it first stay at 82.7% against 82.2% (for such a
+            request the new rows repeat its own).
         repair_rounds: after the batch, the requests whose new target is not yet more probable than the true one
             after their own prompt are edited again, on top, up to this many rounds (not part of the published
             method; 0 = off; :mod:`memit_adapter.repair`). A target vector that works at the lookup can fail once

@@ -329,10 +329,10 @@ def _keys_and_outputs(model, spec, rows: _KeyRows, pad: int, layer: int, last: i
     the device its module runs on.
 
     Memory on the model's device: the results, ``n·(d_in + d_model)·4`` bytes, plus one forward of a chunk's
-    ``c·t`` rows of at most ``w`` tokens (``t`` templates) without gradients: about ``c·t·w·(4·d_model + 3·d_ff)``
-    elements of the model's dtype at the widest block (``+ c·t·heads·w²`` with eager attention), and ``c·t``
-    keys in float32. 10,000 requests of 6 templates on a 7B model (d_ff 11,008), chunks of 32, w = 24: 0.6 GB
-    of results, about 0.5 GB a forward.
+    ``c·t`` rows of at most ``w`` tokens (``t`` templates; ``2t - 1`` with ``subject_keys``) without gradients:
+    about ``c·t·w·(4·d_model + 3·d_ff)`` elements of the model's dtype at the widest block (``+ c·t·heads·w²`` with
+    eager attention), and ``c·t`` keys in float32. 10,000 requests of 6 templates on a 7B model (d_ff 11,008),
+    chunks of 32, w = 24: 0.6 GB of results, about 0.5 GB a forward (about twice that with ``subject_keys``).
     """
     device = input_device(model)
     n, t = len(rows.bare), 1 + len(rows.templated[0])

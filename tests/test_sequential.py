@@ -59,6 +59,29 @@ def test_on_top_of_keeps_earlier_keys_in_the_solve(setup):
     assert float((got - expected).norm()) < 0.1 * float((plain - expected).norm())  # not the independent solve
 
 
+def test_on_top_of_reads_the_earlier_keys_as_it_reads_the_new_ones(setup):
+    """With ``subject_keys`` the earlier packs' keys kept in C are read the same way as the new ones: the mean of the
+    bare prompt's key and the subject alone's (one template, "{}")."""
+    model, tok, cfg, stats, first = setup
+    cfg = cfg.replace(subject_keys=True)
+    second = compute_edits(model, tok, SECOND, cfg, stats=stats, on_top_of=[first], progress=False)
+    merged = copy.deepcopy(model)
+    first.merge(merged)
+    alone = [EditRequest("{}", r.subject, r.target_new) for r in FIRST]
+    k0 = 0.5 * (_keys(merged, tok, FIRST, 2) + _keys(merged, tok, alone, 2))
+    kept = {2: SecondMoment(mom2=(stats[2].mom2.double() + k0.T @ k0 / cfg.mom2_update_weight).float(),
+                            count=stats[2].count)}
+    want = compute_edits(merged, tok, SECOND, cfg, stats=kept, progress=False)
+    name = next(iter(second.deltas))
+    got, expected = second.deltas[name].weight_delta(), want.deltas[name].weight_delta()
+    torch.testing.assert_close(got, expected, rtol=2e-3, atol=2e-3 * float(expected.abs().max()))
+    bare = _keys(merged, tok, FIRST, 2)  # the published key alone: another C, another update
+    other = {2: SecondMoment(mom2=(stats[2].mom2.double() + bare.T @ bare / cfg.mom2_update_weight).float(),
+                             count=stats[2].count)}
+    differs = compute_edits(merged, tok, SECOND, cfg, stats=other, progress=False).deltas[name].weight_delta()
+    assert float((got - expected).norm()) < 0.1 * float((differs - expected).norm())
+
+
 def test_a_pack_on_top_disturbs_the_earlier_keys_less_than_an_independent_one(setup):
     model, tok, cfg, stats, first = setup
     k0 = _keys(model, tok, FIRST, 2).float()

@@ -79,7 +79,8 @@ def test_config_json_round_trip_and_validation():
                 dict(preserve_max_relations=0), dict(preserve_every=0), dict(preserve_every=1.5),
                 dict(preserve_max_relations=2.0), dict(v_lr_decay_to=0.0),
                 dict(v_lr_decay_to=1.5), dict(v_lr_decay_to=float("nan")), dict(v_lr_decay_to="0.5"),
-                dict(v_target_nll_threshold="0.1"), dict(repair_rounds=-1), dict(repair_rounds=True)]:
+                dict(v_target_nll_threshold="0.1"), dict(repair_rounds=-1), dict(repair_rounds=True),
+                dict(subject_keys=1)]:
         with pytest.raises(ConfigError):
             MemitConfig(**bad)
     with pytest.raises(ConfigError, match="unknown"):
