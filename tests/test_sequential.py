@@ -37,6 +37,14 @@ def _keys(model, tok, requests, layer):
     return torch.stack(seen).double()
 
 
+def _kept_solve(merged, tok, cfg, stats, k0):
+    """SECOND's update of layer 2 solved plainly on ``merged`` with the keys ``k0`` added to C: C + K0 K0ᵀ / λ."""
+    kept = {2: SecondMoment(mom2=(stats[2].mom2.double() + k0.T @ k0 / cfg.mom2_update_weight).float(),
+                            count=stats[2].count)}
+    pack = compute_edits(merged, tok, SECOND, cfg, stats=kept, progress=False)
+    return next(iter(pack.deltas.values())).weight_delta()
+
+
 def test_on_top_of_keeps_earlier_keys_in_the_solve(setup):
     """The pack equals a plain solve on the model with the first pack merged, whose second moment holds the first
     pack's keys: C + K0 K0ᵀ / λ (keys read here with a hook, independently of the engine)."""
@@ -48,12 +56,9 @@ def test_on_top_of_keeps_earlier_keys_in_the_solve(setup):
 
     merged = copy.deepcopy(model)
     first.merge(merged)
-    k0 = _keys(merged, tok, FIRST, 2)
-    kept = {2: SecondMoment(mom2=(stats[2].mom2.double() + k0.T @ k0 / cfg.mom2_update_weight).float(),
-                            count=stats[2].count)}
-    want = compute_edits(merged, tok, SECOND, cfg, stats=kept, progress=False)
     name = next(iter(second.deltas))
-    got, expected = second.deltas[name].weight_delta(), want.deltas[name].weight_delta()
+    got = second.deltas[name].weight_delta()
+    expected = _kept_solve(merged, tok, cfg, stats, _keys(merged, tok, FIRST, 2))
     torch.testing.assert_close(got, expected, rtol=2e-3, atol=2e-3 * float(expected.abs().max()))
     plain = compute_edits(model, tok, SECOND, cfg, stats=stats, progress=False).deltas[name].weight_delta()
     assert float((got - expected).norm()) < 0.1 * float((plain - expected).norm())  # not the independent solve
@@ -68,17 +73,11 @@ def test_on_top_of_reads_the_earlier_keys_as_it_reads_the_new_ones(setup):
     merged = copy.deepcopy(model)
     first.merge(merged)
     alone = [EditRequest("{}", r.subject, r.target_new) for r in FIRST]
-    k0 = 0.5 * (_keys(merged, tok, FIRST, 2) + _keys(merged, tok, alone, 2))
-    kept = {2: SecondMoment(mom2=(stats[2].mom2.double() + k0.T @ k0 / cfg.mom2_update_weight).float(),
-                            count=stats[2].count)}
-    want = compute_edits(merged, tok, SECOND, cfg, stats=kept, progress=False)
-    name = next(iter(second.deltas))
-    got, expected = second.deltas[name].weight_delta(), want.deltas[name].weight_delta()
+    bare = _keys(merged, tok, FIRST, 2)
+    got = second.deltas[next(iter(second.deltas))].weight_delta()
+    expected = _kept_solve(merged, tok, cfg, stats, 0.5 * (bare + _keys(merged, tok, alone, 2)))
     torch.testing.assert_close(got, expected, rtol=2e-3, atol=2e-3 * float(expected.abs().max()))
-    bare = _keys(merged, tok, FIRST, 2)  # the published key alone: another C, another update
-    other = {2: SecondMoment(mom2=(stats[2].mom2.double() + bare.T @ bare / cfg.mom2_update_weight).float(),
-                             count=stats[2].count)}
-    differs = compute_edits(merged, tok, SECOND, cfg, stats=other, progress=False).deltas[name].weight_delta()
+    differs = _kept_solve(merged, tok, cfg, stats, bare)  # the published key alone: another C, another update
     assert float((got - expected).norm()) < 0.1 * float((differs - expected).norm())
 
 
