@@ -580,8 +580,8 @@ def run_cli(args: argparse.Namespace) -> int:
         raise SystemExit(f"memit-adapter bench: cannot write {args.json} (no such folder, or it is a folder)")
     if (args.frontier or args.plot or args.seeds is not None) and not args.compare:
         raise SystemExit("memit-adapter bench: --frontier, --seeds and --plot go with --compare")
-    for option, check, value in (("--frontier", frontier_points, args.frontier),
-                                 ("--seeds", comparison_seeds, args.seeds or [0])):
+    seeds = args.seeds or [0]
+    for option, check, value in (("--frontier", frontier_points, args.frontier), ("--seeds", comparison_seeds, seeds)):
         try:
             check(value)
         except ValueError as e:
@@ -602,7 +602,7 @@ def run_cli(args: argparse.Namespace) -> int:
         text = format_scale(report)
     elif args.compare:
         report = run_comparison(args.compare, n_requests=args.n_requests, size=args.size,
-                                frontier=args.frontier, seeds=args.seeds or [0], progress=not args.quiet)
+                                frontier=args.frontier, seeds=seeds, progress=not args.quiet)
         text = format_comparison(report)
         if args.plot:
             from .plots import plot_frontier

@@ -483,11 +483,11 @@ def _forward_step(model, spec: ArchSpec, layer: int, parts: Sequence[_Part], row
     return _joined(finals, parts)
 
 
-def _losses(head: _Head, batch: _Batch, final, kl_init, delta, h_norm, config: MemitConfig):
+def _losses(head: _Head, batch: _Batch, final, kl_init, delta, h_norm, config: MemitConfig, kept_part: bool):
     """Per-request loss ``(n,)`` in float32: NLL of the targets + the weighted KL rows + weight decay; the NLL; with
     ``config.v_stop_when_top`` how many of the request's target tokens (over its rewrite prompts) are not the most
-    probable token (else None); and with ``config.preserve_every`` > 1 the part of the loss that is the kept prompts'
-    weighted KL (else None).
+    probable token (else None); and with ``kept_part`` the part of the loss that is the kept prompts' weighted KL
+    (else None).
 
     ``final``: the final states of the rows' suffixes (column = position - lookup); ``kl_init``: the unedited
     log-probabilities of ``batch``'s KL rows, in order."""
@@ -507,7 +507,7 @@ def _losses(head: _Head, batch: _Batch, final, kl_init, delta, h_norm, config: M
     kl = F.kl_div(kl_init, kl_logp, log_target=True, reduction="none").sum(-1)  # KL(now || before)
     kl = kl * batch.kl_weight[kl_rows]
     kept_kl = None
-    if config.preserve_every > 1:
+    if kept_part:
         kept = batch.first_kept_row - batch.n_rewrite_rows  # the kept prompts' first among the KL rows
         kept_kl = per_request(kl[kept:], kl_rows[kept:])
     decay = config.v_weight_decay * delta.norm(dim=-1) / h_norm**2
@@ -647,11 +647,12 @@ def _optimise_deltas(model, spec, tokenizer, requests, templates, config, layer,
             kept_step = step % every == 0
             live = lives[not kept_step]  # with the kept prompts, or without them
             final = _forward_step(model, spec, layer, live.parts, delta[live.row_group], as_tuple)
+            weighted = every > 1 and kept_step  # the kept prompts' KL counts `every` times on their steps
             req_loss, req_nll, req_miss, req_kept = _losses(head, live.sub, final, live.kl_init,
-                                                            delta[live.req_group], live.h_norm, config)
+                                                            delta[live.req_group], live.h_norm, config, weighted)
             loss = live.by_row(req_loss, n_groups) / size  # mean per row
-            objective = loss  # what the step descends: the kept prompts' KL at `every` times on their steps
-            if every > 1 and kept_step:
+            objective = loss  # what the step descends
+            if weighted:
                 objective = loss + (every - 1) * live.by_row(req_kept, n_groups) / size
             shown = torch.where(active, loss.detach(), 0.0).sum() / len(going)
             nll = live.by_row(req_nll.detach(), n_groups) / size
