@@ -13,10 +13,12 @@ from memit_adapter.demo import (
     FactWorld,
     load_world_model,
     make_world,
+    pack_documents,
     recall_by_template,
     train_world_tokenizer,
     world_model_path,
 )
+from memit_adapter.demo.train import write_corpus
 from memit_adapter.errors import ConfigError
 
 VOCAB = {"bpe": 780, "sentencepiece": 540}  # the sizes of the shipped checkpoints
@@ -55,6 +57,36 @@ def test_tokenizer_encodes_the_corpus_and_decodes_it_back(world, tokenizer):
     for text in world.corpus_sentences()[::997]:
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         assert tokenizer.unk_token_id not in ids and tokenizer.decode(ids) == text
+
+
+def test_packed_documents_fill_the_context_with_every_sentence_once(world, tokenizer):
+    sentences = world.corpus_sentences()[:3000]
+    docs = pack_documents(sentences, tokenizer, 64, seed=1)
+    lengths = [len(tokenizer(d)["input_ids"]) for d in docs]  # special tokens (LLaMA's <s>) included
+    assert max(lengths) <= 64 and sum(lengths) / len(docs) > 56
+    pieces = [s + " ." for d in docs for s in d.split(" . ")]  # every sentence ends in " ."
+    pieces = [p[:-2] if p.endswith(" . .") else p for p in pieces]
+    assert Counter(pieces) == Counter(sentences)
+    for doc, following in zip(docs, docs[1:]):  # greedy: the next document's first sentence did not fit
+        first = following.split(" . ")[0] + " ."
+        assert len(tokenizer(doc + " " + first)["input_ids"]) > 64
+    assert docs == pack_documents(sentences, tokenizer, 64, seed=1) != pack_documents(sentences, tokenizer, 64)
+
+
+def test_a_text_longer_than_the_context_is_a_document_of_its_own(tokenizer):
+    long = " ".join(["the weather is nice ."] * 30)
+    docs = pack_documents(["a cat .", long, "a dog ."], tokenizer, 16, seed=0)
+    assert long in docs and [d for d in docs if d != long] == ["a cat . a dog ."]  # shuffled (seed 0): cat first
+    with pytest.raises(ConfigError):
+        pack_documents(["a cat ."], tokenizer, 0)
+
+
+def test_the_world_corpus_holds_the_sentences_then_the_same_as_running_text(world, tokenizer, tmp_path):
+    write_corpus(tmp_path, world, tokenizer, 64)
+    lines = (tmp_path / "corpus.txt").read_text().splitlines()
+    sentences = world.corpus_sentences()
+    assert lines[: len(sentences)] == sentences
+    assert lines[len(sentences):] == pack_documents(sentences, tokenizer, 64)
 
 
 def test_only_the_sentencepiece_tokenizer_adds_bos(world, tokenizer, tmp_path):

@@ -16,7 +16,7 @@ Modules: :mod:`.world` (the world generator and its tokenizers), :mod:`.checkpoi
 """
 
 from .checkpoints import DEFAULT_WORLD, WORLD_MODELS, load_world_model, world_config, world_model_path
-from .world import FactWorld, make_world, recall_by_template, train_world_tokenizer
+from .world import FactWorld, make_world, pack_documents, recall_by_template, train_world_tokenizer
 
-__all__ = ["DEFAULT_WORLD", "WORLD_MODELS", "FactWorld", "load_world_model", "make_world", "recall_by_template",
-           "train_world_tokenizer", "world_config", "world_model_path"]
+__all__ = ["DEFAULT_WORLD", "WORLD_MODELS", "FactWorld", "load_world_model", "make_world", "pack_documents",
+           "recall_by_template", "train_world_tokenizer", "world_config", "world_model_path"]

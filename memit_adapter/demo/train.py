@@ -74,6 +74,7 @@ from memit_adapter.demo.world import (
     TOKENIZER_KINDS,
     build_world_tokenizer,
     make_world,
+    pack_documents,
     recall_by_template,
     train_world_tokenizer,
 )
@@ -400,6 +401,21 @@ def token_counts(world, tokenizer) -> dict:
             "multi_token_objects": {o: toks for o, toks in objects.items() if len(toks) > 1}}
 
 
+def write_corpus(out: Path, world, tokenizer, seq_len: int) -> None:
+    """``out/corpus.txt``, the world's text for the key statistics: each training sentence on a line of its own,
+    then the same sentences shuffled and joined into running texts of at most ``seq_len`` tokens, as the model read
+    them in training (:func:`~memit_adapter.demo.world.pack_documents`); about as many tokens of each.
+
+    The one-sentence lines hold the keys of prompts read from the start of a text; the running texts hold keys at
+    every position up to the end of the context, where generation runs. From the lines alone, 100 edits on
+    world-gpt2-bpe raised the entropy of greedy generations by 22% (the text fell apart after three sentences).
+    (The shaped worlds ``world-gpt2`` and ``world-llama`` ship the lines alone, as their settings were tuned on.)
+    """
+    sentences = world.corpus_sentences()
+    texts = sentences + pack_documents(sentences, tokenizer, seq_len)
+    (out / "corpus.txt").write_text("\n".join(texts) + "\n")
+
+
 def save(args, model, tokenizer, world, history, train_minutes, epochs, steps, n_params) -> None:
     from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
@@ -407,7 +423,7 @@ def save(args, model, tokenizer, world, history, train_minutes, epochs, steps, n
     out.mkdir(parents=True, exist_ok=True)
     model.eval().to(torch.float16).save_pretrained(out)
     tokenizer.save_pretrained(out)
-    (out / "corpus.txt").write_text("\n".join(world.corpus_sentences()) + "\n")
+    write_corpus(out, world, tokenizer, args.seq_len)
     (out / "world.json").write_text(json.dumps(world.to_dict()))
     leading_space = args.tokenizer == "word"  # subword worlds store CounterFact's targets, "paris"
     (out / "records.json").write_text(json.dumps(world.counterfact_records(leading_space=leading_space)))
@@ -490,8 +506,8 @@ def write_card(out: Path) -> None:
             lines.append(f"| {rel} | `{templates[rel][int(t)]}` | {100 * value:.1f}% |")
     targets = "" if r.get("records_leading_space", True) else ", targets without a leading space as in CounterFact"
     lines += ["", "Files: `model.safetensors`, `config.json`, tokenizer files, `corpus.txt` (the training "
-              "sentences), `world.json` (the world), `records.json` (its facts as CounterFact records"
-              f"{targets}), `training.json`."]
+              "sentences, then the same packed into running texts: the statistics corpus), `world.json` (the world), "
+              f"`records.json` (its facts as CounterFact records{targets}), `training.json`."]
     (out / "README.md").write_text("\n".join(lines) + "\n")
 
 

@@ -7,6 +7,7 @@ Usage::
     world.facts[0]                                # Fact(subject='otto zapous', relation='lives_in', obj='rome')
     world.prompt(world.facts[0], 1)               # 'otto zapous has a home in'
     sentences = world.corpus_sentences()          # every fact in every template, plus a little filler
+    docs = pack_documents(sentences, tok, 64)     # joined into running texts of <= 64 tokens (statistics corpus)
     records = world.counterfact_records()         # CounterFact-format dicts, targets like ' paris'
     make_world(0, names="composite")              # shared first names and surnames, unique pairs
     tok = train_world_tokenizer(make_world(0, n_subjects=600), kind="bpe", vocab_size=780)  # GPT-2-style BPE
@@ -300,6 +301,34 @@ def _filler(rng: random.Random, n: int) -> list[str]:
             seen.add(text)
             out.append(text)
     return out
+
+
+def pack_documents(texts: Sequence[str], tokenizer: Any, max_tokens: int, *, seed: int = 0) -> list[str]:
+    """``texts`` shuffled (``random.Random(seed)``) and joined by single spaces into documents of at most
+    ``max_tokens`` tokens, special tokens included: running text like the rows the worlds were trained on.
+
+    The statistics of a model that writes past one sentence must see keys at every position it writes at; a
+    corpus of one sentence per line covers only the first dozen. A text longer than ``max_tokens`` makes a
+    document of its own (the statistics pass truncates it).
+    """
+    if max_tokens < 1:
+        raise ConfigError(f"max_tokens must be at least 1, got {max_tokens}")
+    order = list(texts)
+    random.Random(seed).shuffle(order)
+    if not order:
+        return []
+    special = len(tokenizer("x")["input_ids"]) - len(tokenizer("x", add_special_tokens=False)["input_ids"])
+    first = [len(ids) for ids in tokenizer(order, add_special_tokens=False)["input_ids"]]
+    after = [len(ids) for ids in tokenizer([" " + t for t in order], add_special_tokens=False)["input_ids"]]
+    docs, current, used = [], [], special
+    for text, n_first, n_after in zip(order, first, after):
+        if current and used + n_after > max_tokens:
+            docs.append(" ".join(current))
+            current, used = [], special
+        used += n_after if current else n_first
+        current.append(text)
+    docs.append(" ".join(current))
+    return docs
 
 
 def build_world_tokenizer(world: FactWorld, *, add_bos: bool = False) -> Any:
