@@ -93,8 +93,9 @@ def load_corpus(corpus: Any, n_samples: int, seed: int = 0) -> tuple[list[str], 
     The order is random so that a sample (``n_samples``, or the token budget of :func:`collect_stats`, which
     reads the texts in this order) is a sample of the whole corpus, not of its head: a file written in order
     (all sentences of one subject, then the next) otherwise gives second moments of a few subjects only. On
-    the 600-subject world ``world-gpt2-bpe`` (stats budget 20,480 tokens of its subject-ordered corpus, 100
-    edits at layers 0-2, λ 1,000), reading the head kept 77.9% of the unedited facts; a uniform sample 99.2%.
+    the 600-subject world ``world-gpt2-bpe`` (stats budget 20,480 tokens of its corpus, then one sentence a line
+    in subject order; 100 edits at layers 0-2, λ 1,000), reading the head kept 77.9% of the unedited facts; a
+    uniform sample 99.2%.
     """
     rng = random.Random(seed)
     if isinstance(corpus, (str, os.PathLike)):

@@ -68,17 +68,33 @@ def test_packed_documents_fill_the_context_with_every_sentence_once(world, token
     pieces = [p[:-2] if p.endswith(" . .") else p for p in pieces]
     assert Counter(pieces) == Counter(sentences)
     for doc, following in zip(docs, docs[1:]):  # greedy: the next document's first sentence did not fit
-        first = following.split(" . ")[0] + " ."
+        first = following.split(" . ")[0]
+        first = first if first.endswith(" .") else first + " ."
         assert len(tokenizer(doc + " " + first)["input_ids"]) > 64
     assert docs == pack_documents(sentences, tokenizer, 64, seed=1) != pack_documents(sentences, tokenizer, 64)
 
 
 def test_a_text_longer_than_the_context_is_a_document_of_its_own(tokenizer):
     long = " ".join(["the weather is nice ."] * 30)
-    docs = pack_documents(["a cat .", long, "a dog ."], tokenizer, 16, seed=0)
-    assert long in docs and [d for d in docs if d != long] == ["a cat . a dog ."]  # shuffled (seed 0): cat first
-    with pytest.raises(ConfigError):
-        pack_documents(["a cat ."], tokenizer, 0)
+    texts = ["a cat .", long, "a dog .", "a cow .", "", "  "]
+    orders = set()
+    for seed in range(6):  # the long text first, in the middle and last
+        docs = pack_documents(texts, tokenizer, 16, seed=seed)
+        others = [d for d in docs if d != long]
+        assert long in docs and sorted(" ".join(others).split()) == sorted("a cat . a dog . a cow .".split())
+        assert all(len(tokenizer(d)["input_ids"]) <= 16 for d in others)
+        orders.add(docs.index(long))
+    assert len(orders) > 1
+
+
+@pytest.mark.parametrize("texts,max_tokens,message", [
+    (["a cat ."], 0, "at least 1"),
+    ("a cat .", 16, "one string"),
+    (["a cat .\na dog ."], 16, "line breaks"),
+])
+def test_pack_documents_refuses_bad_input(tokenizer, texts, max_tokens, message):
+    with pytest.raises(ConfigError, match=message):
+        pack_documents(texts, tokenizer, max_tokens)
 
 
 def test_the_world_corpus_holds_the_sentences_then_the_same_as_running_text(world, tokenizer, tmp_path):
@@ -149,6 +165,9 @@ def test_shipped_checkpoint_is_a_stock_model_of_the_generator(shipped):
     assert tok.get_vocab() == fresh.get_vocab()
     assert (tok("x")["input_ids"][0] == tok.bos_token_id) == (kind == "sentencepiece")
     assert report["min_recall"] >= 0.95
+    sentences = world.corpus_sentences()  # the statistics corpus: the sentences, then the same as running text
+    corpus = (world_model_path(name) / "corpus.txt").read_text().splitlines()
+    assert corpus == sentences + pack_documents(sentences, tok, report["config"]["seq_len"])
     size = sum(p.stat().st_size for p in world_model_path(name).iterdir())
     assert size < 20 * 2**20
 

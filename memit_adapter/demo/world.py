@@ -7,10 +7,10 @@ Usage::
     world.facts[0]                                # Fact(subject='otto zapous', relation='lives_in', obj='rome')
     world.prompt(world.facts[0], 1)               # 'otto zapous has a home in'
     sentences = world.corpus_sentences()          # every fact in every template, plus a little filler
-    docs = pack_documents(sentences, tok, 64)     # joined into running texts of <= 64 tokens (statistics corpus)
     records = world.counterfact_records()         # CounterFact-format dicts, targets like ' paris'
     make_world(0, names="composite")              # shared first names and surnames, unique pairs
     tok = train_world_tokenizer(make_world(0, n_subjects=600), kind="bpe", vocab_size=780)  # GPT-2-style BPE
+    docs = pack_documents(sentences, tok, 64)     # joined into running texts of <= 64 tokens (statistics corpus)
 
 By default (``names="unique_surname"``) every subject's name ends in a surname that no other subject
 has, so the last subject token identifies the subject. ``names="composite"`` draws first names and
@@ -37,7 +37,7 @@ from ..errors import ConfigError
 from ..evaluation import target_top1
 
 __all__ = ["NAME_STYLES", "RELATIONS", "TOKENIZER_KINDS", "Fact", "FactWorld", "Relation", "build_world_tokenizer",
-           "check_templates", "make_world", "recall_by_template", "train_world_tokenizer"]
+           "check_templates", "make_world", "pack_documents", "recall_by_template", "train_world_tokenizer"]
 
 
 @dataclass(frozen=True)
@@ -307,27 +307,40 @@ def pack_documents(texts: Sequence[str], tokenizer: Any, max_tokens: int, *, see
     """``texts`` shuffled (``random.Random(seed)``) and joined by single spaces into documents of at most
     ``max_tokens`` tokens, special tokens included: running text like the rows the worlds were trained on.
 
-    The statistics of a model that writes past one sentence must see keys at every position it writes at; a
+    The statistics of a model that writes past one sentence should see keys at the positions it writes at; a
     corpus of one sentence per line covers only the first dozen. A text longer than ``max_tokens`` makes a
-    document of its own (the statistics pass truncates it).
+    document of its own (the statistics pass truncates it); blank texts are left out. Counts assume that the
+    tokenizer splits words at spaces before merging (byte-level BPE, ``▁`` Metaspace, word level); a joined
+    document that comes out longer than ``max_tokens`` raises :class:`ConfigError`.
     """
     if max_tokens < 1:
         raise ConfigError(f"max_tokens must be at least 1, got {max_tokens}")
-    order = list(texts)
+    if isinstance(texts, str):
+        raise ConfigError("texts must be a sequence of strings, got one string")
+    if any("\n" in t for t in texts):
+        raise ConfigError("texts must not hold line breaks (a packed document is one line of a corpus file)")
+    order = [t for t in texts if t.strip()]
     random.Random(seed).shuffle(order)
     if not order:
         return []
     special = len(tokenizer("x")["input_ids"]) - len(tokenizer("x", add_special_tokens=False)["input_ids"])
     first = [len(ids) for ids in tokenizer(order, add_special_tokens=False)["input_ids"]]
     after = [len(ids) for ids in tokenizer([" " + t for t in order], add_special_tokens=False)["input_ids"]]
-    docs, current, used = [], [], special
+    groups, current, used = [], [], special
     for text, n_first, n_after in zip(order, first, after):
         if current and used + n_after > max_tokens:
-            docs.append(" ".join(current))
+            groups.append(current)
             current, used = [], special
         used += n_after if current else n_first
         current.append(text)
-    docs.append(" ".join(current))
+    groups.append(current)
+    docs = [" ".join(g) for g in groups]
+    joined = [i for i, g in enumerate(groups) if len(g) > 1]
+    lengths = [len(ids) for ids in tokenizer([docs[i] for i in joined])["input_ids"]] if joined else []
+    over = [docs[i] for i, n in zip(joined, lengths) if n > max_tokens]
+    if over:
+        raise ConfigError(f"{len(over)} packed documents exceed {max_tokens} tokens: this tokenizer merges across "
+                          f"spaces, so texts cannot be counted one by one (first: {over[0][:80]!r})")
     return docs
 
 
