@@ -1,4 +1,5 @@
 import json
+import warnings
 
 import pytest
 import torch
@@ -6,7 +7,7 @@ from engine_setup import corpus, model_and_tokenizer
 
 from memit_adapter import StatisticsError
 from memit_adapter.arch import get_arch_spec
-from memit_adapter.stats import StatsCache, collect_stats, load_corpus
+from memit_adapter.stats import StatsCache, collect_stats, load_corpus, warn_if_short_texts
 
 
 def _independent_mom2(model, tok, texts, layer):
@@ -149,6 +150,19 @@ def test_texts_longer_than_the_context_are_cut_to_it():
     texts = corpus(4, length=40)  # 40 tokens each, past the 16 positions
     stats = collect_stats(model, tok, texts, [1], progress=False)
     assert stats[1].count == 4 * 16
+
+
+def test_a_corpus_of_short_texts_warns_that_c_stops_early():
+    model, tok = model_and_tokenizer("gpt2", n_positions=64)
+    short = corpus(40, length=10)  # 10 tokens each
+    with pytest.warns(UserWarning, match="longest of 40 sampled is 10 tokens against a context of 64"):
+        collect_stats(model, tok, short, [1], progress=False)
+    long = corpus(1, length=40, seed=1)
+    assert warn_if_short_texts(tok, long + short, 64) == 40
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        collect_stats(model, tok, short + long, [1], progress=False)  # one text past half the context
+        collect_stats(model, tok, short, [1], max_length=16, progress=False)  # the texts the model will read
 
 
 def test_the_log_and_the_bar_count_what_the_budget_used(caplog, capsys):
