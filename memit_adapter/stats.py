@@ -381,7 +381,7 @@ def collect_stats(
                 "directory that holds them (see collect_stats). memit_adapter never downloads a corpus itself."
             )
         if is_main():
-            warn_if_short_texts(tokenizer, texts, max_length or min(1024, max_positions(model) or 1024))
+            warn_if_short_texts(tokenizer, texts, context_length(model, max_length))
         checkpoint = None
         if cache is not None and checkpoint_seconds is not None:
             checkpoint = _Checkpoint(cache.directory, {"entries": [keys[layer] for layer in missing],
@@ -403,6 +403,11 @@ def collect_stats(
     for layer, stat in out.items():
         stat.check_finite(layer)
     return {layer: out[layer] for layer in layers}
+
+
+def context_length(model: nn.Module, max_length: int | None) -> int:
+    """Tokens a statistics text is truncated to: ``max_length``, else the model's context, at most 1,024."""
+    return max_length or min(1024, max_positions(model) or 1024)
 
 
 SHORT_TEXT_SAMPLE = 256  # texts of the (shuffled) corpus whose lengths warn_if_short_texts reads
@@ -475,7 +480,7 @@ def _accumulate(model, tokenizer, texts, layers, spec, max_length, batch_size, a
     then all-reduced (see :func:`collect_stats`). With ``checkpoint``, starts from its partial sums when it holds
     some and writes them as it goes."""
     device = input_device(model)
-    max_length = max_length or min(1024, max_positions(model) or 1024)  # never past the model's context
+    max_length = context_length(model, max_length)
     sums: dict[int, torch.Tensor] = {}
     counts = dict.fromkeys(layers, 0)
     mask_box: list[torch.Tensor] = []

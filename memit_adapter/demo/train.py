@@ -424,9 +424,10 @@ def save(args, model, tokenizer, world, history, train_minutes, epochs, steps, n
     out.mkdir(parents=True, exist_ok=True)
     model.eval().to(torch.float16).save_pretrained(out)
     tokenizer.save_pretrained(out)
-    write_corpus(out, world, tokenizer, args.seq_len, packed=args.tokenizer != "word")
+    word_level = args.tokenizer == "word"
+    write_corpus(out, world, tokenizer, args.seq_len, packed=not word_level)
     (out / "world.json").write_text(json.dumps(world.to_dict()))
-    leading_space = args.tokenizer == "word"  # subword worlds store CounterFact's targets, "paris"
+    leading_space = word_level  # subword worlds store CounterFact's targets, "paris"
     (out / "records.json").write_text(json.dumps(world.counterfact_records(leading_space=leading_space)))
     # recall of the shipped (float16-rounded) weights, loaded back as float32 the way users load them
     shipped = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
@@ -453,7 +454,7 @@ def save(args, model, tokenizer, world, history, train_minutes, epochs, steps, n
         "world": {"subjects": len(world.subjects), "relations": len(world.relations), "facts": len(world.facts),
                   "templates_per_relation": len(world.relations[0].templates), "vocab": len(tok)},
         "records_leading_space": leading_space,
-        "corpus_packed": args.tokenizer != "word",
+        "corpus_packed": not word_level,
         "tokens": token_counts(world, tok),
         "recall_by_template": recall,
         "min_recall": min_recall(recall),
