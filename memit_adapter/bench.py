@@ -300,16 +300,6 @@ def run_benchmark(*, size: str = "small", n_requests: int = 100, z_steps: int = 
     return out
 
 
-def published_settings(model, **fields) -> MemitConfig:
-    """The published method's target and solve settings for a model without a published preset: the published
-    defaults (20 steps of lr 0.5, clamp 0.75, KL 0.0625, weight decay 0.5, threshold 0.05, no preservation)
-    at ``for_model``'s layers and λ and statistics budget, so that only the method differs from (c)."""
-    scaled = MemitConfig.for_model(model)
-    return MemitConfig(layers=scaled.layers, mom2_update_weight=scaled.mom2_update_weight, v_num_grad_steps=20,
-                       mom2_max_tokens=scaled.mom2_max_tokens, mom2_max_length=scaled.mom2_max_length,
-                       stats_batch_size=scaled.stats_batch_size, **fields)
-
-
 def run_comparison(model_name: str = "world-gpt2-bpe", *, n_requests: int = 100, size: str = "small",
                    frontier: Sequence[int | str] = (), seeds: Sequence[int] = (0,), progress: bool = True
                    ) -> dict[str, Any]:
@@ -358,7 +348,7 @@ def run_comparison(model_name: str = "world-gpt2-bpe", *, n_requests: int = 100,
             samples[s] = ([EditRequest.from_dict(r) for r in records], records)
     requests = samples[seeds[0]][0]
     spec = get_arch_spec(model)
-    settings = {"published": published_settings(model), "for_model": MemitConfig.for_model(model)}
+    settings = {"published": MemitConfig.published_for(model), "for_model": MemitConfig.for_model(model)}
     out: dict[str, Any] = {"model": model_name, "n_requests": len(requests), "threads": torch.get_num_threads(),
                            "seeds": seeds, "runs": {}}
     base = settings["published"]

@@ -5,12 +5,15 @@ Usage::
     runs = compare_methods(model, tok, records, ["memit", "rome", "ft"], sizes=[10, 100], corpus=texts)
     print(format_comparison(runs))
     plot_method_scaling(runs, "scaling.png")      # Score and NS against the number of edits (the paper's Fig. 5)
+    compare_methods(model, tok, records, ["memit", "memit-published"], sizes=[100, 1000], corpus=texts)
 
 Every method edits the same seeded sample of records (the first n of one sample for each size n, so the sizes are
-nested), with its own config (``config_class(method).for_model(model)`` unless given), and is evaluated with its
-pack hooked in: ES / PS / NS / Score, generation entropy, retention of the facts of ``retention_records`` that the
-batch leaves alone, and the edit time. The statistics of every layer any method edits are collected once, before
-the timed runs, and shared (FT-W needs none).
+nested), with its own config (``config_class(method).for_model(model)`` unless given; ``"memit-published"`` is
+MEMIT with :meth:`~memit_adapter.config.MemitConfig.published_for`'s settings, so that the published method and
+this library's defaults meet on the same requests), and is evaluated with its pack hooked in: ES / PS / NS /
+Score, generation entropy, retention of the facts of ``retention_records`` that the batch leaves alone, and the
+edit time. The statistics of every layer any method edits are collected once, before the timed runs, and shared
+(FT-W needs none).
 """
 
 from __future__ import annotations
@@ -24,12 +27,16 @@ from typing import Any
 
 from torch import nn
 
+from .config import MemitConfig
 from .errors import ConfigError
 from .evaluation import RESULT_HEADER, CounterFactResult, evaluate_counterfact, result_cells
 from .method_configs import config_class
 from .methods import METHODS
 from .requests import EditRequest
 from .stats import collect_stats_for
+
+VARIANTS = {"memit-published": "memit"}  # a compared name that is a method with other settings: its method
+COMPARED = (*METHODS, *VARIANTS)  # every name compare_methods takes
 
 
 @dataclass
@@ -49,12 +56,12 @@ def compare_methods(model: nn.Module, tokenizer, records: Sequence[Mapping[str, 
     """Each method of ``methods`` on the first n records of one seeded sample, for each n of ``sizes``; the
     unedited model as method ``"none"`` on the largest batch first. Raises :class:`ConfigError` on an unknown
     method or a size larger than ``records``."""
-    unknown = [m for m in methods if m not in METHODS]
+    unknown = [m for m in methods if m not in COMPARED]
     if unknown:
-        raise ConfigError(f"unknown editing method(s) {unknown}; known: {sorted(METHODS)}")
+        raise ConfigError(f"unknown editing method(s) {unknown}; known: {sorted(COMPARED)}")
     if not sizes or max(sizes) > len(records) or min(sizes) < 1:
         raise ConfigError(f"sizes {list(sizes)} must be between 1 and the {len(records)} records")
-    configs = {m: (configs or {}).get(m) or config_class(m).for_model(model) for m in methods}
+    configs = {m: (configs or {}).get(m) or _default_config(m, model) for m in methods}
     layers = sorted({layer for m in methods if m != "ft" for layer in configs[m].layers})
     stats = None
     if layers:
@@ -69,8 +76,8 @@ def compare_methods(model: nn.Module, tokenizer, records: Sequence[Mapping[str, 
         requests = [EditRequest.from_dict(r) for r in chosen]
         for method in methods:
             t0 = time.perf_counter()
-            pack = METHODS[method](model, tokenizer, requests, configs[method], stats=stats,
-                                            progress=progress)
+            pack = METHODS[VARIANTS.get(method, method)](model, tokenizer, requests, configs[method], stats=stats,
+                                                         progress=progress)
             seconds = time.perf_counter() - t0
             with pack.applied(model):
                 result = evaluate_counterfact(model, tokenizer, chosen, **evaluate)
@@ -78,10 +85,18 @@ def compare_methods(model: nn.Module, tokenizer, records: Sequence[Mapping[str, 
     return runs
 
 
+def _default_config(method: str, model: nn.Module) -> Any:
+    """The settings a compared name runs with when none are given: ``for_model``, or ``published_for``."""
+    if method == "memit-published":
+        return MemitConfig.published_for(model)
+    return config_class(method).for_model(model)
+
+
 def format_comparison(runs: Sequence[MethodRun]) -> str:
     """One line per run: ES, PS, NS, Score, retention in percent, entropy, seconds."""
-    lines = [f"{'method':<8}{'edits':>7}{RESULT_HEADER}{'s':>9}"]
-    lines += [f"{r.method:<8}{r.n_edits:>7}{result_cells(r.result)}{r.seconds:>9.1f}" for r in runs]
+    width = max(8, *(len(r.method) + 1 for r in runs))
+    lines = [f"{'method':<{width}}{'edits':>7}{RESULT_HEADER}{'s':>9}"]
+    lines += [f"{r.method:<{width}}{r.n_edits:>7}{result_cells(r.result)}{r.seconds:>9.1f}" for r in runs]
     return "\n".join(lines)
 
 
@@ -98,7 +113,7 @@ def plot_method_scaling(runs: Sequence[MethodRun], path: str | Path | None = Non
         for method in dict.fromkeys(r.method for r in runs if r.method != "none"):
             points = sorted((r.n_edits, getattr(r.result, metric)) for r in runs if r.method == method)
             points = [(n, 100 * v) for n, v in points if v is not None]
-            label = {"ft": "FT-W"}.get(method, method.upper())
+            label = {"ft": "FT-W", "memit-published": "MEMIT (published settings)"}.get(method, method.upper())
             ax.plot([n for n, _ in points], [v for _, v in points], marker="o", label=label)
         if base is not None and getattr(base.result, metric) is not None:
             ax.axhline(100 * getattr(base.result, metric), color="gray", linestyle="--", label="unedited")

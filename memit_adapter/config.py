@@ -423,13 +423,11 @@ class MemitConfig:
         the layer range of a new architecture from causal tracing.
         """
         cfg = model.config
-        model_type = getattr(cfg, "model_type", "")
         n_layer = _first_attr(cfg, "n_layer", "num_hidden_layers")
         d_model = _first_attr(cfg, "n_embd", "hidden_size")
         d_ff = _first_attr(cfg, "n_inner", "intermediate_size") or 4 * d_model
-        llama_like = model_type in LLAMA_LIKE
-        published = next((p for p in PUBLISHED_PRESETS if model_type in p.model_types
-                          and (n_layer, d_model) == (p.n_layers, p.d_model)), None)
+        llama_like = getattr(cfg, "model_type", "") in LLAMA_LIKE
+        published = published_preset(model)
         preset: dict[str, Any]
         if published is not None:
             preset = {k: list(v) if isinstance(v, range) else v for k, v in published.values.items()}
@@ -448,6 +446,32 @@ class MemitConfig:
         preset["mom2_max_length"] = min(int(max_pos), 1024)
         preset.update(overrides)
         return cls(**preset)
+
+    @classmethod
+    def published_for(cls, model: nn.Module, **overrides: Any) -> MemitConfig:
+        """The published method's settings for ``model``, to set beside :meth:`for_model`'s on the same requests.
+
+        A model with a published preset gets that preset (what :meth:`for_model` gives it). Any other model gets
+        the published defaults of the target vectors and the solve (20 steps of lr 0.5, clamp 0.75, KL 0.0625,
+        weight decay 0.5, threshold 0.05; no preservation, no subject keys; λ fixed whatever the batch size) at
+        :meth:`for_model`'s layers, λ (of 100 edits) and statistics budget: the published method has no rule for
+        those on a model it was not run on, and with them equal only the method differs. ``overrides`` replace
+        any field.
+        """
+        scaled = cls.for_model(model)
+        if published_preset(model) is not None:
+            return scaled.replace(**overrides)
+        kept = ("layers", "mom2_update_weight", "mom2_max_tokens", "mom2_max_length", "stats_batch_size")
+        return cls(**{**{name: getattr(scaled, name) for name in kept}, "v_num_grad_steps": 20, **overrides})
+
+
+def published_preset(model: nn.Module) -> PublishedPreset | None:
+    """The entry of :data:`PUBLISHED_PRESETS` for ``model``'s type, depth and width, or None."""
+    cfg = model.config
+    model_type = getattr(cfg, "model_type", "")
+    shape = (_first_attr(cfg, "n_layer", "num_hidden_layers"), _first_attr(cfg, "n_embd", "hidden_size"))
+    return next((p for p in PUBLISHED_PRESETS if model_type in p.model_types and shape == (p.n_layers, p.d_model)),
+                None)
 
 
 def _first_attr(obj: Any, *names: str, default: Any = None) -> Any:

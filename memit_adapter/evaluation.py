@@ -429,9 +429,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--retention", action="store_true",
                         help="also report retention: top-1 recall of every fact of the whole record set (--data "
                              "or the world's records) that the evaluated records (the edited batch) do not edit")
-    parser.add_argument("--methods", nargs="+", choices=["memit", "rome", "ft"],
+    parser.add_argument("--methods", nargs="+", choices=["memit", "memit-published", "rome", "ft"],
                         help="compare editing methods: each edits the same sample of --n records (or of each size of "
-                             "--sizes) and is evaluated with its pack applied; prints one table")
+                             "--sizes) and is evaluated with its pack applied; prints one table (memit-published: "
+                             "MEMIT with the published settings, MemitConfig.published_for)")
     parser.add_argument("--sizes", nargs="+", type=int, help="with --methods: batch sizes (e.g. 10 100 1000), nested")
     parser.add_argument("--plot", help="with --methods/--chain: write the metrics against the number of edits to "
                                        "this PNG")
@@ -528,7 +529,8 @@ def _compare_cli(args: argparse.Namespace, out: Path) -> int:
         from .demo.checkpoints import world_config, world_model_path
 
         corpus = corpus or str(world_model_path(world) / "corpus.txt")
-        configs = {m: world_config(world, model, m) for m in {*(args.methods or ()), "memit"}}  # its tuned settings
+        tuned = {*(args.methods or ()), "memit"} - {"memit-published"}  # the published settings are not tuned
+        configs = {m: world_config(world, model, m) for m in tuned}  # the world's tuned settings
     if corpus is None and args.stats_cache is None and (args.chain or set(args.methods) - {"ft"}):
         raise SystemExit("memit-adapter eval: MEMIT and ROME need --corpus or --stats-cache for statistics")
     common = dict(corpus=corpus, cache_dir=args.stats_cache, retention_records=records if args.retention else None,

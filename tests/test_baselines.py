@@ -224,6 +224,40 @@ def test_eval_methods_compares_them_on_the_same_requests(tmp_path, capsys):
     assert got["neighborhood_score"] == want.neighborhood_score and got["retention"] == want.retention
 
 
+def test_compare_methods_sets_memits_published_settings_beside_its_defaults():
+    import random
+
+    from test_evaluation import RECORDS
+
+    from memit_adapter import MemitConfig, compute_edits
+    from memit_adapter.compare import compare_methods, format_comparison
+    from memit_adapter.evaluation import evaluate_counterfact
+    from memit_adapter.requests import EditRequest
+    from memit_adapter.stats import collect_stats_for
+
+    model, tok = model_and_tokenizer("gpt2")
+    texts = corpus()
+    fast = {"memit": MemitConfig.for_model(model, v_num_grad_steps=3),
+            "memit-published": MemitConfig.published_for(model, v_num_grad_steps=3)}
+    runs = compare_methods(model, tok, RECORDS, ["memit", "memit-published"], [2], configs=fast, corpus=texts,
+                           generation_records=0, retention_records=RECORDS, progress=False)
+    assert [r.method for r in runs] == ["none", "memit", "memit-published"]
+    assert "memit-published" in format_comparison(runs)
+    # the published row is MEMIT with the published settings on the same sample, computed apart
+    sample = random.Random(0).sample(RECORDS, 2)
+    stats = collect_stats_for(model, tok, texts, fast["memit"].layers, fast["memit"], progress=False)
+    pack = compute_edits(model, tok, [EditRequest.from_dict(r) for r in sample], fast["memit-published"],
+                         stats=stats, progress=False)
+    assert pack.config.method == "memit" and not pack.config.subject_keys
+    with pack.applied(model):
+        want = evaluate_counterfact(model, tok, sample, generation=False, retention_records=RECORDS)
+    got = runs[-1].result
+    assert got.efficacy_score == want.efficacy_score and got.paraphrase_score == want.paraphrase_score
+    assert got.retention == want.retention and runs[1].result.to_dict() != got.to_dict()
+    with pytest.raises(ConfigError, match="memit-published"):
+        compare_methods(model, tok, RECORDS, ["memit-publish"], [2], corpus=texts, progress=False)
+
+
 def test_edit_command_computes_the_baselines(tmp_path, capsys):
     from engine_setup import write_edit_inputs
 

@@ -137,7 +137,7 @@ def test_bench_compare_on_a_world_runs_each_seed_on_its_own_sample():
     import random
 
     from memit_adapter import EditRequest, MemitConfig, compute_edits
-    from memit_adapter.bench import published_settings, run_comparison
+    from memit_adapter.bench import run_comparison
     from memit_adapter.demo.checkpoints import load_world_model, world_model_path
     from memit_adapter.evaluation import evaluate_counterfact
     from memit_adapter.stats import collect_stats
@@ -147,7 +147,7 @@ def test_bench_compare_on_a_world_runs_each_seed_on_its_own_sample():
     model, tok, everything = load_world_model("world-gpt2-bpe")
     records = random.Random(1).sample(everything, 3)
     assert records != random.Random(0).sample(everything, 3)
-    base = published_settings(model)
+    base = MemitConfig.published_for(model)
     stats = collect_stats(model, tok, str(world_model_path("world-gpt2-bpe") / "corpus.txt"), base.layers,
                           max_tokens=base.mom2_max_tokens, batch_size=base.stats_batch_size, progress=False)
     pack = compute_edits(model, tok, [EditRequest.from_dict(r) for r in records],

@@ -118,3 +118,21 @@ def test_for_model_presets_and_scaled_defaults():
     assert MemitConfig.for_model(_Shell(GPT2Config(n_layer=6)), layers=[4]).layers == [4]
     model, _ = model_and_tokenizer("gpt2")
     assert max(MemitConfig.for_model(model).layers) < 4
+
+
+def test_published_for_is_the_published_preset_or_the_published_defaults_at_for_models_layers():
+    from transformers import GPT2Config, GPTJConfig, LlamaConfig
+    for cfg in (GPT2Config(n_layer=48, n_embd=1600), GPTJConfig(n_layer=28, n_embd=4096),
+                LlamaConfig(num_hidden_layers=32, hidden_size=4096)):
+        assert MemitConfig.published_for(_Shell(cfg)) == MemitConfig.for_model(_Shell(cfg))
+    shell = _Shell(GPT2Config(n_layer=6, n_embd=256, n_inner=1024))
+    published, scaled, defaults = MemitConfig.published_for(shell), MemitConfig.for_model(shell), MemitConfig()
+    assert published.layers == scaled.layers == [0, 1, 2]
+    assert published.mom2_update_weight == scaled.mom2_update_weight == pytest.approx(102.4)
+    assert published.update_weight(1000) == pytest.approx(102.4) != scaled.update_weight(1000)  # fixed, as published
+    assert (published.mom2_max_tokens, published.mom2_max_length) == (scaled.mom2_max_tokens, scaled.mom2_max_length)
+    same = ("v_lr", "v_lr_relative", "clamp_norm_factor", "kl_factor", "v_weight_decay", "v_loss_threshold",
+            "preserve_factor", "subject_keys", "context_template_length")
+    assert {f: getattr(published, f) for f in same} == {f: getattr(defaults, f) for f in same}
+    assert (published.v_num_grad_steps, published.v_lr, published.preserve_factor) == (20, 0.5, 0.0)
+    assert MemitConfig.published_for(shell, v_num_grad_steps=5).v_num_grad_steps == 5
