@@ -177,8 +177,9 @@ def reference_targets(model, spec, tokenizer, requests, templates, config: Memit
 
 def _reference_one(model, block, tokenizer, req, templates, config: MemitConfig) -> tuple[torch.Tensor, torch.Tensor]:
     device = next(model.parameters()).device
-    rewrite = [encode_fact(tokenizer, t.replace("{}", req.prompt), req.subject, req.target_new) for t in templates]
-    kl = encode_fact(tokenizer, KL_PROMPT, req.subject)
+    rewrite = [encode_fact(tokenizer, t.replace("{}", req.prompt), req.subject, req.target_new, req.subject_token)
+               for t in templates]
+    kl = encode_fact(tokenizer, KL_PROMPT, req.subject, subject_token=req.subject_token)
     ids, mask = pad_right([f.ids[:-1] for f in rewrite] + [kl.ids], pad_id(tokenizer), device)
     lookups = torch.tensor([f.lookup for f in rewrite] + [kl.lookup], device=device)
     rows = torch.arange(len(lookups), device=device)

@@ -21,6 +21,7 @@ from .errors import ConfigError
 CONTEXT_TEMPLATE_STARTS = ("The", "Therefore", "Because", "I", "You")
 _DTYPES = ("float32", "float64")
 _NULLSPACE_REFERENCES = ("absolute", "max_eigenvalue", "mean_eigenvalue")  # as memit_adapter.solve's
+EDIT_TOKENS = ("last", "reach")  # MemitConfig.edit_token
 
 
 # λ of the scaled defaults, per unit of MLP width (see MemitConfig.for_model)
@@ -184,6 +185,22 @@ class MemitConfig:
             when the request's prompt does not succeed 91.9% of the time against 83.2% with the published key;
             those that put it later when the request's prompt has it first stay at 82.7% against 82.2% (for such a
             request the new rows repeat its own).
+        edit_token: which subject token carries each edit. ``"last"``: the subject's last token, as published.
+            ``"reach"`` (not part of the published method): the last token unless a vector added there after block
+            L cannot make the target of one of the subject's requests more likely than not in a short optimisation
+            (:func:`~memit_adapter.reach.choose_subject_tokens`), then the subject token from which the target is
+            reached best; the key is read, and δ optimised, at that token. Large models read a subject at its last
+            token (the paper's causal traces); a small one may read it from earlier tokens, and then no edit at the
+            last token takes (:mod:`memit_adapter.reach`). A request's own ``subject_token`` overrides both, and a
+            pack's requests record the token used. Costs one 30-step optimisation of one vector per request, plus
+            one per other subject token of the subjects that fail. Measured with for_model's other settings
+            (ES / PS / NS / Score / retention):
+
+            ==============  ======  ==============================  ==============================  ========
+            world           edits   last                            reach                           moved
+            ==============  ======  ==============================  ==============================  ========
+            world-llama-sp  100     80.0 / 75.0 / 96.8 / 83.0 / 87.9  90.0 / 89.5 / 96.4 / 91.9 / 87.1  26 of 94
+            ==============  ======  ==============================  ==============================  ========
         repair_rounds: after the batch, the requests whose new target is not yet more probable than the true one
             after their own prompt are edited again, on top, up to this many rounds (not part of the published
             method; 0 = off; :mod:`memit_adapter.repair`). A target vector that works at the lookup can fail once
@@ -262,6 +279,7 @@ class MemitConfig:
     preserve_every: int = 1
     share_subject_delta: bool = True
     subject_keys: bool = False
+    edit_token: str = "last"
     repair_rounds: int = 0
     v_batch_size: int | None = 32
     context_templates: list[str] | None = None
@@ -289,6 +307,8 @@ class MemitConfig:
                   "context_template_length", "context_template_top_k", "nullspace_l2", "preserve_every")
         _non_negative(self, "v_loss_threshold", "v_target_nll_threshold", "kl_factor", "v_weight_decay",
                       "preserve_factor", "mom2_update_weight_per_edit", "nullspace_threshold", "repair_rounds")
+        if self.edit_token not in EDIT_TOKENS:
+            raise ConfigError(f"edit_token must be one of {EDIT_TOKENS}, got {self.edit_token!r}")
         if self.nullspace_threshold_of not in _NULLSPACE_REFERENCES:
             raise ConfigError(f"nullspace_threshold_of must be one of {_NULLSPACE_REFERENCES}, "
                               f"got {self.nullspace_threshold_of!r}")

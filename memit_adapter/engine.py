@@ -40,6 +40,7 @@ from .hooks import StopForward
 from .joint import check_joint_chain, difference, joint_batch
 from .modes import evaluating
 from .pack import EditPack, LayerDelta
+from .reach import choose_subject_tokens
 from .requests import EditRequest, as_requests, check_requests
 from .solve import cached_null_space, cov_factor, layer_update, null_space, projected_update, woodbury_pays
 from .stats import SecondMoment, collect_stats_for
@@ -138,6 +139,9 @@ def compute_edits(
         seconds["statistics"], clock = time.perf_counter() - clock, time.perf_counter()
         chain, below = (earlier, []) if joint else ([], earlier)  # re-solved with the new requests, or kept under them
         with _active(model, below):
+            if config.edit_token == "reach":
+                requests = broadcast_object(choose_subject_tokens(model, tokenizer, requests, max(config.layers),
+                                                                  progress=progress, arch=spec) if is_main() else None)
             solved, zs, z_loss = _targets(model, spec, tokenizer, requests, templates, config, chain, held, progress)
             seconds["targets"], clock = time.perf_counter() - clock, time.perf_counter()
             prior = (_key_rows(tokenizer, [r for p in below for r in p.requests], templates, config.subject_keys)
@@ -312,7 +316,7 @@ class _KeyRows:
 def _key_rows(tokenizer, requests: list[EditRequest], templates: list[str], subject_keys: bool = False) -> _KeyRows:
     """The rows a key is read from (see ``MemitConfig.subject_keys``)."""
     def cut(template: str, req: EditRequest, prompt: str) -> list[int]:
-        fact = encode_fact(tokenizer, template.replace("{}", prompt), req.subject)
+        fact = encode_fact(tokenizer, template.replace("{}", prompt), req.subject, subject_token=req.subject_token)
         return fact.ids[: fact.lookup + 1]
 
     alone = templates[1:] + templates[:1] if subject_keys else []  # the subject with nothing of the prompt

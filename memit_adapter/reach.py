@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 from torch import nn
@@ -86,13 +86,7 @@ def subject_reach(model: nn.Module, tokenizer, requests: Sequence[EditRequest], 
         raise ConfigError(f"steps ({steps}) and batch_size ({batch_size}) must be >= 1 and lr ({lr}) > 0")
     facts = [encode_fact(tokenizer, r.prompt, r.subject, r.target_new) for r in requests]
     rows = [(i, pos) for i, f in enumerate(facts) for pos in range(*f.subject)]
-    block = spec.blocks(model)[layer]
-    start, nll = torch.empty(len(rows)), torch.empty(len(rows))  # per row: before, and after its steps
-    with evaluating(model, freeze=True):
-        for first in tqdm(range(0, len(rows), batch_size), desc="reach", disable=not progress):
-            chunk = rows[first:first + batch_size]
-            start[first:first + len(chunk)], nll[first:first + len(chunk)] = _optimise_chunk(
-                model, block, tokenizer, facts, chunk, steps, lr)
+    start, nll = _reach_rows(model, spec.blocks(model)[layer], tokenizer, facts, rows, steps, lr, batch_size, progress)
     out, k = [], 0
     for r, f in zip(requests, facts):
         n = f.subject[1] - f.subject[0]
@@ -100,6 +94,61 @@ def subject_reach(model: nn.Module, tokenizer, requests: Sequence[EditRequest], 
         out.append(ReachResult(r.text, r.target_new, tokens, float(start[k]), nll[k:k + n].tolist(), layer))
         k += n
     return out
+
+
+def choose_subject_tokens(model: nn.Module, tokenizer, requests: Sequence[EditRequest], layer: int, *,
+                          steps: int = 30, lr: float = 0.25, batch_size: int = 256, progress: bool = True,
+                          arch: ArchSpec | None = None) -> list[EditRequest]:
+    """``requests`` with ``subject_token`` set where it is None: the subject's last token (-1) where a vector
+    added there after block ``layer`` reaches the target of every request about that subject (NLL below ln 2
+    after ``steps`` Adam steps, as :func:`subject_reach` measures); else the subject token, counted from the end,
+    with the lowest mean target NLL over those requests (``MemitConfig.edit_token="reach"``).
+
+    One token per subject, since requests about one subject share their key. The last tokens are tried first
+    (one row per request); only the subjects that fail there are tried at their other tokens, so a model that
+    reads its subjects at the last token pays one short optimisation per request. Requests whose
+    ``subject_token`` is set are kept as given. The model is left as it was.
+    """
+    spec = check_model(model, tokenizer, arch)
+    pending = [i for i, r in enumerate(requests) if r.subject_token is None]
+    if not pending:
+        return list(requests)
+    facts = {i: encode_fact(tokenizer, requests[i].prompt, requests[i].subject, requests[i].target_new)
+             for i in pending}
+    block = spec.blocks(model)[layer]
+    _, nll_last = _reach_rows(model, block, tokenizer, facts, [(i, facts[i].lookup) for i in pending], steps, lr,
+                              batch_size, progress)
+    last = dict(zip(pending, nll_last.tolist()))
+    by_subject: dict[str, list[int]] = {}
+    for i in pending:
+        by_subject.setdefault(requests[i].subject.strip(), []).append(i)
+    failing = [s for s, idx in by_subject.items() if any(last[i] >= REACHED for i in idx)]  # in request order
+    chosen = {s: -1 for s in by_subject}
+    if failing:
+        idx = [i for s in failing for i in by_subject[s]]
+        width = {s: min(facts[i].subject[1] - facts[i].subject[0] for i in by_subject[s]) for s in failing}
+        rows = [(i, facts[i].subject[1] + j) for i in idx for j in range(-width[requests[i].subject.strip()], -1)]
+        _, nll = _reach_rows(model, block, tokenizer, facts, rows, steps, lr, batch_size, progress)
+        mean: dict[tuple[str, int], list[float]] = {}
+        for (i, pos), x in zip(rows, nll.tolist()):
+            mean.setdefault((requests[i].subject.strip(), pos - facts[i].subject[1]), []).append(x)
+        for i in idx:
+            mean.setdefault((requests[i].subject.strip(), -1), []).append(last[i])
+        for s in failing:
+            chosen[s] = min(range(-width[s], 0), key=lambda j: (sum(mean[s, j]) / len(mean[s, j]), -j))
+    return [replace(r, subject_token=chosen[r.subject.strip()]) if r.subject_token is None else r for r in requests]
+
+
+def _reach_rows(model, block: nn.Module, tokenizer, facts, rows, steps: int, lr: float, batch_size: int,
+                progress: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Target NLL of each ``(fact key, position)`` row before and after its own vector's ``steps`` Adam steps."""
+    start, nll = torch.empty(len(rows)), torch.empty(len(rows))
+    with evaluating(model, freeze=True):
+        for first in tqdm(range(0, len(rows), batch_size), desc="reach", disable=not progress):
+            chunk = rows[first:first + batch_size]
+            start[first:first + len(chunk)], nll[first:first + len(chunk)] = _optimise_chunk(
+                model, block, tokenizer, facts, chunk, steps, lr)
+    return start, nll
 
 
 def _optimise_chunk(model, block: nn.Module, tokenizer, facts, chunk, steps: int, lr: float):
@@ -147,4 +196,4 @@ def summarise_reach(results: Sequence[ReachResult]) -> dict[str, int]:
             "best_is_last": sum(r.best == len(r.nll) - 1 for r in results)}
 
 
-__all__ = ["REACHED", "ReachResult", "subject_reach", "summarise_reach"]
+__all__ = ["REACHED", "ReachResult", "choose_subject_tokens", "subject_reach", "summarise_reach"]

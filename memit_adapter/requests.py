@@ -29,6 +29,10 @@ class EditRequest:
 
     ``relation_id`` (CounterFact's, e.g. ``"P17"``) names the relation the prompt asks about; requests
     that carry it let the target-vector step keep the subject's other relations (``preserve_factor``).
+
+    ``subject_token``: which of the subject's tokens carries the edit, counted from its end (-1: the last, where
+    the published method writes; -2: the one before it; past the first it means the first). None lets the config
+    decide (``MemitConfig.edit_token``); a pack stores the token its edit was written at.
     """
 
     prompt: str
@@ -37,6 +41,7 @@ class EditRequest:
     target_true: str | None = None
     case_id: int | str | None = None
     relation_id: str | None = None
+    subject_token: int | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.prompt, str) or self.prompt.count("{}") != 1:
@@ -51,6 +56,10 @@ class EditRequest:
             raise InvalidRequestError(f"relation_id must be a string or None, got {type(self.relation_id).__name__}")
         if self.target_true is not None and not isinstance(self.target_true, str):
             raise InvalidRequestError(f"target_true must be a string or None, got {type(self.target_true).__name__}")
+        token = self.subject_token
+        if token is not None and (not isinstance(token, int) or isinstance(token, bool) or token >= 0):
+            raise InvalidRequestError(f"subject_token must be None or a negative int (-1: the subject's last token), "
+                                      f"got {token!r}")
 
     @property
     def text(self) -> str:
@@ -83,13 +92,16 @@ class EditRequest:
         return cls(prompt=prompt, subject=subject, target_new=target_new,
                    target_true=None if target_true is None else _target_str(target_true),
                    case_id=record.get("case_id", rw.get("case_id")),
-                   relation_id=None if rw.get("relation_id") is None else str(rw["relation_id"]))
+                   relation_id=None if rw.get("relation_id") is None else str(rw["relation_id"]),
+                   subject_token=rw.get("subject_token"))
 
     def to_dict(self) -> dict[str, Any]:
-        """The fields as a dict; ``relation_id`` only when set, so packs written before it keep their ids."""
+        """The fields as a dict; ``relation_id`` and ``subject_token`` only when set, so packs written before them
+        keep their ids."""
         out = asdict(self)
-        if out["relation_id"] is None:
-            del out["relation_id"]
+        for name in ("relation_id", "subject_token"):
+            if out[name] is None:
+                del out[name]
         return out
 
 

@@ -131,19 +131,21 @@ def _build_batch(tokenizer, requests: Sequence[EditRequest], templates: Sequence
     kl_weight: list[float] = []
     for i, req in enumerate(requests):
         for t in templates:
-            facts.append(encode_fact(tokenizer, t.replace("{}", req.prompt), req.subject, req.target_new))
+            facts.append(encode_fact(tokenizer, t.replace("{}", req.prompt), req.subject, req.target_new,
+                                     req.subject_token))
             rows_req.append(i)
     n_rewrite = len(facts)
     kl_pos += [0] * n_rewrite
     kl_weight += [0.0] * n_rewrite
-    for i, req in enumerate(requests):  # the essence: the subject's last token of "{subject} is a"
-        facts.append(encode_fact(tokenizer, KL_PROMPT, req.subject))
+    for i, req in enumerate(requests):  # the essence: the edited subject token of "{subject} is a"
+        facts.append(encode_fact(tokenizer, KL_PROMPT, req.subject, subject_token=req.subject_token))
         rows_req.append(i)
         kl_pos.append(facts[-1].lookup)
         kl_weight.append(kl_factor)
     for i, req in enumerate(kept or [[] for _ in requests]):  # other relations: the answer position
         for k in req:
-            facts.append(encode_fact(tokenizer, k.template, requests[i].subject))
+            facts.append(encode_fact(tokenizer, k.template, requests[i].subject,
+                                     subject_token=requests[i].subject_token))
             rows_req.append(i)
             kl_pos.append(facts[-1].n_prompt - 1)
             kl_weight.append(k.weight)

@@ -34,11 +34,13 @@ class EncodedFact:
     ids: list[int]  # prompt tokens followed by target tokens
     subject: tuple[int, int]  # [first, stop) positions of the subject's tokens (BOS included in the count)
     n_prompt: int  # number of prompt tokens (BOS included); target tokens follow
+    subject_token: int = -1  # the subject token that carries the edit, from its end (see EditRequest.subject_token)
 
     @property
     def lookup(self) -> int:
-        """Index of the subject's last token."""
-        return self.subject[1] - 1
+        """Index of the subject token that carries the edit: the last unless ``subject_token`` says otherwise
+        (one past the first token means the first)."""
+        return max(self.subject[0], self.subject[1] + self.subject_token)
 
     @property
     def target_ids(self) -> list[int]:
@@ -60,9 +62,10 @@ def fill(template: str, subject: str) -> tuple[str, int]:
     return template[:start] + subject + template[start + 2:], start
 
 
-def encode_fact(tokenizer, template: str, subject: str, target: str = "") -> EncodedFact:
+def encode_fact(tokenizer, template: str, subject: str, target: str = "", subject_token: int | None = None
+                ) -> EncodedFact:
     """Tokenise ``template`` filled with ``subject``, followed by ``target`` as the model would continue the
-    prompt (see :func:`encode_continuation`)."""
+    prompt (see :func:`encode_continuation`); ``subject_token`` (None: the last, -1) sets the ``lookup``."""
     text, start = fill(template, subject)
     prompt_ids, span = subject_span(tokenizer, text, start, start + len(subject.rstrip()))
     unk = getattr(tokenizer, "unk_token_id", None)
@@ -70,7 +73,8 @@ def encode_fact(tokenizer, template: str, subject: str, target: str = "") -> Enc
         raise InvalidRequestError(f"subject {subject!r} is only unknown tokens ({tokenizer.unk_token!r}) to this "
                                   "tokenizer: an edit there would change every unknown word")
     target_ids = _continuation_ids(tokenizer, text, prompt_ids, target) if target else []
-    return EncodedFact(ids=list(prompt_ids) + target_ids, subject=span, n_prompt=len(prompt_ids))
+    return EncodedFact(ids=list(prompt_ids) + target_ids, subject=span, n_prompt=len(prompt_ids),
+                       subject_token=-1 if subject_token is None else subject_token)
 
 
 def encode_continuation(tokenizer, text: str, target: str) -> tuple[list[int], list[int]]:

@@ -211,9 +211,11 @@ def _reference_spread(model, tok, reqs, templates, cfg, zs, stats):
                 with torch.no_grad(), capture_inputs(spec.mlp_out_module(ref, layer)) as k_in, \
                         capture_outputs(spec.blocks(ref)[last]) as outs:
                     ref.base_model(input_ids=torch.tensor([fact.ids]))
-                k.append(k_in[0][0, fact.lookup])
+                first, stop = fact.subject
+                at = stop - 1 if r.subject_token is None else max(first, stop + r.subject_token)
+                k.append(k_in[0][0, at])
                 if j == 0:
-                    cur.append(outs[0][0, fact.lookup])
+                    cur.append(outs[0][0, at])
             keys.append(0.5 * (k[0] + torch.stack(k[1:]).mean(0)))
         residuals = (zs - torch.stack(cur)).T / (len(cfg.layers) - pos)
         B, A = layer_update(torch.stack(keys).T, residuals, stats[layer].mom2, cfg.mom2_update_weight)
@@ -277,6 +279,58 @@ def test_subject_keys_add_the_subject_alone_to_each_key(arch):
         w = want[spec.mlp_out_name(layer)]
         assert (got[True][layer].weight_delta() - w).abs().max() <= 1e-5 * w.abs().max(), layer
         assert (got[False][layer].weight_delta() - w).abs().max() > 1e-2 * w.abs().max(), layer
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_an_edit_at_another_subject_token_reads_its_keys_there(arch):
+    """With ``subject_token`` -2 each key and ``cur`` come from the subject's second-to-last token (the first of a
+    one-token subject): the spread equals full forwards read there, and differs from the last token's."""
+    from dataclasses import replace
+
+    model, tok = model_and_tokenizer(arch)
+    reqs = [replace(r, subject_token=-2) for r in varied_requests()]
+    cfg = config(layers=[1, 2], context_templates=VARIED_TEMPLATES, subject_keys=True)
+    stats = collect_stats(model, tok, corpus(), cfg.layers, n_samples=cfg.mom2_n_samples, progress=False)
+    zs = torch.randn(len(reqs), model.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    spec = get_arch_spec(model)
+    got = engine_mod._spread_over_layers(model, spec, tok, reqs, VARIED_TEMPLATES, cfg, zs, stats, False,
+                                         keep_factors=False)
+    last = engine_mod._spread_over_layers(model, spec, tok, varied_requests(), VARIED_TEMPLATES, cfg, zs, stats,
+                                          False, keep_factors=False)
+    want = _reference_spread(model, tok, reqs, VARIED_TEMPLATES, cfg, zs, stats)
+    for layer in cfg.layers:
+        w = want[spec.mlp_out_name(layer)]
+        assert (got[layer].weight_delta() - w).abs().max() <= 1e-5 * w.abs().max(), layer
+        assert (last[layer].weight_delta() - w).abs().max() > 1e-2 * w.abs().max(), layer
+
+
+def test_edit_token_reach_edits_at_the_tokens_it_chooses_and_the_pack_records_them(monkeypatch):
+    """``edit_token="reach"``: the requests whose last token fails move to the token chosen for them; the pack is
+    the one computed with those tokens given, and its requests carry them."""
+    from dataclasses import replace
+
+    from memit_adapter import reach
+
+    model, tok = model_and_tokenizer("gpt2")
+    reqs = requests()
+    chosen = {"michael jordan": -2, "toko yuki": -2}  # these fail at their last token; the others reach there
+
+    def fake_rows(model, block, tokenizer, facts, rows, steps, lr, batch_size, progress):
+        nll = [0.0 if pos - facts[i].subject[1] == chosen.get(reqs[i].subject, -1) else 5.0 for i, pos in rows]
+        return torch.full((len(rows),), 9.0), torch.tensor(nll)
+
+    monkeypatch.setattr(reach, "_reach_rows", fake_rows)
+    cfg = config(v_num_grad_steps=5, edit_token="reach")
+    stats = collect_stats(model, tok, corpus(), cfg.layers, n_samples=cfg.mom2_n_samples, progress=False)
+    pack = compute_edits(model, tok, reqs, cfg, stats=stats, progress=False)
+    assert [r.subject_token for r in pack.requests] == [chosen.get(r.subject, -1) for r in reqs]
+    given = [replace(r, subject_token=chosen.get(r.subject, -1)) for r in reqs]
+    want = compute_edits(model, tok, given, cfg.replace(edit_token="last"), stats=stats, progress=False)
+    published = compute_edits(model, tok, reqs, cfg.replace(edit_token="last"), stats=stats, progress=False)
+    for name, delta in pack.deltas.items():
+        torch.testing.assert_close(delta.weight_delta(), want.deltas[name].weight_delta())
+        assert not torch.allclose(delta.weight_delta(), published.deltas[name].weight_delta())
+    assert pack.requests == want.requests
 
 
 def test_key_passes_stop_where_they_have_what_they_measure():

@@ -10,7 +10,7 @@ import torch
 from tiny import make_tokenizer, tiny_model
 
 from memit_adapter.errors import ConfigError
-from memit_adapter.reach import subject_reach, summarise_reach
+from memit_adapter.reach import choose_subject_tokens, subject_reach, summarise_reach
 from memit_adapter.requests import EditRequest
 
 FACTS = [EditRequest("{} plays the sport of", "michael jordan", " tennis"),
@@ -105,3 +105,41 @@ def test_trace_reach_command_writes_what_the_library_computes(tmp_path, capsys):
         main(["trace", "--model", str(tmp_path / "m"), "--data", str(tmp_path / "records.json"), "--reach",
               "--reach-layer", "9", "--out", str(tmp_path / "bad"), "--quiet"])
     assert not (tmp_path / "bad").exists()
+
+
+def test_choose_subject_tokens_moves_only_the_subjects_whose_last_token_fails(monkeypatch):
+    """The last token where it reaches every request of its subject; else the token with the lowest mean NLL over
+    the subject's requests, tried only for the subjects that fail; a request's own token is kept."""
+    from memit_adapter import reach
+
+    tok = make_tokenizer()
+    reqs = [EditRequest("{} plays the sport of", "michael jordan tennis", " golf"),
+            EditRequest("the sport played by {}", "michael jordan tennis", " hockey"),
+            EditRequest("{} lives in", "danielle darrieux", " rome"),
+            EditRequest("{} lives in", "lebron james", " paris", subject_token=-2)]
+    # target NLL by (request, subject token from the end): "michael jordan tennis" fails at its last token for its
+    # first request only; over both requests "michael" (-3) is best, "jordan" (-2) is best for one of them alone
+    table = {(0, -1): 2.0, (1, -1): 0.1, (0, -2): 0.0, (1, -2): 3.0, (0, -3): 0.5, (1, -3): 0.5, (2, -1): 0.3}
+    calls = []
+
+    def fake_rows(model, block, tokenizer, facts, rows, steps, lr, batch_size, progress):
+        calls.append([(i, pos - facts[i].subject[1]) for i, pos in rows])
+        nll = torch.tensor([table[i, pos - facts[i].subject[1]] for i, pos in rows])
+        return nll + 1, nll
+
+    monkeypatch.setattr(reach, "_reach_rows", fake_rows)
+    chosen = reach.choose_subject_tokens(tiny_model("gpt2"), tok, reqs, layer=1, progress=False)
+    assert [r.subject_token for r in chosen] == [-3, -3, -1, -2]
+    assert calls == [[(0, -1), (1, -1), (2, -1)], [(0, -3), (0, -2), (1, -3), (1, -2)]]
+    assert [r.target_new for r in chosen] == [r.target_new for r in reqs] and chosen[3] is reqs[3]
+    calls.clear()
+    assert reach.choose_subject_tokens(tiny_model("gpt2"), tok, chosen, layer=1, progress=False) == chosen
+    assert calls == []  # every token already set: nothing to measure
+
+
+def test_choose_subject_tokens_keeps_the_last_token_that_is_the_answer_position():
+    model, tok = _blind_after(tiny_model("gpt2", init_std=0.1), 1), make_tokenizer()
+    before = {n: p.clone() for n, p in model.state_dict().items()}
+    chosen = choose_subject_tokens(model, tok, FACTS[2:], layer=1, steps=60, progress=False)
+    assert [r.subject_token for r in chosen] == [-1]  # "lebron james" ends the prompt: its last token reaches
+    assert all(torch.equal(p, before[n]) for n, p in model.state_dict().items())

@@ -23,6 +23,9 @@ def test_subject_lookup_and_targets(add_bos, padding_side):
     assert tok.convert_ids_to_tokens(fact.target_ids) == ["tennis", "golf"]
     assert fact.target_positions == [len(fact.ids) - 3, len(fact.ids) - 2]
     assert tokens[fact.n_prompt - 1] == "of"
+    for token, word in ((-1, "jordan"), (-2, "michael"), (-5, "michael")):  # past the first: the first
+        moved = encode_fact(tok, "the man said . {} plays the sport of", "michael jordan", " tennis golf", token)
+        assert tokens[moved.lookup] == word and (moved.ids, moved.subject) == (fact.ids, fact.subject)
 
 
 def test_padding_side_does_not_change_the_edit():
@@ -51,6 +54,12 @@ def test_request_from_counterfact_and_memit_dicts():
     assert EditRequest(**a.to_dict()) == a
     with pytest.raises(InvalidRequestError, match="relation_id"):
         EditRequest("{} x", "s", " y", relation_id=17)
+    for bad in (0, 1, True, -1.0, "-1"):
+        with pytest.raises(InvalidRequestError, match="subject_token"):
+            EditRequest("{} x", "s", " y", subject_token=bad)
+    c = EditRequest.from_dict({"prompt": "{} x", "subject": "s", "target_new": "y", "subject_token": -2})
+    assert c.subject_token == -2 and c.to_dict()["subject_token"] == -2 and EditRequest(**c.to_dict()) == c
+    assert "subject_token" not in b.to_dict()  # unset: packs written before it keep their ids
     assert a.text == "Michael Jordan plays the sport of"
     with pytest.raises(InvalidRequestError, match="target_new"):
         EditRequest.from_dict({"prompt": "{} x", "subject": "s"})
@@ -74,6 +83,7 @@ def test_config_json_round_trip_and_validation():
                 dict(v_batch_size=0), dict(context_templates=["no placeholder"]), dict(layers=[True]),
                 dict(mom2_n_samples=2.5), dict(v_num_grad_steps=2.5), dict(v_num_grad_steps=0),
                 dict(seed=float("nan")), dict(v_lr_relative="no"), dict(share_subject_delta=1), dict(v_lr="0.5"),
+                dict(edit_token="first"), dict(edit_token=None),
                 dict(kl_factor=True),
                 dict(mom2_max_tokens=10.0), dict(stats_batch_size=True), dict(mom2_update_weight_per_edit=-1.0),
                 dict(preserve_max_relations=0), dict(preserve_every=0), dict(preserve_every=1.5),
