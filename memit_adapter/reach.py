@@ -15,6 +15,11 @@ Usage::
 
     results = subject_reach(model, tok, requests, layer=MemitConfig.for_model(model).layers[-1])
     summarise_reach(results)   # {"facts": 100, "last_token_fails": 29, "another_token_reaches": 29, ...}
+    requests = choose_subject_tokens(model, tok, requests, layer)   # each subject_token: where its edit goes
+
+:func:`choose_subject_tokens` turns the check into a choice (``MemitConfig.edit_token="reach"``, on in ``for_model``'s
+scaled defaults): a subject stays at its last token where that reaches its targets, and moves to the token that
+reaches them best where it does not.
 
 Measured on the shipped worlds (``subject_reach`` with its defaults on ``random.Random(0).sample(records, 100)``;
 ``memit-adapter trace --model M --reach`` checks a world's first ``--limit`` records): world-llama-sp's last subject

@@ -122,6 +122,7 @@ def test_for_model_presets_and_scaled_defaults():
     assert (small.v_num_grad_steps, small.v_loss_threshold, small.preserve_factor) == (60, 0.001, 0.5)
     assert xl.preserve_factor == gptj.preserve_factor == llama.preserve_factor == 0.0  # published method
     assert small.subject_keys and not (xl.subject_keys or gptj.subject_keys or llama.subject_keys)
+    assert small.edit_token == "reach" and xl.edit_token == gptj.edit_token == llama.edit_token == "last"
     twelve = MemitConfig.for_model(_Shell(GPT2Config(n_layer=12, n_embd=768)))
     assert twelve.layers == [1, 2, 3, 4] and twelve.mom2_update_weight == pytest.approx(307.2)
     assert not xl.v_lr_relative and xl.v_lr == 0.5 and xl.clamp_norm_factor == 0.75
@@ -142,7 +143,7 @@ def test_published_for_is_the_published_preset_or_the_published_defaults_at_for_
     assert published.update_weight(1000) == pytest.approx(102.4) != scaled.update_weight(1000)  # fixed, as published
     assert (published.mom2_max_tokens, published.mom2_max_length) == (scaled.mom2_max_tokens, scaled.mom2_max_length)
     same = ("v_lr", "v_lr_relative", "clamp_norm_factor", "kl_factor", "v_weight_decay", "v_loss_threshold",
-            "preserve_factor", "subject_keys", "context_template_length")
+            "preserve_factor", "subject_keys", "edit_token", "context_template_length")
     assert {f: getattr(published, f) for f in same} == {f: getattr(defaults, f) for f in same}
     assert (published.v_num_grad_steps, published.v_lr, published.preserve_factor) == (20, 0.5, 0.0)
     assert MemitConfig.published_for(shell, v_num_grad_steps=5).v_num_grad_steps == 5
