@@ -239,7 +239,7 @@ def _spread_over_layers(model, spec, tokenizer, requests, templates, config, zs,
     l_1..l_{p-1} applied; both come from the same forward, and none can come earlier, since each pass needs the
     delta the previous one solved for: one pass per edited layer is the fewest. Each pass stops as soon as it has
     what it measures (the templated prompts at layer l_p's key, the bare prompts at block L) and runs each
-    prompt only up to the subject's last token (what follows cannot reach it in a causal model). With
+    prompt only up to the subject's edit token (what follows cannot reach it in a causal model). With
     ``keep_factors`` (statistics the caller keeps), a Cholesky factor of C computed for the Woodbury route is
     kept on the :class:`SecondMoment` for the next pack. ``prior``: the prompts of earlier packs' requests, whose
     keys at each layer (measured the same way) are added to the preserved second moment: ``C + K₀K₀ᵀ / λ``.
@@ -305,7 +305,7 @@ def _frobenius(B: torch.Tensor, A: torch.Tensor) -> float:
 
 @dataclass
 class _KeyRows:
-    """Each request's prompts as token ids cut after the subject's last token (where keys and ``cur`` are read;
+    """Each request's prompts as token ids cut after the subject's edit token (where keys and ``cur`` are read;
     no later token can reach it in a causal model): the bare one and the others whose keys are averaged (one per
     prefixed context template; with ``subject_keys`` also the subject alone after each of them and bare)."""
 

@@ -12,9 +12,10 @@ model their keys at the subject's last token are the same vector when the text b
 the same, so one key cannot be asked for two different ``z``; the shared ``δ`` minimises the mean of
 their losses instead, and then every one of them asks for the same change.
 
-A step runs only what δ changes. δ is added at the subject's last token, so in a causal model no state
-before it moves: those prefixes are run once and their attention keys and values cached, and each step runs
-the rest of the row (prompt after the subject, target) through the blocks after layer L on that cache. With
+A step runs only what δ changes. δ is added at the subject's edit token (its last, unless the request's
+``subject_token`` says otherwise), so in a causal model no state before it moves: those prefixes are run once
+and their attention keys and values cached, and each step runs the rest of the row (from the edit token on:
+the prompt after the subject, the target) through the blocks after layer L on that cache. With
 the sampled context templates most of a row is prefix: :func:`tokens_per_step` counts both (20 requests of
 CounterFact-like shapes on a word-level tokenizer: a step runs 9-35% of the token positions of whole rows).
 """
@@ -78,7 +79,7 @@ class _Batch:
     input_ids: torch.Tensor  # (rows, seq)
     attention_mask: torch.Tensor  # (rows, seq)
     row_request: torch.Tensor  # (rows,) request index of each row
-    lookup: torch.Tensor  # (rows,) subject's last token
+    lookup: torch.Tensor  # (rows,) the subject's edit token (EncodedFact.lookup)
     kl_pos: torch.Tensor  # (rows,) position whose next-token distribution a KL row keeps (0 on rewrite rows)
     kl_weight: torch.Tensor  # (rows,) weight of that KL term (0 on rewrite rows)
     target_rows: torch.Tensor  # (m,) row of each target token
@@ -618,7 +619,7 @@ def _optimise_deltas(model, spec, tokenizer, requests, templates, config, layer,
         kl_init = torch.log_softmax(head(final[kl_rows, batch.kl_pos[kl_rows] - batch.lookup[kl_rows]]), dim=-1)
         del final
         _drop_old_answers(batch, kl_init, [k.forbidden for ks in kept for k in ks])
-        # h_i: block output at the subject's last token of the bare prompt (templates[0] == "{}")
+        # h_i: block output at the subject's edit token of the bare prompt (templates[0] == "{}")
         at = lookup_states(parts)
         h = at[torch.arange(batch.n_requests, device=at.device) * len(templates)].float().to(device)
     group = torch.tensor(groups, device=device)  # (n,) δ row of each request
