@@ -35,7 +35,8 @@ from .methods import METHODS
 from .requests import EditRequest
 from .stats import collect_stats_for
 
-VARIANTS = {"memit-published": "memit"}  # a compared name that is a method with other settings: its method
+# a compared name that is a method with other settings: its method, and the settings it runs with by default
+VARIANTS = {"memit-published": ("memit", MemitConfig.published_for)}
 COMPARED = (*METHODS, *VARIANTS)  # every name compare_methods takes
 
 
@@ -76,8 +77,8 @@ def compare_methods(model: nn.Module, tokenizer, records: Sequence[Mapping[str, 
         requests = [EditRequest.from_dict(r) for r in chosen]
         for method in methods:
             t0 = time.perf_counter()
-            pack = METHODS[VARIANTS.get(method, method)](model, tokenizer, requests, configs[method], stats=stats,
-                                                         progress=progress)
+            name = VARIANTS[method][0] if method in VARIANTS else method
+            pack = METHODS[name](model, tokenizer, requests, configs[method], stats=stats, progress=progress)
             seconds = time.perf_counter() - t0
             with pack.applied(model):
                 result = evaluate_counterfact(model, tokenizer, chosen, **evaluate)
@@ -86,15 +87,15 @@ def compare_methods(model: nn.Module, tokenizer, records: Sequence[Mapping[str, 
 
 
 def _default_config(method: str, model: nn.Module) -> Any:
-    """The settings a compared name runs with when none are given: ``for_model``, or ``published_for``."""
-    if method == "memit-published":
-        return MemitConfig.published_for(model)
+    """The settings a compared name runs with when none are given: its variant's, else ``for_model``."""
+    if method in VARIANTS:
+        return VARIANTS[method][1](model)
     return config_class(method).for_model(model)
 
 
 def format_comparison(runs: Sequence[MethodRun]) -> str:
     """One line per run: ES, PS, NS, Score, retention in percent, entropy, seconds."""
-    width = max(8, *(len(r.method) + 1 for r in runs))
+    width = max([8, *(len(r.method) + 1 for r in runs)])
     lines = [f"{'method':<{width}}{'edits':>7}{RESULT_HEADER}{'s':>9}"]
     lines += [f"{r.method:<{width}}{r.n_edits:>7}{result_cells(r.result)}{r.seconds:>9.1f}" for r in runs]
     return "\n".join(lines)

@@ -43,6 +43,7 @@ import torch
 from torch import nn
 
 from .arch import max_positions
+from .config import MemitConfig
 from .counterfact import load_counterfact, normalize_records
 from .devices import input_device
 from .errors import MemitError
@@ -429,7 +430,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--retention", action="store_true",
                         help="also report retention: top-1 recall of every fact of the whole record set (--data "
                              "or the world's records) that the evaluated records (the edited batch) do not edit")
-    parser.add_argument("--methods", nargs="+", choices=["memit", "memit-published", "rome", "ft"],
+    from .compare import COMPARED
+
+    parser.add_argument("--methods", nargs="+", choices=list(COMPARED),
                         help="compare editing methods: each edits the same sample of --n records (or of each size of "
                              "--sizes) and is evaluated with its pack applied; prints one table (memit-published: "
                              "MEMIT with the published settings, MemitConfig.published_for)")
@@ -531,6 +534,9 @@ def _compare_cli(args: argparse.Namespace, out: Path) -> int:
         corpus = corpus or str(world_model_path(world) / "corpus.txt")
         tuned = {*(args.methods or ()), "memit"} - {"memit-published"}  # the published settings are not tuned
         configs = {m: world_config(world, model, m) for m in tuned}  # the world's tuned settings
+        memit = configs["memit"]  # the published settings at the world's layers and λ: only the method differs
+        configs["memit-published"] = MemitConfig.published_for(model, layers=memit.layers,
+                                                               mom2_update_weight=memit.mom2_update_weight)
     if corpus is None and args.stats_cache is None and (args.chain or set(args.methods) - {"ft"}):
         raise SystemExit("memit-adapter eval: MEMIT and ROME need --corpus or --stats-cache for statistics")
     common = dict(corpus=corpus, cache_dir=args.stats_cache, retention_records=records if args.retention else None,
