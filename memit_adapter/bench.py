@@ -523,7 +523,7 @@ def format_report(r: dict[str, Any]) -> str:
         f"one at a time {r['z_serial_s']:.1f} s -> {r['z_speedup']:.1f}x ({ok(r['z_speedup'] >= 10)} the 10x target;"
         f" max |dz| {r['z_max_abs_diff']:.2e})",
         f"z step, first batch: {r['z_step_tokens']} token positions through the blocks after L (suffixes from the"
-        f" subject's last token), {r['z_step_tokens'] / r['z_step_tokens_full_rows']:.0%} of the"
+        f" subject's edit token), {r['z_step_tokens'] / r['z_step_tokens_full_rows']:.0%} of the"
         f" {r['z_step_tokens_full_rows']} of whole rows",
         f"statistics, {r['n_texts']} texts x {r['text_length']} tokens: one pass {r['stats_one_pass_s']:.1f} s, "
         f"full pass per layer {r['stats_per_layer_full_s']:.1f} s -> {r['stats_speedup_vs_full_passes']:.1f}x "

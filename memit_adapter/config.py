@@ -489,10 +489,10 @@ class MemitConfig:
 
         A model with a published preset gets that preset (what :meth:`for_model` gives it). Any other model gets
         the published defaults of the target vectors and the solve (20 steps of lr 0.5, clamp 0.75, KL 0.0625,
-        weight decay 0.5, threshold 0.05; no preservation, no subject keys; λ fixed whatever the batch size) at
-        :meth:`for_model`'s layers, λ (of 100 edits) and statistics budget: the published method has no rule for
-        those on a model it was not run on, and with them equal only the method differs. ``overrides`` replace
-        any field.
+        weight decay 0.5, threshold 0.05; no preservation, no subject keys, the last subject token; λ fixed
+        whatever the batch size) at :meth:`for_model`'s layers, λ (of 100 edits) and statistics budget: the
+        published method has no rule for those on a model it was not run on, and with them equal only the method
+        differs. ``overrides`` replace any field.
         """
         scaled = cls.for_model(model)
         if published_preset(model) is not None:

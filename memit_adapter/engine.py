@@ -87,6 +87,10 @@ def compute_edits(
     a subject the new batch edits, optimised again with it; the key passes and the solve cover every request.
     Every pack stores the target vectors of its chain, so the next pack can be computed in another process.
 
+    ``config.edit_token="reach"``: before the target vectors, the subject token of each request without one is
+    chosen (:func:`~memit_adapter.reach.choose_subject_tokens`; with several processes on rank 0, which the others
+    wait for); the pack's requests record it. Requests about one subject, which share one δ, must name one token.
+
     ``config.repair_rounds`` > 0 (not with ``joint``): the requests that did not take are edited again on top, up to
     that many rounds, and the rounds' packs come back stacked as one (:mod:`memit_adapter.repair`).
 
@@ -124,6 +128,8 @@ def compute_edits(
         raise ConfigError("repair_rounds does not combine with joint=True: a joint pack is one solve of its chain, "
                           "and repair rounds are packs on top of it; compute the joint pack, then repair on top")
     held = _check_joint(model, earlier, config) if joint else []  # the chain's requests
+    if config.share_subject_delta:  # before any work; with "reach", undecided tokens follow a subject's set one
+        _check_subject_tokens([*held, *requests], unset=-1 if config.edit_token == "last" else None)
 
     seconds: dict[str, float] = {}
     clock = time.perf_counter()
@@ -140,8 +146,10 @@ def compute_edits(
         chain, below = (earlier, []) if joint else ([], earlier)  # re-solved with the new requests, or kept under them
         with _active(model, below):
             if config.edit_token == "reach":
+                known = {r.subject.strip(): r.subject_token or -1 for r in held}  # a chain re-solved keeps its own
                 requests = broadcast_object(choose_subject_tokens(model, tokenizer, requests, max(config.layers),
-                                                                  progress=progress, arch=spec) if is_main() else None)
+                                                                  known=known, progress=progress, arch=spec)
+                                            if is_main() else None)
             solved, zs, z_loss = _targets(model, spec, tokenizer, requests, templates, config, chain, held, progress)
             seconds["targets"], clock = time.perf_counter() - clock, time.perf_counter()
             prior = (_key_rows(tokenizer, [r for p in below for r in p.requests], templates, config.subject_keys)
@@ -169,6 +177,21 @@ def compute_edits(
 
         pack = repaired(model, tokenizer, pack, config.repair_rounds, below, edit_again, _active)
     return pack
+
+
+def _check_subject_tokens(requests: list[EditRequest], unset: int | None) -> None:
+    """Raise :class:`InvalidRequestError` when requests about one subject, which share one δ, name different
+    ``subject_token``s; a request without one counts as ``unset`` (None: not at all)."""
+    seen: dict[str, int] = {}
+    for r in requests:
+        mine = unset if r.subject_token is None else r.subject_token
+        if mine is None:
+            continue
+        token = seen.setdefault(r.subject.strip(), mine)
+        if token != mine:
+            raise InvalidRequestError(f"requests about {r.subject.strip()!r} share one target vector but name "
+                                      f"subject tokens {token} and {mine}: give them one token, or set "
+                                      f"share_subject_delta=False")
 
 
 def _check_joint(model: nn.Module, chain: list[EditPack], config: MemitConfig) -> list[EditRequest]:

@@ -33,7 +33,7 @@ there.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 
 import torch
@@ -46,6 +46,7 @@ from .errors import ConfigError
 from .hooks import capture_outputs, edit_output
 from .modes import evaluating
 from .requests import EditRequest
+from .targets import KL_PROMPT
 from .tokens import encode_fact, pad_id, pad_right
 
 REACHED = math.log(2)  # a target NLL below ln 2: the target is more likely than not
@@ -102,22 +103,32 @@ def subject_reach(model: nn.Module, tokenizer, requests: Sequence[EditRequest], 
 
 
 def choose_subject_tokens(model: nn.Module, tokenizer, requests: Sequence[EditRequest], layer: int, *,
-                          steps: int = 30, lr: float = 0.25, batch_size: int = 256, progress: bool = True,
-                          arch: ArchSpec | None = None) -> list[EditRequest]:
+                          known: Mapping[str, int] | None = None, steps: int = 30, lr: float = 0.25,
+                          batch_size: int = 256, progress: bool = True, arch: ArchSpec | None = None
+                          ) -> list[EditRequest]:
     """``requests`` with ``subject_token`` set where it is None: the subject's last token (-1) where a vector
     added there after block ``layer`` reaches the target of every request about that subject (NLL below ln 2
     after ``steps`` Adam steps, as :func:`subject_reach` measures); else the subject token, counted from the end,
     with the lowest mean target NLL over those requests (``MemitConfig.edit_token="reach"``).
 
-    One token per subject, since requests about one subject share their key. The last tokens are tried first
-    (one row per request); only the subjects that fail there are tried at their other tokens, so a model that
-    reads its subjects at the last token pays one short optimisation per request. Requests whose
-    ``subject_token`` is set are kept as given. The model is left as it was.
+    One token per subject, since requests about one subject share their key: a subject that already has one, in
+    ``known`` (subject -> token, e.g. the requests of a chain being re-solved) or on another of ``requests``,
+    keeps it. Requests whose ``subject_token`` is set are kept as given. The last tokens are tried first (one row
+    per request); only the subjects that fail there are tried at their other tokens, so a model that reads its
+    subjects at the last token pays one short optimisation per request. The choice is made on each request's
+    own prompt; a token is counted from the end because a subject's first word may split differently at the start
+    of a text and after a space, and it is taken among the tokens the subject has both in its requests' prompts and
+    in :data:`~memit_adapter.targets.KL_PROMPT`. The model is left as it was.
     """
     spec = check_model(model, tokenizer, arch)
-    pending = [i for i, r in enumerate(requests) if r.subject_token is None]
+    fixed = dict(known or {})
+    for r in requests:
+        if r.subject_token is not None:
+            fixed.setdefault(r.subject.strip(), r.subject_token)
+    pending = [i for i, r in enumerate(requests) if r.subject_token is None and r.subject.strip() not in fixed]
     if not pending:
-        return list(requests)
+        return [r if r.subject_token is not None else replace(r, subject_token=fixed[r.subject.strip()])
+                for r in requests]
     facts = {i: encode_fact(tokenizer, requests[i].prompt, requests[i].subject, requests[i].target_new)
              for i in pending}
     block = spec.blocks(model)[layer]
@@ -131,7 +142,8 @@ def choose_subject_tokens(model: nn.Module, tokenizer, requests: Sequence[EditRe
     chosen = {s: -1 for s in by_subject}
     if failing:
         idx = [i for s in failing for i in by_subject[s]]
-        width = {s: min(facts[i].subject[1] - facts[i].subject[0] for i in by_subject[s]) for s in failing}
+        width = {s: min(_n_tokens(encode_fact(tokenizer, KL_PROMPT, s)),
+                        *(_n_tokens(facts[i]) for i in by_subject[s])) for s in failing}
         rows = [(i, facts[i].subject[1] + j) for i in idx for j in range(-width[requests[i].subject.strip()], -1)]
         _, nll = _reach_rows(model, block, tokenizer, facts, rows, steps, lr, batch_size, progress)
         mean: dict[tuple[str, int], list[float]] = {}
@@ -141,7 +153,12 @@ def choose_subject_tokens(model: nn.Module, tokenizer, requests: Sequence[EditRe
             mean.setdefault((requests[i].subject.strip(), -1), []).append(last[i])
         for s in failing:
             chosen[s] = min(range(-width[s], 0), key=lambda j: (sum(mean[s, j]) / len(mean[s, j]), -j))
+    chosen.update(fixed)
     return [replace(r, subject_token=chosen[r.subject.strip()]) if r.subject_token is None else r for r in requests]
+
+
+def _n_tokens(fact) -> int:
+    return fact.subject[1] - fact.subject[0]
 
 
 def _reach_rows(model, block: nn.Module, tokenizer, facts, rows, steps: int, lr: float, batch_size: int,

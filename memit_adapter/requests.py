@@ -105,6 +105,14 @@ class EditRequest:
         return out
 
 
+def _csv_row(row: dict[str, str]) -> dict[str, Any]:
+    """A CSV row's fields, ``subject_token`` as the integer it spells (left as text, and refused, when it is not)."""
+    token = row.get("subject_token")
+    if token is not None and token.strip().lstrip("-").isdigit():
+        row["subject_token"] = int(token)
+    return row
+
+
 def _target_str(target: Any) -> str:
     if isinstance(target, Mapping):
         if "str" not in target:
@@ -151,7 +159,8 @@ def load_requests(path: str | os.PathLike) -> list[EditRequest]:
 
     ``.jsonl``: one JSON object a line; ``.json``: a list of objects (or one); each object holds the fields of
     :class:`EditRequest` or is a CounterFact record (``requested_rewrite``). ``.csv``: a header row naming
-    ``prompt``, ``subject``, ``target_new`` and optionally ``target_true``, ``case_id``, ``relation_id``.
+    ``prompt``, ``subject``, ``target_new`` and optionally ``target_true``, ``case_id``, ``relation_id``,
+    ``subject_token`` (an integer such as ``-2``).
     Raises :class:`InvalidRequestError` naming the file and the line or record at fault; ``FileNotFoundError``.
     """
     path = Path(path)
@@ -168,7 +177,7 @@ def load_requests(path: str | os.PathLike) -> list[EditRequest]:
         missing = {"prompt", "subject", "target_new"} - set(reader.fieldnames or [])
         if missing:
             raise InvalidRequestError(f"{path.name}: the header lacks column(s) {sorted(missing)}")
-        rows = [(f"line {i}", {k: v for k, v in row.items() if k in known and v not in (None, "")})
+        rows = [(f"line {i}", _csv_row({k: v for k, v in row.items() if k in known and v not in (None, "")}))
                 for i, row in enumerate(reader, start=2)]
     elif kind == ".jsonl":
         for i, line in enumerate(text.splitlines(), start=1):

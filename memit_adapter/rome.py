@@ -6,7 +6,7 @@ Usage::
     pack = compute_rome_edits(model, tok, requests, RomeConfig.for_model(model), corpus=texts)
     pack.deltas["transformer.h.5.mlp.fc_out"].rank        # == len(requests)
 
-For request i at layer l, with ``C`` the keys' second moment, ``k*`` the key at the subject's last token averaged
+For request i at layer l, with ``C`` the keys' second moment, ``k*`` the key at the subject's edit token averaged
 over the context templates (the mean of the prefixed ones, then with the bare prompt: the engine's key), ``k`` the
 bare prompt's key, ``δ`` the change of layer l's output there that makes the target likely (optimised as MEMIT's
 target vectors are, :func:`~memit_adapter.targets.compute_targets` at layer l) and ``W`` the weight with the

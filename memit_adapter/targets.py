@@ -8,7 +8,7 @@ Usage::
 Requests about different subjects are independent: each has its own row of ``δ``, its own loss, norm
 clamp and early stop, and Adam is element-wise, so optimising them together gives the same ``δ`` as one
 at a time. Requests about the same subject share one row (``config.share_subject_delta``): in a causal
-model their keys at the subject's last token are the same vector when the text before the subject is
+model their keys at the subject's edit token are the same vector when the text before the subject is
 the same, so one key cannot be asked for two different ``z``; the shared ``δ`` minimises the mean of
 their losses instead, and then every one of them asks for the same change.
 

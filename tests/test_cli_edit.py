@@ -7,7 +7,7 @@ import pytest
 import torch
 from engine_setup import model_and_tokenizer, requests, write_edit_inputs
 
-from memit_adapter import MemitConfig, compute_edits
+from memit_adapter import EditRequest, MemitConfig, compute_edits
 from memit_adapter.cli import main
 from memit_adapter.errors import ConflictingRequestsError, InvalidRequestError
 from memit_adapter.pack import EditPack
@@ -86,19 +86,26 @@ def test_layers_flag_overrides_the_config(setup):
 
 def test_requests_files_of_every_format_read_the_same(tmp_path):
     reqs = [r for r in requests()]
+    reqs[1] = EditRequest(reqs[1].prompt, reqs[1].subject, reqs[1].target_new, subject_token=-2)
     (tmp_path / "a.jsonl").write_text("".join(json.dumps(r.to_dict()) + "\n" for r in reqs))
     counterfact = [{"case_id": i, "requested_rewrite": {"prompt": r.prompt, "subject": r.subject,
-                                                        "target_new": {"str": r.target_new}}}
+                                                        "target_new": {"str": r.target_new},
+                                                        "subject_token": r.subject_token}}
                    for i, r in enumerate(reqs)]
     (tmp_path / "b.json").write_text(json.dumps(counterfact))
     with open(tmp_path / "c.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["prompt", "subject", "target_new"])
+        writer = csv.DictWriter(f, fieldnames=["prompt", "subject", "target_new", "subject_token"])
         writer.writeheader()
-        writer.writerows({"prompt": r.prompt, "subject": r.subject, "target_new": r.target_new} for r in reqs)
+        writer.writerows({"prompt": r.prompt, "subject": r.subject, "target_new": r.target_new,
+                          "subject_token": "" if r.subject_token is None else r.subject_token} for r in reqs)
     a, b, c = (load_requests(tmp_path / n) for n in ("a.jsonl", "b.json", "c.csv"))
-    assert a == reqs
-    assert [(r.prompt, r.subject, r.target_new) for r in b] == [(r.prompt, r.subject, r.target_new) for r in reqs]
+    assert a == reqs and reqs[1].subject_token == -2
+    assert [(r.prompt, r.subject, r.target_new, r.subject_token) for r in b] == [
+        (r.prompt, r.subject, r.target_new, r.subject_token) for r in reqs]
     assert [r.case_id for r in b] == list(range(5)) and c == reqs
+    (tmp_path / "d.csv").write_text("prompt,subject,target_new,subject_token\n{} plays,x,y,last\n")
+    with pytest.raises(InvalidRequestError, match="d.csv, line 2: subject_token"):
+        load_requests(tmp_path / "d.csv")
 
 
 @pytest.mark.parametrize("content, error, where", [

@@ -333,6 +333,33 @@ def test_edit_token_reach_edits_at_the_tokens_it_chooses_and_the_pack_records_th
     assert pack.requests == want.requests
 
 
+def test_a_subject_has_one_edit_token_and_packs_keep_it(tmp_path):
+    """Requests about one subject share one δ: tokens that differ are refused before any work, unless δ is not
+    shared; a pack saves and loads its requests' tokens, and its id does not change."""
+    from dataclasses import replace
+
+    from memit_adapter.pack import EditPack
+
+    model, tok = model_and_tokenizer("gpt2")
+    snap = _snapshot(model)
+    a = EditRequest("{} plays the sport of", "michael jordan", " golf", subject_token=-2)
+    b = EditRequest("the sport played by {}", "michael jordan", " golf")
+    with pytest.raises(InvalidRequestError, match="subject tokens -2 and -1"):  # "last": b is at -1
+        compute_edits(model, tok, [a, b], config(), corpus=["no statistics are collected"], progress=False)
+    with pytest.raises(InvalidRequestError, match="subject tokens -2 and -3"):
+        compute_edits(model, tok, [a, replace(b, subject_token=-3)], config(edit_token="reach"), corpus=corpus(),
+                      progress=False)
+    _assert_untouched(model, snap)
+    cfg = config(v_num_grad_steps=3, edit_token="reach")
+    pack = compute_edits(model, tok, [a, b, *requests()[1:3]], cfg, corpus=corpus(40), progress=False)
+    assert [r.subject_token for r in pack.requests[:2]] == [-2, -2]
+    compute_edits(model, tok, [a, b], config(v_num_grad_steps=3, share_subject_delta=False), corpus=corpus(40),
+                  progress=False)  # separate δs: separate tokens are fine
+    pack.save_pretrained(tmp_path / "p")
+    loaded = EditPack.from_pretrained(str(tmp_path / "p"))
+    assert loaded.requests == pack.requests and loaded.pack_id == pack.pack_id
+
+
 def test_key_passes_stop_where_they_have_what_they_measure():
     """Each pass runs the templated prompts up to layer l's W_out and the bare ones up to block L; no block after L,
     and no final norm, ever runs; every row ends at the subject's last token."""

@@ -135,6 +135,11 @@ def test_choose_subject_tokens_moves_only_the_subjects_whose_last_token_fails(mo
     calls.clear()
     assert reach.choose_subject_tokens(tiny_model("gpt2"), tok, chosen, layer=1, progress=False) == chosen
     assert calls == []  # every token already set: nothing to measure
+    # a subject that has a token, on another request or in `known` (a chain), keeps it: one token per subject
+    mixed = [reqs[0], reqs[2], EditRequest("{} plays", "lebron james", " golf"), reqs[3]]
+    got = reach.choose_subject_tokens(tiny_model("gpt2"), tok, mixed, layer=1, known={"michael jordan tennis": -2},
+                                      progress=False)
+    assert [r.subject_token for r in got] == [-2, -1, -2, -2] and calls == [[(1, -1)]]
 
 
 def test_choose_subject_tokens_keeps_the_last_token_that_is_the_answer_position():

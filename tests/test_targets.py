@@ -129,14 +129,18 @@ def _reference_targets(model, spec, tok, req, templates, cfg, layer):
     facts = [encode_fact(tok, t.replace("{}", req.prompt), req.subject, req.target_new) for t in templates]
     essence = encode_fact(tok, KL_PROMPT, req.subject)
 
+    def at(fact) -> int:  # the edit token: the subject's last, or req.subject_token counted from its end
+        first, stop = fact.subject
+        return max(first, stop + (req.subject_token or -1))
+
     def final(fact, ids, delta):
-        with _added_at(block, fact.lookup, delta):
+        with _added_at(block, at(fact), delta):
             return model.base_model(input_ids=torch.tensor([ids])).last_hidden_state[0]
 
     with torch.no_grad(), capture_outputs(block) as seen:
-        before = torch.log_softmax(_logits(model, final(essence, essence.ids, 0.0)[essence.lookup]), -1)
+        before = torch.log_softmax(_logits(model, final(essence, essence.ids, 0.0)[at(essence)]), -1)
         model.base_model(input_ids=torch.tensor([facts[0].ids]))
-    h = seen[-1][0, facts[0].lookup]
+    h = seen[-1][0, at(facts[0])]
     delta = torch.zeros_like(h, requires_grad=True)
     opt = torch.optim.Adam([delta], lr=cfg.v_lr)
     history = []
@@ -145,7 +149,7 @@ def _reference_targets(model, spec, tok, req, templates, cfg, layer):
         for f in facts:
             logp = torch.log_softmax(_logits(model, final(f, f.ids[:-1], delta)[f.target_positions]), -1)
             nll.append(-logp[torch.arange(len(f.target_ids)), f.target_ids].mean())
-        now = torch.log_softmax(_logits(model, final(essence, essence.ids, delta)[essence.lookup]), -1)
+        now = torch.log_softmax(_logits(model, final(essence, essence.ids, delta)[at(essence)]), -1)
         kl = (now.exp() * (now - before)).sum()
         loss = torch.stack(nll).mean() + cfg.kl_factor * kl + cfg.v_weight_decay * delta.norm() / h.norm() ** 2
         history.append((loss.item(), delta.detach().clone(), torch.stack(nll).mean().item()))
@@ -184,6 +188,26 @@ def test_targets_equal_an_independent_full_forward_loop(arch, add_bos, padding_s
     want = torch.stack([h_ref + hist[k][1] for (h_ref, hist), k in zip(refs, stops)])
     torch.testing.assert_close(z, want, rtol=1e-4, atol=1e-4)
     assert not torch.allclose(z, h)
+
+
+@pytest.mark.parametrize("arch,add_bos", [("gpt2", False), ("llama", True)])
+def test_targets_at_another_subject_token_equal_the_full_forward_loop_there(arch, add_bos):
+    """With ``subject_token`` -2, δ goes in at the subject's second-to-last token (its only one for "toko") in
+    every row, the essence included: the batch equals the plain loop with δ added there, and differs from the
+    last token's."""
+    from dataclasses import replace
+
+    model, tok = tiny_model(arch, initializer_range=0.1), make_tokenizer(add_bos=add_bos)
+    spec, layer = get_arch_spec(model), 1
+    reqs = [replace(r, subject_token=-2) for r in varied_requests()]
+    cfg = config(v_num_grad_steps=6, clamp_norm_factor=2.0, v_loss_threshold=0.0)
+    refs = [_reference_targets(model, spec, tok, r, VARIED_TEMPLATES, cfg, layer) for r in reqs]
+    z, h = compute_targets(model, spec, tok, reqs, VARIED_TEMPLATES, cfg, layer, progress=False)
+    torch.testing.assert_close(h, torch.stack([h_ref for h_ref, _ in refs]), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(z, torch.stack([h_ref + hist[-1][1] for h_ref, hist in refs]), rtol=1e-4, atol=1e-4)
+    z_last, h_last = compute_targets(model, spec, tok, varied_requests(), VARIED_TEMPLATES, cfg, layer,
+                                     progress=False)
+    assert not torch.allclose(h_last[:2], h[:2]) and torch.allclose(h_last[2], h[2], atol=1e-5)  # "toko": one token
 
 
 @pytest.mark.parametrize("arch,add_bos", [("gpt2", False), ("llama", True)])
