@@ -102,15 +102,18 @@ def format_comparison(runs: Sequence[MethodRun]) -> str:
 
 
 def plot_method_scaling(runs: Sequence[MethodRun], path: str | Path | None = None):
-    """Score and NS of each method against the number of edits (log scale), the unedited model as a dashed
-    line; returns the matplotlib ``Figure`` and writes ``path`` when given."""
+    """Score and NS of each method against the number of edits (log scale), and retention where the runs have
+    it, the unedited model as a dashed line; returns the matplotlib ``Figure`` and writes ``path`` when given."""
     from .plots import _figure
 
-    fig = _figure(9, 3.6)
-    axes = fig.subplots(1, 2)
+    panels = [("score", "Score (harmonic mean of ES, PS, NS)"),
+              ("neighborhood_score", "Neighbourhood score (specificity)")]
+    if any(r.result.retention is not None for r in runs):
+        panels.append(("retention", "Retention (unedited facts kept)"))
+    fig = _figure(4.5 * len(panels), 3.6)
+    axes = fig.subplots(1, len(panels))
     base = next((r for r in runs if r.method == "none"), None)
-    for ax, metric, title in ((axes[0], "score", "Score (harmonic mean of ES, PS, NS)"),
-                              (axes[1], "neighborhood_score", "Neighbourhood score (specificity)")):
+    for ax, (metric, title) in zip(axes, panels):
         for method in dict.fromkeys(r.method for r in runs if r.method != "none"):
             points = sorted((r.n_edits, getattr(r.result, metric)) for r in runs if r.method == method)
             points = [(n, 100 * v) for n, v in points if v is not None]

@@ -239,8 +239,11 @@ def test_compare_methods_sets_memits_published_settings_beside_its_defaults():
     texts = corpus()
     fast = {"memit": MemitConfig.for_model(model, v_num_grad_steps=3),
             "memit-published": MemitConfig.published_for(model, v_num_grad_steps=3)}
+    kept = {"prompt": "the sport played by {}", "subject": "lebron james", "target_new": {"str": " golf"},
+            "target_true": {"str": " tennis"}}
+    world = RECORDS + [{"case_id": 9, "requested_rewrite": kept}]  # a fact both batches leave alone
     runs = compare_methods(model, tok, RECORDS, ["memit", "memit-published"], [2], configs=fast, corpus=texts,
-                           generation_records=0, retention_records=RECORDS, progress=False)
+                           generation_records=0, retention_records=world, progress=False)
     assert [r.method for r in runs] == ["none", "memit", "memit-published"]
     assert "memit-published" in format_comparison(runs)
     # the published row is MEMIT with the published settings on the same sample, computed apart
@@ -250,9 +253,20 @@ def test_compare_methods_sets_memits_published_settings_beside_its_defaults():
                          stats=stats, progress=False)
     assert pack.config.method == "memit" and not pack.config.subject_keys
     with pack.applied(model):
-        want = evaluate_counterfact(model, tok, sample, generation=False, retention_records=RECORDS)
+        want = evaluate_counterfact(model, tok, sample, generation=False, retention_records=world)
     got = runs[-1].result
+    assert got.retention_facts == 1
     assert got.to_dict() == want.to_dict() and runs[1].result.to_dict() != got.to_dict()
+    pytest.importorskip("matplotlib")
+    from dataclasses import replace
+
+    from memit_adapter.compare import MethodRun, plot_method_scaling
+
+    axes = plot_method_scaling(runs).axes
+    assert [ax.get_title().split()[0] for ax in axes] == ["Score", "Neighbourhood", "Retention"]
+    assert list(axes[2].lines[1].get_ydata()) == [100 * got.retention]  # line 0: MEMIT, 1: the published settings
+    bare = [MethodRun(r.method, r.n_edits, r.seconds, replace(r.result, retention=None)) for r in runs]
+    assert len(plot_method_scaling(bare).axes) == 2
     with pytest.raises(ConfigError, match="memit-published"):
         compare_methods(model, tok, RECORDS, ["memit-publish"], [2], corpus=texts, progress=False)
 
