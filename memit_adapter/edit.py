@@ -165,6 +165,12 @@ def summary(pack, took: list[bool], load_seconds: float) -> str:
                      "v_max_grad_steps, v_num_grad_steps or v_lr):")
         for i in unconverged[:5]:
             lines.append(f"  NLL {report['z_nll'][i]:.3f}: {reqs[i].text!r} -> {reqs[i].target_new!r}")
+    moved = report.get("off_last_token", [])
+    if moved:
+        lines.append(f"{len(moved)} requests are edited at a subject token before the last, from which the model "
+                     "reaches their target (edit_token 'reach'; the pack's requests.jsonl gives each subject_token):")
+        for i in moved[:5]:
+            lines.append(f"  token {reqs[i].subject_token} of {reqs[i].subject!r}: {reqs[i].text!r}")
     seconds = {"load": load_seconds, **report.get("seconds", {})}
     lines.append("Time: " + ", ".join(f"{k} {v:.1f} s" for k, v in seconds.items()))
     lines.append(f"Pack: {len(pack.deltas)} layers, {pack.nbytes / 1e6:.2f} MB")

@@ -167,7 +167,8 @@ def compute_edits(
                     parents=[p.pack_id for p in earlier], targets=None if below else zs.float().cpu())
     nll = z_loss.tolist()
     pack.report = {"seconds": seconds, "z_nll": nll,
-                   "unconverged": [i for i, x in enumerate(nll) if x > UNCONVERGED_NLL]}
+                   "unconverged": [i for i, x in enumerate(nll) if x > UNCONVERGED_NLL],
+                   "off_last_token": [i for i, r in enumerate(requests) if (r.subject_token or -1) != -1]}
     if config.repair_rounds:
         from .repair import repaired
 

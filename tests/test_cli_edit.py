@@ -42,6 +42,9 @@ def test_edit_saves_the_pack_the_library_computes_and_summarises_it(setup, capsy
     assert "of 5 rewrite prompts now give the new target greedily" in out
     assert "Time: load" in out and "targets" in out and f"Saved to {setup / 'pack'}" in out
     assert "5 requests ended their target optimisation below even odds" in out  # 5 steps are too few here
+    moved = [r for r in saved.requests if r.subject_token != -1]  # for_model's edit_token "reach" chose them
+    assert all(r.subject_token is not None for r in saved.requests)
+    assert (f"{len(moved)} requests are edited at a subject token before the last" in out) == bool(moved)
 
 
 def test_edit_on_top_of_a_chain_computes_the_librarys_joint_pack(setup, capsys):
@@ -274,3 +277,18 @@ def test_a_folder_loaded_base_fails_fast_in_auto_loaders_and_base_model_records_
     assert config["base_model_name_or_path"] == "openai-community/gpt2"
     assert "base_model: openai-community/gpt2" in (setup / "pack" / "README.md").read_text()
     assert EditPack.from_pretrained(str(setup / "pack")).base_model == "openai-community/gpt2"
+
+
+def test_the_summary_names_the_requests_edited_before_their_subjects_last_token():
+    from types import SimpleNamespace
+
+    from memit_adapter.edit import summary
+
+    reqs = [EditRequest("{} plays", "michael jordan", " golf", subject_token=-2),
+            EditRequest("{} plays", "lebron james", " golf", subject_token=-1)]
+    report = {"z_nll": [0.0, 0.0], "unconverged": [], "off_last_token": [0], "seconds": {}}
+    out = summary(SimpleNamespace(requests=reqs, report=report, deltas={}, nbytes=0), [True, True], 0.0)
+    assert "1 requests are edited at a subject token before the last" in out
+    assert "token -2 of 'michael jordan': 'michael jordan plays'" in out and "lebron" not in out
+    assert "before the last" not in summary(SimpleNamespace(requests=reqs, report={**report, "off_last_token": []},
+                                                            deltas={}, nbytes=0), [True, True], 0.0)

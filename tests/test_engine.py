@@ -324,6 +324,7 @@ def test_edit_token_reach_edits_at_the_tokens_it_chooses_and_the_pack_records_th
     stats = collect_stats(model, tok, corpus(), cfg.layers, n_samples=cfg.mom2_n_samples, progress=False)
     pack = compute_edits(model, tok, reqs, cfg, stats=stats, progress=False)
     assert [r.subject_token for r in pack.requests] == [chosen.get(r.subject, -1) for r in reqs]
+    assert pack.report["off_last_token"] == [i for i, r in enumerate(reqs) if r.subject in chosen]
     given = [replace(r, subject_token=chosen.get(r.subject, -1)) for r in reqs]
     want = compute_edits(model, tok, given, cfg.replace(edit_token="last"), stats=stats, progress=False)
     published = compute_edits(model, tok, reqs, cfg.replace(edit_token="last"), stats=stats, progress=False)
