@@ -193,8 +193,8 @@ class MemitConfig:
             token (the paper's causal traces); a small one may read it from earlier tokens, and then no edit at the
             last token takes (:mod:`memit_adapter.reach`). A request's own ``subject_token`` overrides both, and a
             pack's requests record the token used. Costs one 30-step optimisation of one vector per request (full
-            forwards), plus one per other subject token of the subjects that fail: 100 edits took 5 s more on
-            world-gpt2-bpe and 24 s more on world-llama-sp (2 threads). Measured with for_model's other settings and
+            forwards), plus one per other subject token of the subjects that fail: 100 edits took 5-8 s more on
+            world-gpt2-bpe and 13-24 s more on world-llama-sp (2 threads). Measured with for_model's other settings and
             each world's memit_config.json, 100 edits, the samples of seeds 0, 1, 2 (ES / PS / NS / Score /
             retention; subjects moved off their last token):
 
@@ -451,7 +451,7 @@ class MemitConfig:
           optimisation there cannot reach its target, then at the subject token that reaches it best. On
           world-llama-sp, which reads ~30% of its subjects from earlier tokens, ES / PS / Score +10.0 / +8.9 / +6.5
           at 100 edits (NS -1.2, retention -2.3) and +3.7 / +4.3 / +2.4 at 1,000 (retention +2.0); on
-          world-gpt2-bpe it moves 0-1 of ~95 subjects and changes nothing but 5 s of the edit (table in the
+          world-gpt2-bpe it moves 0-1 of ~95 subjects and changes nothing but 5-8 s of the edit (table in the
           field's docstring).
         * LLaMA-style models (gated MLP, RMSNorm) keep weight decay 1e-3 from EasyEdit.
 
