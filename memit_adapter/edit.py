@@ -152,6 +152,11 @@ def _save_and_report(pack, model, tokenizer, args: argparse.Namespace, loaded: f
         print(f"Pushed to {args.push}")
 
 
+def _first_five(header: str, rows: list[str]) -> list[str]:
+    """``header`` and the first five ``rows``, indented; nothing when there are no rows."""
+    return [header, *(f"  {row}" for row in rows[:5])] if rows else []
+
+
 def summary(pack, took: list[bool], load_seconds: float) -> str:
     """The lines printed after an edit: takes, unconverged requests (the first five), time per phase, size."""
     reqs, report = pack.requests, pack.report
@@ -160,17 +165,15 @@ def summary(pack, took: list[bool], load_seconds: float) -> str:
     for r in missed[:5]:
         lines.append(f"  not yet: {r.text!r} -> {r.target_new!r}")
     unconverged = report.get("unconverged", [])
-    if unconverged:
-        lines.append(f"{len(unconverged)} requests ended their target optimisation below even odds (raise "
-                     "v_max_grad_steps, v_num_grad_steps or v_lr):")
-        for i in unconverged[:5]:
-            lines.append(f"  NLL {report['z_nll'][i]:.3f}: {reqs[i].text!r} -> {reqs[i].target_new!r}")
+    lines += _first_five(f"{len(unconverged)} requests ended their target optimisation below even odds (raise "
+                         "v_max_grad_steps, v_num_grad_steps or v_lr):",
+                         [f"NLL {report['z_nll'][i]:.3f}: {reqs[i].text!r} -> {reqs[i].target_new!r}"
+                          for i in unconverged])
     moved = report.get("off_last_token", [])
-    if moved:
-        lines.append(f"{len(moved)} requests are edited at a subject token before the last, from which the model "
-                     "reaches their target (edit_token 'reach'; the pack's requests.jsonl gives each subject_token):")
-        for i in moved[:5]:
-            lines.append(f"  token {reqs[i].subject_token} of {reqs[i].subject!r}: {reqs[i].text!r}")
+    lines += _first_five(f"{len(moved)} requests are edited at a subject token before the last, from which the model "
+                         "reaches their target (edit_token 'reach'; the pack's requests.jsonl gives each "
+                         "subject_token):",
+                         [f"token {reqs[i].subject_token} of {reqs[i].subject!r}: {reqs[i].text!r}" for i in moved])
     seconds = {"load": load_seconds, **report.get("seconds", {})}
     lines.append("Time: " + ", ".join(f"{k} {v:.1f} s" for k, v in seconds.items()))
     lines.append(f"Pack: {len(pack.deltas)} layers, {pack.nbytes / 1e6:.2f} MB")
