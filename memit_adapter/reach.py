@@ -18,8 +18,8 @@ Usage::
     requests = choose_subject_tokens(model, tok, requests, layer)   # each subject_token: where its edit goes
 
 :func:`choose_subject_tokens` turns the check into a choice (``MemitConfig.edit_token="reach"``, on in ``for_model``'s
-scaled defaults): a subject stays at its last token where that reaches its targets, and moves to the token that
-reaches them best where it does not.
+scaled defaults): a subject stays at its last token where that reaches its targets, and moves to the latest token that
+reaches them where it does not.
 
 Measured on the shipped worlds (``subject_reach`` with its defaults on ``random.Random(0).sample(records, 100)``;
 ``memit-adapter trace --model M --reach`` checks a world's first ``--limit`` records): world-llama-sp's last subject
@@ -108,8 +108,10 @@ def choose_subject_tokens(model: nn.Module, tokenizer, requests: Sequence[EditRe
                           ) -> list[EditRequest]:
     """``requests`` with ``subject_token`` set where it is None: the subject's last token (-1) where a vector
     added there after block ``layer`` reaches the target of every request about that subject (NLL below ln 2
-    after ``steps`` Adam steps, as :func:`subject_reach` measures); else the subject token, counted from the end,
-    with the lowest mean target NLL over those requests (``MemitConfig.edit_token="reach"``).
+    after ``steps`` Adam steps, as :func:`subject_reach` measures); else the latest subject token whose mean target
+    NLL over those requests is below ln 2, or the one with the lowest where none is (``MemitConfig.edit_token=
+    "reach"``). The latest rather than the best: on world-llama-sp (100 edits, seeds 0, 1, 2) it kept 89.0% of the
+    unedited facts against 84.6%, with ES / PS / NS 91.0 / 86.8 / 96.2 against 90.7 / 86.1 / 94.8.
 
     One token per subject, since requests about one subject share their key: a subject that already has one, in
     ``known`` (subject -> token, e.g. the requests of a chain being re-solved) or on another of ``requests``,
@@ -152,7 +154,9 @@ def choose_subject_tokens(model: nn.Module, tokenizer, requests: Sequence[EditRe
         for i in idx:
             mean.setdefault((requests[i].subject.strip(), -1), []).append(last[i])
         for s in failing:
-            chosen[s] = min(range(-width[s], 0), key=lambda j: (sum(mean[s, j]) / len(mean[s, j]), -j))
+            nll_at = {j: sum(mean[s, j]) / len(mean[s, j]) for j in range(-width[s], 0)}
+            reaching = [j for j, x in nll_at.items() if x < REACHED]
+            chosen[s] = max(reaching) if reaching else min(nll_at, key=lambda j: (nll_at[j], -j))
     chosen.update(fixed)
     return [replace(r, subject_token=chosen[r.subject.strip()]) if r.subject_token is None else r for r in requests]
 

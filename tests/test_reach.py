@@ -108,18 +108,21 @@ def test_trace_reach_command_writes_what_the_library_computes(tmp_path, capsys):
 
 
 def test_choose_subject_tokens_moves_only_the_subjects_whose_last_token_fails(monkeypatch):
-    """The last token where it reaches every request of its subject; else the token with the lowest mean NLL over
-    the subject's requests, tried only for the subjects that fail; a request's own token is kept."""
+    """The last token where it reaches every request of its subject; else the latest token whose mean NLL over the
+    subject's requests is below ln 2, tried only for the subjects that fail; a request's own token is kept."""
     from memit_adapter import reach
 
     tok = make_tokenizer()
     reqs = [EditRequest("{} plays the sport of", "michael jordan tennis", " golf"),
             EditRequest("the sport played by {}", "michael jordan tennis", " hockey"),
             EditRequest("{} lives in", "danielle darrieux", " rome"),
-            EditRequest("{} lives in", "lebron james", " paris", subject_token=-2)]
+            EditRequest("{} lives in", "lebron james", " paris", subject_token=-2),
+            EditRequest("{} lives in", "alpha beta gamma", " rome"), EditRequest("{} lives in", "toko yuki", " rome")]
     # target NLL by (request, subject token from the end): "michael jordan tennis" fails at its last token for its
-    # first request only; over both requests "michael" (-3) is best, "jordan" (-2) is best for one of them alone
-    table = {(0, -1): 2.0, (1, -1): 0.1, (0, -2): 0.0, (1, -2): 3.0, (0, -3): 0.5, (1, -3): 0.5, (2, -1): 0.3}
+    # first request only; over both requests only "michael" (-3) reaches, "jordan" (-2) only for one of them.
+    # "alpha beta gamma" reaches from "beta" (-2) and best from "alpha" (-3): the latest that reaches is taken
+    table = {(0, -1): 2.0, (1, -1): 0.1, (0, -2): 0.0, (1, -2): 3.0, (0, -3): 0.5, (1, -3): 0.5, (2, -1): 0.3,
+             (4, -1): 2.0, (4, -2): 0.5, (4, -3): 0.0, (5, -1): 3.0, (5, -2): 1.0}  # "toko yuki": none reaches
     calls = []
 
     def fake_rows(model, block, tokenizer, facts, rows, steps, lr, batch_size, progress):
@@ -129,8 +132,9 @@ def test_choose_subject_tokens_moves_only_the_subjects_whose_last_token_fails(mo
 
     monkeypatch.setattr(reach, "_reach_rows", fake_rows)
     chosen = reach.choose_subject_tokens(tiny_model("gpt2"), tok, reqs, layer=1, progress=False)
-    assert [r.subject_token for r in chosen] == [-3, -3, -1, -2]
-    assert calls == [[(0, -1), (1, -1), (2, -1)], [(0, -3), (0, -2), (1, -3), (1, -2)]]
+    assert [r.subject_token for r in chosen] == [-3, -3, -1, -2, -2, -2]  # "toko yuki": the best, none reaching
+    assert calls == [[(0, -1), (1, -1), (2, -1), (4, -1), (5, -1)],
+                     [(0, -3), (0, -2), (1, -3), (1, -2), (4, -3), (4, -2), (5, -2)]]
     assert [r.target_new for r in chosen] == [r.target_new for r in reqs] and chosen[3] is reqs[3]
     calls.clear()
     assert reach.choose_subject_tokens(tiny_model("gpt2"), tok, chosen, layer=1, progress=False) == chosen
