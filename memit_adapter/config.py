@@ -494,9 +494,9 @@ class MemitConfig:
         published method has no rule for those on a model it was not run on, and with them equal only the method
         differs. ``overrides`` replace any field.
         """
-        scaled = cls.for_model(model)
         if published_preset(model) is not None:
-            return scaled.replace(**overrides)
+            return cls.for_model(model, **overrides)
+        scaled = cls.for_model(model)
         kept = ("layers", "mom2_update_weight", "mom2_max_tokens", "mom2_max_length", "stats_batch_size")
         return cls(**{**{name: getattr(scaled, name) for name in kept}, "v_num_grad_steps": 20, **overrides})
 

@@ -534,9 +534,10 @@ def _compare_cli(args: argparse.Namespace, out: Path) -> int:
         corpus = corpus or str(world_model_path(world) / "corpus.txt")
         tuned = {*(args.methods or ()), "memit"} - {"memit-published"}  # the published settings are not tuned
         configs = {m: world_config(world, model, m) for m in tuned}  # the world's tuned settings
-        memit = configs["memit"]  # the published settings at the world's layers and λ: only the method differs
-        configs["memit-published"] = MemitConfig.published_for(model, layers=memit.layers,
-                                                               mom2_update_weight=memit.mom2_update_weight)
+        if "memit-published" in (args.methods or ()):  # at the world's layers and λ: only the method differs
+            memit = configs["memit"]
+            configs["memit-published"] = MemitConfig.published_for(model, layers=memit.layers,
+                                                                   mom2_update_weight=memit.mom2_update_weight)
     if corpus is None and args.stats_cache is None and (args.chain or set(args.methods) - {"ft"}):
         raise SystemExit("memit-adapter eval: MEMIT and ROME need --corpus or --stats-cache for statistics")
     common = dict(corpus=corpus, cache_dir=args.stats_cache, retention_records=records if args.retention else None,

@@ -128,37 +128,40 @@ def choose_subject_tokens(model: nn.Module, tokenizer, requests: Sequence[EditRe
         if r.subject_token is not None:
             fixed.setdefault(r.subject.strip(), r.subject_token)
     pending = [i for i, r in enumerate(requests) if r.subject_token is None and r.subject.strip() not in fixed]
-    if not pending:
-        return [r if r.subject_token is not None else replace(r, subject_token=fixed[r.subject.strip()])
-                for r in requests]
+    chosen = (_choose_by_reach(model, spec.blocks(model)[layer], tokenizer, requests, pending, steps, lr, batch_size,
+                               progress) if pending else {})
+    chosen.update(fixed)
+    return [replace(r, subject_token=chosen[r.subject.strip()]) if r.subject_token is None else r for r in requests]
+
+
+def _choose_by_reach(model, block: nn.Module, tokenizer, requests: Sequence[EditRequest], pending: list[int],
+                     steps: int, lr: float, batch_size: int, progress: bool) -> dict[str, int]:
+    """The token of each subject of ``requests[pending]`` (see :func:`choose_subject_tokens`), from the end."""
     facts = {i: encode_fact(tokenizer, requests[i].prompt, requests[i].subject, requests[i].target_new)
              for i in pending}
-    block = spec.blocks(model)[layer]
     _, nll_last = _reach_rows(model, block, tokenizer, facts, [(i, facts[i].lookup) for i in pending], steps, lr,
                               batch_size, progress)
-    last = dict(zip(pending, nll_last.tolist()))
     by_subject: dict[str, list[int]] = {}
     for i in pending:
         by_subject.setdefault(requests[i].subject.strip(), []).append(i)
-    failing = [s for s, idx in by_subject.items() if any(last[i] >= REACHED for i in idx)]  # in request order
+    nll: dict[tuple[str, int], list[float]] = {}  # (subject, token from the end): each of its requests' NLL there
+    for i, x in zip(pending, nll_last.tolist()):
+        nll.setdefault((requests[i].subject.strip(), -1), []).append(x)
+    failing = [s for s in by_subject if max(nll[s, -1]) >= REACHED]  # in request order
     chosen = {s: -1 for s in by_subject}
-    if failing:
-        idx = [i for s in failing for i in by_subject[s]]
-        width = {s: min(_n_tokens(encode_fact(tokenizer, KL_PROMPT, s)),
-                        *(_n_tokens(facts[i]) for i in by_subject[s])) for s in failing}
-        rows = [(i, facts[i].subject[1] + j) for i in idx for j in range(-width[requests[i].subject.strip()], -1)]
-        _, nll = _reach_rows(model, block, tokenizer, facts, rows, steps, lr, batch_size, progress)
-        mean: dict[tuple[str, int], list[float]] = {}
-        for (i, pos), x in zip(rows, nll.tolist()):
-            mean.setdefault((requests[i].subject.strip(), pos - facts[i].subject[1]), []).append(x)
-        for i in idx:
-            mean.setdefault((requests[i].subject.strip(), -1), []).append(last[i])
-        for s in failing:
-            nll_at = {j: sum(mean[s, j]) / len(mean[s, j]) for j in range(-width[s], 0)}
-            reaching = [j for j, x in nll_at.items() if x < REACHED]
-            chosen[s] = max(reaching) if reaching else min(nll_at, key=lambda j: (nll_at[j], -j))
-    chosen.update(fixed)
-    return [replace(r, subject_token=chosen[r.subject.strip()]) if r.subject_token is None else r for r in requests]
+    if not failing:
+        return chosen
+    width = {s: min(_n_tokens(encode_fact(tokenizer, KL_PROMPT, s)), *(_n_tokens(facts[i]) for i in by_subject[s]))
+             for s in failing}
+    rows = [(i, facts[i].subject[1] + j) for s in failing for i in by_subject[s] for j in range(-width[s], -1)]
+    _, nll_rows = _reach_rows(model, block, tokenizer, facts, rows, steps, lr, batch_size, progress)
+    for (i, pos), x in zip(rows, nll_rows.tolist()):
+        nll.setdefault((requests[i].subject.strip(), pos - facts[i].subject[1]), []).append(x)
+    for s in failing:
+        mean = {j: sum(nll[s, j]) / len(nll[s, j]) for j in range(-width[s], 0)}
+        reaching = [j for j, x in mean.items() if x < REACHED]
+        chosen[s] = max(reaching) if reaching else min(mean, key=lambda j: (mean[j], -j))
+    return chosen
 
 
 def _n_tokens(fact) -> int:
