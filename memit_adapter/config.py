@@ -267,6 +267,10 @@ class MemitConfig:
             ``‖Pk‖²`` of the model (see ``nullspace_threshold_of``). The projector is computed once per layer and
             set of statistics (a ``d_in x d_in`` eigendecomposition) and kept, as the null-space basis ``U``, in
             host memory (``d_in·m`` float64 for an m-dimensional null space) while the statistics are alive.
+        keep_weight: β, the weight of the facts to keep (``keep`` in :func:`~memit_adapter.engine.compute_edits`;
+            not part of the published method; without them it does nothing): their keys' second moment, over
+            every token of their prompts, joins the solve's as ``C + β·C_keep``, so it weighs β times the whole
+            statistics corpus, however many prompts there are.
     """
 
     method: ClassVar[str] = "memit"  # what a pack made with this config was made by (see method_configs)
@@ -305,6 +309,7 @@ class MemitConfig:
     nullspace_threshold: float = 0.0
     nullspace_threshold_of: str = "absolute"
     nullspace_l2: float = 10.0
+    keep_weight: float = 1.0
 
     def __post_init__(self) -> None:
         _typed(self)
@@ -314,7 +319,8 @@ class MemitConfig:
         if any(x < 0 for x in self.layers) or self.layers != sorted(set(self.layers)):
             raise ConfigError(f"layers must be distinct non-negative ints in ascending order, got {self.layers!r}")
         _positive(self, "mom2_update_weight", "v_lr", "clamp_norm_factor", "mom2_n_samples", "stats_batch_size",
-                  "context_template_length", "context_template_top_k", "nullspace_l2", "preserve_every")
+                  "context_template_length", "context_template_top_k", "nullspace_l2", "preserve_every",
+                  "keep_weight")
         _non_negative(self, "v_loss_threshold", "v_target_nll_threshold", "kl_factor", "v_weight_decay",
                       "preserve_factor", "mom2_update_weight_per_edit", "nullspace_threshold", "repair_rounds")
         if self.edit_token not in EDIT_TOKENS:
@@ -524,7 +530,7 @@ _OPTIONAL_INTS = ("preserve_max_relations", "v_batch_size", "mom2_max_length", "
 _BOOLS = ("v_stop_when_top", "v_lr_relative", "share_subject_delta", "subject_keys")
 _FLOATS = ("mom2_update_weight", "mom2_update_weight_per_edit", "v_lr", "v_lr_decay_to", "v_loss_threshold",
            "v_target_nll_threshold", "clamp_norm_factor",
-           "kl_factor", "v_weight_decay", "preserve_factor", "nullspace_threshold", "nullspace_l2")
+           "kl_factor", "v_weight_decay", "preserve_factor", "nullspace_threshold", "nullspace_l2", "keep_weight")
 
 
 def _typed(cfg: MemitConfig) -> None:

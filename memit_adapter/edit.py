@@ -3,7 +3,8 @@
 Usage::
 
     memit-adapter edit --model EleutherAI/gpt-j-6b --requests edits.jsonl --corpus wiki.jsonl \\
-        --stats-cache mom2-cache --dtype bfloat16 --device cuda --out gptj-edits [--push me/gptj-edits]
+        --stats-cache mom2-cache --dtype bfloat16 --device cuda --out gptj-edits [--push me/gptj-edits] \\
+        [--keep regression-facts.txt]
     memit-adapter edit --model world-gpt2-bpe --requests edits.csv --out pack   # a demo world: its corpus
 
 Everything the command can check is checked before the model is loaded: the requests (parsed and checked
@@ -37,7 +38,7 @@ from .methods import METHODS
 from .models import load_model, world_name
 from .pack import EditPack
 from .persistence import check_destination
-from .requests import load_requests
+from .requests import check_keep, load_prompts, load_requests
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -77,6 +78,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--joint", action="store_true",
                         help="with --on-top-of (a joint chain): re-solve the chain's edits and the new ones as one "
                              "batch on the base model; the new pack holds the difference")
+    parser.add_argument("--keep", type=Path, metavar="FILE",
+                        help="MEMIT: facts to keep as the model answers them (a regression set): a .txt of prompts, "
+                             "one a line, or a requests / CounterFact file (their prompts); the solve moves their "
+                             "keys less (weight: the config's keep_weight)")
     parser.add_argument("--push", metavar="REPO", help="also push the pack to this Hub repo")
     parser.add_argument("--overwrite", action="store_true", help="save into a folder holding other files")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -96,6 +101,9 @@ def run_cli(args: argparse.Namespace) -> int:
     config_class(args.method).from_dict(overrides)  # names and types of the fields, before any work
     if (args.on_top_of or args.joint) and args.method != "memit":
         raise ConfigError(f"--on-top-of/--joint compute MEMIT packs on top of others; --method {args.method} cannot")
+    if args.keep and args.method != "memit":
+        raise ConfigError(f"--keep is MEMIT's (its solve keeps the facts' keys); --method {args.method} cannot")
+    keep = check_keep(load_prompts(args.keep), requests) if args.keep else []
     if args.joint and not args.on_top_of:
         raise ConfigError("--joint extends a chain: name its packs with --on-top-of")
     chain = [EditPack.from_pretrained(str(p)) for p in args.on_top_of or []]  # a missing pack stops us here
@@ -126,9 +134,11 @@ def run_cli(args: argparse.Namespace) -> int:
         if is_main():
             how = (f"λ = {config.update_weight(len(requests)):g}" if args.method == "memit" else args.method.upper())
             print(f"Editing {len(requests)} facts of {args.model} at layers {config.layers} ({how})", flush=True)
-        chained = dict(on_top_of=chain, joint=args.joint) if chain else {}
+        extra = dict(on_top_of=chain, joint=args.joint) if chain else {}
+        if keep:
+            extra["keep"] = keep
         pack = METHODS[args.method](model, tokenizer, requests, config, corpus=corpus, cache_dir=args.stats_cache,
-                                    progress=not args.quiet, **chained)
+                                    progress=not args.quiet, **extra)
         if is_main():  # every rank holds the same pack: one writes it
             _save_and_report(pack, model, tokenizer, args, loaded, chain)
     return 0
@@ -174,6 +184,9 @@ def summary(pack, took: list[bool], load_seconds: float) -> str:
                          "reaches their target (edit_token 'reach'; the pack's requests.jsonl gives each "
                          "subject_token):",
                          [f"token {reqs[i].subject_token} of {reqs[i].subject!r}: {reqs[i].text!r}" for i in moved])
+    if report.get("kept_prompts"):
+        lines.append(f"{report['kept_prompts']} facts to keep held in the solve (keep_weight "
+                     f"{pack.config.keep_weight:g}).")
     seconds = {"load": load_seconds, **report.get("seconds", {})}
     lines.append("Time: " + ", ".join(f"{k} {v:.1f} s" for k, v in seconds.items()))
     lines.append(f"Pack: {len(pack.deltas)} layers, {pack.nbytes / 1e6:.2f} MB")

@@ -41,9 +41,9 @@ from .joint import check_joint_chain, difference, joint_batch
 from .modes import evaluating
 from .pack import EditPack, LayerDelta
 from .reach import choose_subject_tokens
-from .requests import EditRequest, as_requests, check_requests
+from .requests import EditRequest, as_requests, check_keep, check_requests
 from .solve import cached_null_space, cov_factor, layer_update, null_space, projected_update, woodbury_pays
-from .stats import SecondMoment, collect_stats_for
+from .stats import SecondMoment, collect_stats_for, prompt_moments
 from .targets import UNCONVERGED_NLL, ChunkSizer, compute_targets, context_templates, relation_templates
 from .tokens import encode_fact, pad_id, pad_right
 
@@ -63,6 +63,7 @@ def compute_edits(
     progress: bool = True,
     on_top_of: Sequence[EditPack] = (),
     joint: bool = False,
+    keep: Sequence[str] = (),
 ) -> EditPack:
     """Compute the MEMIT update of every edited layer; return it as an :class:`EditPack`.
 
@@ -86,6 +87,14 @@ def compute_edits(
     The chain's target vectors are reused from its last pack (``EditPack.targets``), except those of requests about
     a subject the new batch edits, optimised again with it; the key passes and the solve cover every request.
     Every pack stores the target vectors of its chain, so the next pack can be computed in another process.
+
+    ``keep`` (not part of the published method): prompts of facts the model should go on answering as it does, a
+    regression set (``"The mother tongue of Danielle Darrieux is"``, ...). Their keys at every token and edited layer
+    (:func:`~memit_adapter.stats.prompt_moments`, measured with the ``on_top_of`` packs applied) join the preserved
+    second moment of the solve, ``C + β·C_keep`` (β: ``config.keep_weight``), so the update moves them less. They
+    need not be complete: keeping some facts keeps others like them (see ``MemitConfig.keep_weight``). A request's
+    own prompt cannot be kept (:class:`InvalidRequestError`); other facts of an edited subject can. The pack's
+    ``report["kept_prompts"]`` counts them.
 
     ``config.edit_token="reach"``: before the target vectors, the subject token of each request without one is
     chosen (:func:`~memit_adapter.reach.choose_subject_tokens`; with several processes on rank 0, which the others
@@ -116,6 +125,7 @@ def compute_edits(
     """
     requests = as_requests(requests)
     check_requests(requests)
+    keep = check_keep(keep, requests)
     spec = check_model(model, tokenizer, arch)
     config = config or MemitConfig.for_model(model)
     n_layers = spec.num_layers(model)
@@ -154,8 +164,13 @@ def compute_edits(
             seconds["targets"], clock = time.perf_counter() - clock, time.perf_counter()
             prior = (_key_rows(tokenizer, [r for p in below for r in p.requests], templates, config.subject_keys)
                      if below else None)
-            deltas = _spread_over_layers(model, spec, tokenizer, solved, templates, config, zs, stats, progress,
-                                         keep_factors=keep_factors, prior=prior)
+            preserved = stats
+            if keep:  # C + β·C_keep: a new matrix, whose factor serves this pack only
+                kept = prompt_moments(model, tokenizer, keep, config.layers, batch_size=config.stats_batch_size,
+                                      dtype=config.mom2_dtype, arch=spec, progress=progress)
+                preserved = {layer: stats[layer].plus(kept[layer], config.keep_weight) for layer in config.layers}
+            deltas = _spread_over_layers(model, spec, tokenizer, solved, templates, config, zs, preserved, progress,
+                                         keep_factors=keep_factors and not keep, prior=prior)
         broadcast_(t for layer in config.layers for t in (deltas[layer].B, deltas[layer].A))  # identical packs
         seconds["update"] = time.perf_counter() - clock
     layer_deltas = {name: deltas[layer] for name, layer in zip(names, config.layers)}
@@ -168,13 +183,14 @@ def compute_edits(
     nll = z_loss.tolist()
     pack.report = {"seconds": seconds, "z_nll": nll,
                    "unconverged": [i for i, x in enumerate(nll) if x > UNCONVERGED_NLL],
-                   "off_last_token": [i for i, r in enumerate(requests) if (r.subject_token or -1) != -1]}
+                   "off_last_token": [i for i, r in enumerate(requests) if (r.subject_token or -1) != -1],
+                   "kept_prompts": len(keep)}
     if config.repair_rounds:
         from .repair import repaired
 
         def edit_again(failing: list[EditRequest], under: list[EditPack]) -> EditPack:
             return compute_edits(model, tokenizer, failing, config.replace(repair_rounds=0), stats=stats, arch=arch,
-                                 progress=progress, on_top_of=under)
+                                 progress=progress, on_top_of=under, keep=keep)
 
         pack = repaired(model, tokenizer, pack, config.repair_rounds, below, edit_again, _active)
     return pack

@@ -14,7 +14,7 @@ from __future__ import annotations
 import csv
 import json
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -154,6 +154,24 @@ def check_requests(requests: list[EditRequest]) -> None:
         )
 
 
+def check_keep(keep: Sequence[str], requests: Sequence[EditRequest]) -> list[str]:
+    """``keep`` as a list of prompts; :class:`InvalidRequestError` for one that is not a non-empty string or that is a
+    request's own prompt (it cannot be both edited and kept)."""
+    if isinstance(keep, str):
+        raise InvalidRequestError("keep must be a list of prompts, not one string")
+    keep = list(keep)
+    bad = [p for p in keep if not isinstance(p, str) or not p.strip()]
+    if bad:
+        raise InvalidRequestError(f"keep prompts must be non-empty strings, got {bad[:3]!r}")
+    edited = {" ".join(r.text.split()): i for i, r in enumerate(requests)}
+    clashes = [(p, edited[" ".join(p.split())]) for p in keep if " ".join(p.split()) in edited]
+    if clashes:
+        p, i = clashes[0]
+        raise InvalidRequestError(f"{len(clashes)} keep prompt(s) are the prompts of requests being edited, e.g. "
+                                  f"{p!r} (request {i}): a fact cannot be both edited and kept; drop them from keep")
+    return keep
+
+
 def load_requests(path: str | os.PathLike) -> list[EditRequest]:
     """Read edit requests from a file, checked (:func:`check_requests`) before any model is involved.
 
@@ -194,6 +212,23 @@ def load_requests(path: str | os.PathLike) -> list[EditRequest]:
             raise InvalidRequestError(f"{path.name}, {where}: {e}") from None
     check_requests(requests)
     return requests
+
+
+def load_prompts(path: str | os.PathLike) -> list[str]:
+    """Prompts from a file, e.g. facts to keep (``keep`` of :func:`~memit_adapter.engine.compute_edits`): ``.txt``,
+    one prompt a line (blank lines skipped); ``.jsonl`` / ``.json`` / ``.csv``: requests or CounterFact records as
+    :func:`load_requests` reads them, their prompts filled with their subjects. Raises
+    :class:`InvalidRequestError` for a file that holds none; ``FileNotFoundError``."""
+    path = Path(path)
+    if path.suffix.lower() != ".txt":
+        prompts = [r.text for r in load_requests(path)]
+    elif not path.is_file():
+        raise FileNotFoundError(f"no prompts file at {path}")
+    else:
+        prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not prompts:
+        raise InvalidRequestError(f"{path.name}: no prompts in the file")
+    return prompts
 
 
 def _json(text: str, where: str) -> Any:

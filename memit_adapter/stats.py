@@ -73,6 +73,12 @@ class SecondMoment:
     def __getstate__(self) -> dict[str, Any]:  # the factor is a cache: not pickled (nor can its weak reference be)
         return {**self.__dict__, "_factor": None}
 
+    def plus(self, other: SecondMoment, weight: float) -> SecondMoment:
+        """``mom2 + weight · other.mom2`` (in this one's dtype and device): this second moment with another set of
+        keys mixed in at ``weight`` times its own weight, whatever the two counts (``count`` stays this one's)."""
+        mixed = self.mom2.double() + weight * other.mom2.to(self.mom2.device).double()
+        return SecondMoment(mom2=mixed.to(self.mom2.dtype), count=self.count)
+
     def check_finite(self, layer: int) -> None:
         if self.count <= 0 or not torch.isfinite(self.mom2).all():
             raise StatisticsError(
@@ -403,6 +409,26 @@ def collect_stats(
     for layer, stat in out.items():
         stat.check_finite(layer)
     return {layer: out[layer] for layer in layers}
+
+
+def prompt_moments(model: nn.Module, tokenizer, prompts: Sequence[str], layers: Iterable[int], *,
+                   batch_size: int = 32, dtype: str = "float32", arch: ArchSpec | None = None,
+                   progress: bool = True) -> dict[int, SecondMoment]:
+    """Second moments of the edited modules' inputs at ``layers`` over every token of ``prompts``, in one pass.
+
+    The pass of :func:`collect_stats` over a handful of short texts (facts to keep, say; see ``keep`` in
+    :func:`~memit_adapter.engine.compute_edits`), taken as given: no shuffling, sampling, token budget, cache or
+    warning about short texts; truncated to the model's context. Under a process group the ranks share the
+    prompts and every rank gets the sums of all. Raises :class:`StatisticsError` on no prompts or a result that
+    is not finite."""
+    spec = check_model(model, tokenizer, arch)
+    prompts, layers = list(prompts), sorted(set(layers))
+    if not prompts:
+        raise StatisticsError("prompt_moments needs at least one prompt")
+    out = _accumulate(model, tokenizer, prompts, layers, spec, None, batch_size, getattr(torch, dtype), progress)
+    for layer, stat in out.items():
+        stat.check_finite(layer)
+    return out
 
 
 def context_length(model: nn.Module, max_length: int | None) -> int:

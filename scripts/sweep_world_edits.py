@@ -4,6 +4,7 @@
     python scripts/sweep_world_edits.py --model world-gpt2 --n-edits 1000 --json sweep.json
     python scripts/sweep_world_edits.py --model world-gpt2-bpe --base published --base for_model
     python scripts/sweep_world_edits.py --model world-gpt2-bpe --nullspace 0 0.1:mean_eigenvalue --nullspace-l2 10 1
+    python scripts/sweep_world_edits.py --model world-llama-sp --lam 100 --keep-fraction 0.5 --keep-weight 0 0.3 1
 
 Each setting computes one pack on the same seeded sample of records and evaluates it with the pack
 hooked in (the model is never changed): ES/PS/NS (published NS), retention of every other fact of the
@@ -11,7 +12,9 @@ world, and the edit time. ``--base`` picks what the grid varies: ``for_model`` (
 and/or ``published`` (the published method's settings, MEMIT_SPEC.md, at layers 0-2 and λ 300 for these
 small models). ``--nullspace`` switches the AlphaEdit null-space solve on (``nullspace_threshold``, optionally
 ``:nullspace_threshold_of``; 0 = off) and ``--nullspace-l2`` sets its α. Prints one line per setting; --json keeps
-them all.
+them all. ``--keep-fraction F`` gives ``compute_edits`` a regression set (``keep``): the prompts of the facts the batch
+leaves alone of a seeded random fraction F of the world's subjects, at each ``--keep-weight`` (0 = none); each line
+then also gives the retention of the facts of the other subjects alone (held out: not in the set).
 """
 
 from __future__ import annotations
@@ -28,7 +31,14 @@ import torch
 from memit_adapter import EditRequest, MemitConfig, collect_stats, compute_edits
 from memit_adapter.demo import world_model_path
 from memit_adapter.edit import parse_layers
-from memit_adapter.evaluation import edited_prompts, evaluate_counterfact, scored_neighbors, target_nll
+from memit_adapter.evaluation import (
+    edited_prompts,
+    evaluate_counterfact,
+    retained_facts,
+    scored_neighbors,
+    target_nll,
+    target_top1,
+)
 from memit_adapter.models import load_model
 
 
@@ -84,6 +94,16 @@ def success_rate(model, tok, items) -> tuple[float, int]:
     return float((true < new).float().mean()), len(items)
 
 
+def keep_split(chosen, records, fraction: float, seed: int) -> tuple[list[str], list[tuple[str, str]]]:
+    """The prompts of the facts ``chosen`` leaves alone of a seeded random ``fraction`` of the subjects (the
+    regression set to keep), and the ``(prompt, true object)`` of those of the other subjects (held out)."""
+    subjects = sorted({r["requested_rewrite"]["subject"] for r in records})
+    kept = set(random.Random(1000 + seed).sample(subjects, round(fraction * len(subjects))))
+    keep = [q for q, _ in retained_facts(chosen, [r for r in records if r["requested_rewrite"]["subject"] in kept])]
+    held = retained_facts(chosen, [r for r in records if r["requested_rewrite"]["subject"] not in kept])
+    return keep, held
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="world-gpt2", help="world-gpt2, world-llama or a train_world.py folder")
@@ -104,6 +124,9 @@ def main() -> None:
     p.add_argument("--nullspace-l2", type=float, nargs="*", default=None, help="nullspace_l2 (α) values")
     p.add_argument("--split-ns", action="store_true",
                    help="also print NS over neighbours whose subject the batch edits / does not edit")
+    p.add_argument("--keep-fraction", type=float, default=0.0,
+                   help="facts of this fraction of the subjects form a regression set to keep (see above)")
+    p.add_argument("--keep-weight", type=float, nargs="*", default=None, help="keep_weight values (0: no set)")
     p.add_argument("--set", default="{}", help='JSON of other MemitConfig fields for every setting, e.g. '
                    '\'{"v_loss_threshold": 0.01}\'')
     p.add_argument("--entropy", type=int, default=0, help="records whose generations give the entropy (0: skip)")
@@ -126,6 +149,7 @@ def main() -> None:
     rows = [{"setting": "unedited", **pre.to_dict()}]
     print(f"unedited: {line(pre)}", flush=True)
     split = neighbor_split(chosen) if args.split_ns else None
+    keep, held = keep_split(chosen, records, args.keep_fraction, args.seed) if args.keep_fraction else ([], [])
     for base_name in args.base:
         base = bases[base_name]()
         grid = itertools.product(args.lam or [base.mom2_update_weight],
@@ -136,22 +160,28 @@ def main() -> None:
                                  args.preserve or [base.preserve_factor],
                                  [nullspace(x) for x in args.nullspace] if args.nullspace
                                  else [(base.nullspace_threshold, base.nullspace_threshold_of)],
-                                 args.nullspace_l2 or [base.nullspace_l2])
-        for lam, layers, clamp, kl, steps, lr, share, keep, (null_t, null_of), l2 in grid:
+                                 args.nullspace_l2 or [base.nullspace_l2],
+                                 args.keep_weight if args.keep_weight is not None and keep else [0.0])
+        for lam, layers, clamp, kl, steps, lr, share, preserve, (null_t, null_of), l2, beta in grid:
             if not null_t and args.nullspace_l2 and l2 != args.nullspace_l2[0]:
                 continue  # the null-space solve is off: α plays no part, one run is enough
             cfg = base.replace(mom2_update_weight=lam, layers=layers, clamp_norm_factor=clamp, kl_factor=kl,
-                               v_num_grad_steps=steps, v_lr=lr, share_subject_delta=share, preserve_factor=keep,
-                               nullspace_threshold=null_t, nullspace_threshold_of=null_of, nullspace_l2=l2)
+                               v_num_grad_steps=steps, v_lr=lr, share_subject_delta=share, preserve_factor=preserve,
+                               nullspace_threshold=null_t, nullspace_threshold_of=null_of, nullspace_l2=l2,
+                               keep_weight=beta or base.keep_weight)
             t0 = time.perf_counter()
-            pack = compute_edits(model, tok, requests, cfg, stats=stats, progress=False)
+            pack = compute_edits(model, tok, requests, cfg, stats=stats, progress=False, keep=keep if beta else ())
             secs = time.perf_counter() - t0
             with pack.applied(model), torch.no_grad():
                 post = evaluate_counterfact(model, tok, chosen, **gen)
                 ns_split = {k: success_rate(model, tok, v) for k, v in split.items()} if split else {}
+                if held:
+                    hits = target_top1(model, tok, [q for q, _ in held], [t for _, t in held])
+                    ns_split["retention_held_out"] = (float(hits.float().mean()), len(held))
             setting = dict(base=base_name, lam=lam, layers=layers, clamp=clamp, kl=kl, steps=steps, lr=lr,
-                           share=share, preserve=keep, nullspace_threshold=null_t, nullspace_threshold_of=null_of,
-                           nullspace_l2=l2, seconds=round(secs, 1))
+                           share=share, preserve=preserve, nullspace_threshold=null_t, nullspace_threshold_of=null_of,
+                           nullspace_l2=l2, keep_weight=beta, kept_prompts=len(keep) if beta else 0,
+                           seconds=round(secs, 1))
             rows.append({"setting": setting, **post.to_dict(), **ns_split})
             extra = "".join(f" {k} {v[0]:.3f} (n={v[1]})" for k, v in ns_split.items())
             print(f"{setting}: {line(post)}{extra}", flush=True)
