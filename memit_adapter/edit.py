@@ -103,10 +103,11 @@ def run_cli(args: argparse.Namespace) -> int:
         raise ConfigError(f"--on-top-of/--joint compute MEMIT packs on top of others; --method {args.method} cannot")
     if args.keep and args.method != "memit":
         raise ConfigError(f"--keep is MEMIT's (its solve keeps the facts' keys); --method {args.method} cannot")
-    keep = check_keep(load_prompts(args.keep), requests) if args.keep else []
+    keep = load_prompts(args.keep) if args.keep else []
     if args.joint and not args.on_top_of:
         raise ConfigError("--joint extends a chain: name its packs with --on-top-of")
     chain = [EditPack.from_pretrained(str(p)) for p in args.on_top_of or []]  # a missing pack stops us here
+    keep = check_keep(keep, [*(r for p in chain for r in p.requests), *requests] if args.joint else requests)
     check_destination(args.out, overwrite=args.overwrite)
     corpus = args.corpus
     world = world_name(args.model)

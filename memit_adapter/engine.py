@@ -90,11 +90,14 @@ def compute_edits(
 
     ``keep`` (not part of the published method): prompts of facts the model should go on answering as it does, a
     regression set (``"The mother tongue of Danielle Darrieux is"``, ...). Their keys at every token and edited layer
-    (:func:`~memit_adapter.stats.prompt_moments`, measured with the ``on_top_of`` packs applied) join the preserved
-    second moment of the solve, ``C + β·C_keep`` (β: ``config.keep_weight``), so the update moves them less. They
-    need not be complete: keeping some facts keeps others like them (see ``MemitConfig.keep_weight``). A request's
-    own prompt cannot be kept (:class:`InvalidRequestError`); other facts of an edited subject can. The pack's
-    ``report["kept_prompts"]`` counts them.
+    (:func:`~memit_adapter.stats.prompt_moments`, measured before the target vectors, with the ``on_top_of`` packs
+    applied unless ``joint``) join the preserved second moment of the solve, ``C + β·C_keep`` (β:
+    ``config.keep_weight``), so the update moves them less (see ``MemitConfig.keep_weight`` for what that buys).
+    Prompts that name a subject this solve edits (a joint chain's too) are left out with a warning
+    (:func:`~memit_adapter.requests.check_keep`): they read the key the edit writes. The pack's
+    ``report["kept_prompts"]`` counts those used; the prompts are not saved with the pack, so a joint chain extended
+    later must be given them again. Memory: ``C_keep`` waits in host memory (``d_in²`` of ``mom2_dtype`` per layer);
+    each layer's sum is formed on its device for its solve.
 
     ``config.edit_token="reach"``: before the target vectors, the subject token of each request without one is
     chosen (:func:`~memit_adapter.reach.choose_subject_tokens`; with several processes on rank 0, which the others
@@ -125,7 +128,6 @@ def compute_edits(
     """
     requests = as_requests(requests)
     check_requests(requests)
-    keep = check_keep(keep, requests)
     spec = check_model(model, tokenizer, arch)
     config = config or MemitConfig.for_model(model)
     n_layers = spec.num_layers(model)
@@ -138,6 +140,7 @@ def compute_edits(
         raise ConfigError("repair_rounds does not combine with joint=True: a joint pack is one solve of its chain, "
                           "and repair rounds are packs on top of it; compute the joint pack, then repair on top")
     held = _check_joint(model, earlier, config) if joint else []  # the chain's requests
+    keep = check_keep(keep, [*held, *requests])  # all the subjects this solve edits
     if config.share_subject_delta:  # before any work; with "reach", undecided tokens follow a subject's set one
         _check_subject_tokens([*held, *requests], unset=-1 if config.edit_token == "last" else None)
 
@@ -155,6 +158,12 @@ def compute_edits(
         seconds["statistics"], clock = time.perf_counter() - clock, time.perf_counter()
         chain, below = (earlier, []) if joint else ([], earlier)  # re-solved with the new requests, or kept under them
         with _active(model, below):
+            kept = None  # the facts to keep: their second moment, on the host until each layer's solve
+            if keep:
+                kept = {layer: SecondMoment(stat.mom2.cpu(), stat.count) for layer, stat in prompt_moments(
+                    model, tokenizer, keep, config.layers, batch_size=config.stats_batch_size, dtype=config.mom2_dtype,
+                    arch=spec, progress=progress).items()}
+                seconds["keep"], clock = time.perf_counter() - clock, time.perf_counter()
             if config.edit_token == "reach":
                 known = {r.subject.strip(): r.subject_token or -1 for r in held}  # a chain re-solved keeps its own
                 requests = broadcast_object(choose_subject_tokens(model, tokenizer, requests, max(config.layers),
@@ -164,13 +173,8 @@ def compute_edits(
             seconds["targets"], clock = time.perf_counter() - clock, time.perf_counter()
             prior = (_key_rows(tokenizer, [r for p in below for r in p.requests], templates, config.subject_keys)
                      if below else None)
-            preserved = stats
-            if keep:  # C + β·C_keep: a new matrix, whose factor serves this pack only
-                kept = prompt_moments(model, tokenizer, keep, config.layers, batch_size=config.stats_batch_size,
-                                      dtype=config.mom2_dtype, arch=spec, progress=progress)
-                preserved = {layer: stats[layer].plus(kept[layer], config.keep_weight) for layer in config.layers}
-            deltas = _spread_over_layers(model, spec, tokenizer, solved, templates, config, zs, preserved, progress,
-                                         keep_factors=keep_factors and not keep, prior=prior)
+            deltas = _spread_over_layers(model, spec, tokenizer, solved, templates, config, zs, stats, progress,
+                                         keep_factors=keep_factors, prior=prior, kept=kept)
         broadcast_(t for layer in config.layers for t in (deltas[layer].B, deltas[layer].A))  # identical packs
         seconds["update"] = time.perf_counter() - clock
     layer_deltas = {name: deltas[layer] for name, layer in zip(names, config.layers)}
@@ -272,7 +276,8 @@ def _active(model: nn.Module, packs: Sequence[EditPack]) -> Iterator[None]:
 
 
 def _spread_over_layers(model, spec, tokenizer, requests, templates, config, zs, stats, progress, keep_factors,
-                        prior: _KeyRows | None = None) -> dict[int, LayerDelta]:
+                        prior: _KeyRows | None = None, kept: Mapping[int, SecondMoment] | None = None
+                        ) -> dict[int, LayerDelta]:
     """Eqn. 14 layer by layer, ascending; each new delta is active (hooked) while later layers are solved.
 
     The spec measures layer l_p's keys and block L's output ``cur`` on the current model, the deltas of
@@ -283,12 +288,15 @@ def _spread_over_layers(model, spec, tokenizer, requests, templates, config, zs,
     ``keep_factors`` (statistics the caller keeps), a Cholesky factor of C computed for the Woodbury route is
     kept on the :class:`SecondMoment` for the next pack. ``prior``: the prompts of earlier packs' requests, whose
     keys at each layer (measured the same way) are added to the preserved second moment: ``C + K₀K₀ᵀ / λ``.
+    ``kept``: the second moments of the facts to keep, added as ``C + β·C_keep`` (β: ``config.keep_weight``), one
+    layer at a time, on the layer's device; C stands for that sum below.
 
     With ``config.nullspace_threshold`` > 0 each layer is solved the AlphaEdit way instead
     (:func:`~memit_adapter.solve.projected_update`): the update is confined to the null space of C (its
     eigenvectors below the threshold; with ``keep_factors`` the basis is kept for the next pack, see
     :func:`~memit_adapter.solve.cached_null_space`), and the earlier packs' keys ``K₀`` join the new ones in
-    ``P(KKᵀ + K₀K₀ᵀ) + αI`` rather than C (the keep-factors rule is unaffected by them: C stays the corpus's).
+    ``P(KKᵀ + K₀K₀ᵀ) + αI`` rather than C (C stays the corpus's, plus the facts to keep's, and with no facts to
+    keep its basis may be kept).
     The pack keeps the low-rank form ``B = R`` ``(d_out, n)``, ``A`` ``(n, d_in)``.
     """
     rows = _key_rows(tokenizer, requests, templates, config.subject_keys)
@@ -301,18 +309,19 @@ def _spread_over_layers(model, spec, tokenizer, requests, templates, config, zs,
             device = execution_device(model, spec.mlp_out_name(layer))  # the layer's solve runs where its keys are
             keys, cur = _keys_and_outputs(model, spec, rows, pad_id(tokenizer), layer, max(config.layers), sizer)
             residuals = (zs.to(cur.device) - cur).T / (len(config.layers) - pos)  # (d_model, n)
-            stat, factor = stats[layer], None
+            stat, factor, keeps = stats[layer], None, keep_factors  # keeps: whether stat's factors may be kept
+            if kept is not None:  # a new matrix for this pack
+                stat, keeps = stat.plus(kept[layer], config.keep_weight, device=device), False
             if projected:
                 k0 = None if prior is None else _keys_and_outputs(model, spec, prior, pad_id(tokenizer), layer, layer,
                                                                   sizer)[0]
-                B, A, how = _projected(stat, keys, residuals, k0, config, device, keep_factors)
+                B, A, how = _projected(stat, keys, residuals, k0, config, device, keeps)
             else:
                 if prior is not None:
                     k0, _ = _keys_and_outputs(model, spec, prior, pad_id(tokenizer), layer, layer, sizer)
-                    kept = stat.mom2.to(device) + (k0.T @ k0).to(stat.mom2.dtype) / lam
-                    stat, keep_factors = SecondMoment(mom2=kept, count=stat.count), False
+                    stat, keeps = stat.plus(SecondMoment(mom2=k0.T @ k0, count=len(k0)), 1 / lam, device=device), False
                 if woodbury_pays(len(requests), keys.shape[1], stat.has_factor()):
-                    factor = stat.factor(device) if keep_factors else cov_factor(stat.mom2.to(device))
+                    factor = stat.factor(device) if keeps else cov_factor(stat.mom2.to(device))
                 B, A = layer_update(keys.T, residuals, stat.mom2, lam, factor=factor)
                 how = "Woodbury" if factor is not None else "dense"
             deltas[layer] = LayerDelta(B=B.float(), A=A.float())
@@ -326,8 +335,8 @@ def _spread_over_layers(model, spec, tokenizer, requests, templates, config, zs,
 def _projected(stat: SecondMoment, keys: torch.Tensor, residuals: torch.Tensor, k0: torch.Tensor | None,
                config: MemitConfig, device, keep: bool) -> tuple[torch.Tensor, torch.Tensor, str]:
     """One layer's AlphaEdit update ``(B, A, description)`` from the keys ``(n, d_in)``, the earlier packs' keys
-    ``k0`` ``(n_p, d_in)`` or None, and the null space of ``stat.mom2`` (the corpus's C alone), kept on the host
-    for the next pack when ``keep``."""
+    ``k0`` ``(n_p, d_in)`` or None, and the null space of ``stat.mom2`` (the corpus's C, plus the facts to keep's
+    when there are some), kept on the host for the next pack when ``keep``."""
     threshold, reference = config.nullspace_threshold, config.nullspace_threshold_of
     space = (cached_null_space(stat.mom2, threshold, reference, device) if keep
              else null_space(stat.mom2.to(device), threshold, reference))

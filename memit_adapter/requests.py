@@ -14,6 +14,8 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -154,21 +156,30 @@ def check_requests(requests: list[EditRequest]) -> None:
         )
 
 
-def check_keep(keep: Sequence[str], requests: Sequence[EditRequest]) -> list[str]:
-    """``keep`` as a list of prompts; :class:`InvalidRequestError` for one that is not a non-empty string or that is a
-    request's own prompt (it cannot be both edited and kept)."""
+def check_keep(keep: Sequence[str] | None, requests: Sequence[EditRequest]) -> list[str]:
+    """``keep`` (facts to keep: None or a list of prompts) as a list of distinct prompts, less those that name a
+    subject of ``requests`` (a substring match on the subject), with a warning saying how many were left out: in a
+    causal model such a prompt reads the subject's key, the one its edit must change (an edited subject's other facts
+    are ``MemitConfig.preserve_factor``'s to keep). :class:`InvalidRequestError` for a single string or an item that is
+    not a non-empty string."""
+    if keep is None:
+        return []
     if isinstance(keep, str):
         raise InvalidRequestError("keep must be a list of prompts, not one string")
     keep = list(keep)
     bad = [p for p in keep if not isinstance(p, str) or not p.strip()]
     if bad:
         raise InvalidRequestError(f"keep prompts must be non-empty strings, got {bad[:3]!r}")
-    edited = {" ".join(r.text.split()): i for i, r in enumerate(requests)}
-    clashes = [(p, edited[" ".join(p.split())]) for p in keep if " ".join(p.split()) in edited]
-    if clashes:
-        p, i = clashes[0]
-        raise InvalidRequestError(f"{len(clashes)} keep prompt(s) are the prompts of requests being edited, e.g. "
-                                  f"{p!r} (request {i}): a fact cannot be both edited and kept; drop them from keep")
+    keep = list(dict.fromkeys(keep))
+    subjects = sorted({r.subject.strip() for r in requests}, key=len, reverse=True)
+    named = re.compile("|".join(map(re.escape, subjects))) if subjects else None
+    about = [p for p in keep if named is not None and named.search(p)]
+    if about:
+        warnings.warn(f"{len(about)} of {len(keep)} keep prompts name a subject being edited (e.g. {about[0]!r}) and "
+                      "are left out: that subject's key is the one its edit writes (preserve_factor keeps its other "
+                      "facts)", stacklevel=3)
+        left_out = set(about)
+        keep = [p for p in keep if p not in left_out]
     return keep
 
 
@@ -181,12 +192,20 @@ def load_requests(path: str | os.PathLike) -> list[EditRequest]:
     ``subject_token`` (an integer such as ``-2``).
     Raises :class:`InvalidRequestError` naming the file and the line or record at fault; ``FileNotFoundError``.
     """
+    requests = _read_requests(path, "requests must be")
+    check_requests(requests)
+    return requests
+
+
+def _read_requests(path: str | os.PathLike, what: str) -> list[EditRequest]:
+    """The requests of a .jsonl / .json / .csv file (see :func:`load_requests`), unchecked for conflicts; ``what``
+    begins the message for a file of another kind."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no requests file at {path}")
     kind = path.suffix.lower()
     if kind not in (".jsonl", ".json", ".csv"):
-        raise InvalidRequestError(f"{path.name}: requests must be a .jsonl, .json or .csv file")
+        raise InvalidRequestError(f"{path.name}: {what} a .jsonl, .json or .csv file")
     text = path.read_text(encoding="utf-8")
     rows: list[tuple[str, Any]] = []
     if kind == ".csv":
@@ -210,18 +229,17 @@ def load_requests(path: str | os.PathLike) -> list[EditRequest]:
             requests.append(EditRequest.from_dict(row))
         except InvalidRequestError as e:
             raise InvalidRequestError(f"{path.name}, {where}: {e}") from None
-    check_requests(requests)
     return requests
 
 
 def load_prompts(path: str | os.PathLike) -> list[str]:
     """Prompts from a file, e.g. facts to keep (``keep`` of :func:`~memit_adapter.engine.compute_edits`): ``.txt``,
     one prompt a line (blank lines skipped); ``.jsonl`` / ``.json`` / ``.csv``: requests or CounterFact records as
-    :func:`load_requests` reads them, their prompts filled with their subjects. Raises
+    :func:`load_requests` reads them (their targets may disagree), their prompts filled with their subjects. Raises
     :class:`InvalidRequestError` for a file that holds none; ``FileNotFoundError``."""
     path = Path(path)
     if path.suffix.lower() != ".txt":
-        prompts = [r.text for r in load_requests(path)]
+        prompts = [r.text for r in _read_requests(path, "prompts must be a .txt file, or")]
     elif not path.is_file():
         raise FileNotFoundError(f"no prompts file at {path}")
     else:

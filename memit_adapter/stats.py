@@ -73,11 +73,13 @@ class SecondMoment:
     def __getstate__(self) -> dict[str, Any]:  # the factor is a cache: not pickled (nor can its weak reference be)
         return {**self.__dict__, "_factor": None}
 
-    def plus(self, other: SecondMoment, weight: float) -> SecondMoment:
-        """``mom2 + weight · other.mom2`` (in this one's dtype and device): this second moment with another set of
-        keys mixed in at ``weight`` times its own weight, whatever the two counts (``count`` stays this one's)."""
-        mixed = self.mom2.double() + weight * other.mom2.to(self.mom2.device).double()
-        return SecondMoment(mom2=mixed.to(self.mom2.dtype), count=self.count)
+    def plus(self, other: SecondMoment, weight: float, *, device: torch.device | str | None = None) -> SecondMoment:
+        """``mom2 + weight · other.mom2`` in this one's dtype, on ``device`` (default: this one's): this second moment
+        with another set of keys mixed in at ``weight`` times its own weight, whatever the two counts (``count``
+        stays this one's). Neither is changed."""
+        device = self.mom2.device if device is None else device
+        mom2 = torch.add(self.mom2.to(device), other.mom2.to(device=device, dtype=self.mom2.dtype), alpha=weight)
+        return SecondMoment(mom2=mom2, count=self.count)
 
     def check_finite(self, layer: int) -> None:
         if self.count <= 0 or not torch.isfinite(self.mom2).all():
@@ -419,13 +421,14 @@ def prompt_moments(model: nn.Module, tokenizer, prompts: Sequence[str], layers: 
     The pass of :func:`collect_stats` over a handful of short texts (facts to keep, say; see ``keep`` in
     :func:`~memit_adapter.engine.compute_edits`), taken as given: no shuffling, sampling, token budget, cache or
     warning about short texts; truncated to the model's context. Under a process group the ranks share the
-    prompts and every rank gets the sums of all. Raises :class:`StatisticsError` on no prompts or a result that
-    is not finite."""
+    prompts and every rank gets the sums of all. Raises :class:`StatisticsError` when no prompt has a token or the
+    result is not finite."""
     spec = check_model(model, tokenizer, arch)
     prompts, layers = list(prompts), sorted(set(layers))
-    if not prompts:
-        raise StatisticsError("prompt_moments needs at least one prompt")
-    out = _accumulate(model, tokenizer, prompts, layers, spec, None, batch_size, getattr(torch, dtype), progress)
+    if not any(tokenizer(p)["input_ids"] for p in prompts):
+        raise StatisticsError("prompt_moments needs at least one prompt that has a token")
+    out = _accumulate(model, tokenizer, prompts, layers, spec, None, batch_size, getattr(torch, dtype),
+                      progress and is_main())
     for layer, stat in out.items():
         stat.check_finite(layer)
     return out

@@ -12,9 +12,10 @@ world, and the edit time. ``--base`` picks what the grid varies: ``for_model`` (
 and/or ``published`` (the published method's settings, MEMIT_SPEC.md, at layers 0-2 and λ 300 for these
 small models). ``--nullspace`` switches the AlphaEdit null-space solve on (``nullspace_threshold``, optionally
 ``:nullspace_threshold_of``; 0 = off) and ``--nullspace-l2`` sets its α. Prints one line per setting; --json keeps
-them all. ``--keep-fraction F`` gives ``compute_edits`` a regression set (``keep``): the prompts of the facts the batch
-leaves alone of a seeded random fraction F of the world's subjects, at each ``--keep-weight`` (0 = none); each line
-then also gives the retention of the facts of the other subjects alone (held out: not in the set).
+them all. ``--keep-fraction F`` gives ``compute_edits`` a regression set (``keep``): the prompts of the facts of a
+seeded random fraction F of the subjects the batch does not edit, at each ``--keep-weight`` (0 = none); each line
+then also gives the retention of the other unedited subjects' facts (held out: not in the set) and of the edited
+subjects' other facts.
 """
 
 from __future__ import annotations
@@ -94,14 +95,16 @@ def success_rate(model, tok, items) -> tuple[float, int]:
     return float((true < new).float().mean()), len(items)
 
 
-def keep_split(chosen, records, fraction: float, seed: int) -> tuple[list[str], list[tuple[str, str]]]:
-    """The prompts of the facts ``chosen`` leaves alone of a seeded random ``fraction`` of the subjects (the
-    regression set to keep), and the ``(prompt, true object)`` of those of the other subjects (held out)."""
-    subjects = sorted({r["requested_rewrite"]["subject"] for r in records})
-    kept = set(random.Random(1000 + seed).sample(subjects, round(fraction * len(subjects))))
-    keep = [q for q, _ in retained_facts(chosen, [r for r in records if r["requested_rewrite"]["subject"] in kept])]
-    held = retained_facts(chosen, [r for r in records if r["requested_rewrite"]["subject"] not in kept])
-    return keep, held
+def keep_split(chosen, records, fraction: float, seed: int):
+    """A regression set and what it leaves out: the prompts of the facts of a seeded random ``fraction`` of the
+    subjects ``chosen`` does not edit (to keep), then the ``(prompt, true object)`` of the facts of the other unedited
+    subjects (held out) and of the facts ``chosen`` leaves alone of the subjects it edits."""
+    edited = {r["requested_rewrite"]["subject"] for r in chosen}
+    others = sorted({r["requested_rewrite"]["subject"] for r in records} - edited)
+    kept = set(random.Random(1000 + seed).sample(others, round(fraction * len(others))))
+    facts = lambda subjects: retained_facts(chosen, [r for r in records  # noqa: E731
+                                                     if r["requested_rewrite"]["subject"] in subjects])
+    return [q for q, _ in facts(kept)], facts(set(others) - kept), facts(edited)
 
 
 def main() -> None:
@@ -149,7 +152,10 @@ def main() -> None:
     rows = [{"setting": "unedited", **pre.to_dict()}]
     print(f"unedited: {line(pre)}", flush=True)
     split = neighbor_split(chosen) if args.split_ns else None
-    keep, held = keep_split(chosen, records, args.keep_fraction, args.seed) if args.keep_fraction else ([], [])
+    if not 0 <= args.keep_fraction <= 1 or bool(args.keep_fraction) != bool(args.keep_weight):
+        p.error("--keep-fraction (in (0, 1]) and --keep-weight go together")
+    keep, held, edited_others = (keep_split(chosen, records, args.keep_fraction, args.seed) if args.keep_fraction
+                                 else ([], [], []))
     for base_name in args.base:
         base = bases[base_name]()
         grid = itertools.product(args.lam or [base.mom2_update_weight],
@@ -175,9 +181,10 @@ def main() -> None:
             with pack.applied(model), torch.no_grad():
                 post = evaluate_counterfact(model, tok, chosen, **gen)
                 ns_split = {k: success_rate(model, tok, v) for k, v in split.items()} if split else {}
-                if held:
-                    hits = target_top1(model, tok, [q for q, _ in held], [t for _, t in held])
-                    ns_split["retention_held_out"] = (float(hits.float().mean()), len(held))
+                for name, facts in (("retention_held_out", held), ("retention_edited_subjects", edited_others)):
+                    if facts:
+                        hits = target_top1(model, tok, [q for q, _ in facts], [t for _, t in facts])
+                        ns_split[name] = (float(hits.float().mean()), len(facts))
             setting = dict(base=base_name, lam=lam, layers=layers, clamp=clamp, kl=kl, steps=steps, lr=lr,
                            share=share, preserve=preserve, nullspace_threshold=null_t, nullspace_threshold_of=null_of,
                            nullspace_l2=l2, keep_weight=beta, kept_prompts=len(keep) if beta else 0,
