@@ -14,8 +14,8 @@ small models). ``--nullspace`` switches the AlphaEdit null-space solve on (``nul
 ``:nullspace_threshold_of``; 0 = off) and ``--nullspace-l2`` sets its α. Prints one line per setting; --json keeps
 them all. ``--keep-fraction F`` gives ``compute_edits`` a regression set (``keep``): the prompts of the facts of a
 seeded random fraction F of the subjects the batch does not edit, at each ``--keep-weight`` (0 = none); each line
-then also gives the retention of the other unedited subjects' facts (held out: not in the set) and of the edited
-subjects' other facts.
+then also gives the retention of the facts in the set, of the other unedited subjects' facts (held out: not in the
+set) and of the edited subjects' other facts.
 """
 
 from __future__ import annotations
@@ -96,15 +96,15 @@ def success_rate(model, tok, items) -> tuple[float, int]:
 
 
 def keep_split(chosen, records, fraction: float, seed: int):
-    """A regression set and what it leaves out: the prompts of the facts of a seeded random ``fraction`` of the
-    subjects ``chosen`` does not edit (to keep), then the ``(prompt, true object)`` of the facts of the other unedited
-    subjects (held out) and of the facts ``chosen`` leaves alone of the subjects it edits."""
+    """A regression set and what it leaves out, as ``(prompt, true object)``: the facts of a seeded random
+    ``fraction`` of the subjects ``chosen`` does not edit (to keep), those of the other unedited subjects (held out)
+    and those ``chosen`` leaves alone of the subjects it edits."""
     edited = {r["requested_rewrite"]["subject"] for r in chosen}
     others = sorted({r["requested_rewrite"]["subject"] for r in records} - edited)
     kept = set(random.Random(1000 + seed).sample(others, round(fraction * len(others))))
     facts = lambda subjects: retained_facts(chosen, [r for r in records  # noqa: E731
                                                      if r["requested_rewrite"]["subject"] in subjects])
-    return [q for q, _ in facts(kept)], facts(set(others) - kept), facts(edited)
+    return facts(kept), facts(set(others) - kept), facts(edited)
 
 
 def main() -> None:
@@ -154,8 +154,9 @@ def main() -> None:
     split = neighbor_split(chosen) if args.split_ns else None
     if not 0 <= args.keep_fraction <= 1 or bool(args.keep_fraction) != bool(args.keep_weight):
         p.error("--keep-fraction (in (0, 1]) and --keep-weight go together")
-    keep, held, edited_others = (keep_split(chosen, records, args.keep_fraction, args.seed) if args.keep_fraction
-                                 else ([], [], []))
+    kept_facts, held, edited_others = (keep_split(chosen, records, args.keep_fraction, args.seed)
+                                       if args.keep_fraction else ([], [], []))
+    keep = [q for q, _ in kept_facts]
     for base_name in args.base:
         base = bases[base_name]()
         grid = itertools.product(args.lam or [base.mom2_update_weight],
@@ -181,7 +182,8 @@ def main() -> None:
             with pack.applied(model), torch.no_grad():
                 post = evaluate_counterfact(model, tok, chosen, **gen)
                 ns_split = {k: success_rate(model, tok, v) for k, v in split.items()} if split else {}
-                for name, facts in (("retention_held_out", held), ("retention_edited_subjects", edited_others)):
+                for name, facts in (("retention_kept", kept_facts), ("retention_held_out", held),
+                                    ("retention_edited_subjects", edited_others)):
                     if facts:
                         hits = target_top1(model, tok, [q for q, _ in facts], [t for _, t in facts])
                         ns_split[name] = (float(hits.float().mean()), len(facts))
