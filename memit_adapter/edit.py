@@ -33,6 +33,7 @@ import torch
 from .distributed import is_main, process_group, rank_device
 from .errors import ConfigError
 from .evaluation import target_top1
+from .joint import chain_requests
 from .method_configs import config_class
 from .methods import METHODS
 from .models import load_model, world_name
@@ -107,7 +108,7 @@ def run_cli(args: argparse.Namespace) -> int:
     if args.joint and not args.on_top_of:
         raise ConfigError("--joint extends a chain: name its packs with --on-top-of")
     chain = [EditPack.from_pretrained(str(p)) for p in args.on_top_of or []]  # a missing pack stops us here
-    keep = check_keep(keep, [*(r for p in chain for r in p.requests), *requests] if args.joint else requests)
+    keep = check_keep(keep, [*chain_requests(chain), *requests] if args.joint else requests)
     check_destination(args.out, overwrite=args.overwrite)
     corpus = args.corpus
     world = world_name(args.model)

@@ -95,7 +95,7 @@ def subject_reach(model: nn.Module, tokenizer, requests: Sequence[EditRequest], 
     start, nll = _reach_rows(model, spec.blocks(model)[layer], tokenizer, facts, rows, steps, lr, batch_size, progress)
     out, k = [], 0
     for r, f in zip(requests, facts):
-        n = f.subject[1] - f.subject[0]
+        n = f.n_subject
         tokens = [tokenizer.decode([t]) for t in f.ids[f.subject[0]:f.subject[1]]]
         out.append(ReachResult(r.text, r.target_new, tokens, float(start[k]), nll[k:k + n].tolist(), layer))
         k += n
@@ -151,7 +151,7 @@ def _choose_by_reach(model, block: nn.Module, tokenizer, requests: Sequence[Edit
     chosen = {s: -1 for s in by_subject}
     if not failing:
         return chosen
-    width = {s: min(_n_tokens(encode_fact(tokenizer, KL_PROMPT, s)), *(_n_tokens(facts[i]) for i in by_subject[s]))
+    width = {s: min(encode_fact(tokenizer, KL_PROMPT, s).n_subject, *(facts[i].n_subject for i in by_subject[s]))
              for s in failing}
     rows = [(i, facts[i].subject[1] + j) for s in failing for i in by_subject[s] for j in range(-width[s], -1)]
     _, nll_rows = _reach_rows(model, block, tokenizer, facts, rows, steps, lr, batch_size, progress)
@@ -162,10 +162,6 @@ def _choose_by_reach(model, block: nn.Module, tokenizer, requests: Sequence[Edit
         reaching = [j for j, x in mean.items() if x < REACHED]
         chosen[s] = max(reaching) if reaching else min(mean, key=lambda j: (mean[j], -j))
     return chosen
-
-
-def _n_tokens(fact) -> int:
-    return fact.subject[1] - fact.subject[0]
 
 
 def _reach_rows(model, block: nn.Module, tokenizer, facts, rows, steps: int, lr: float, batch_size: int,

@@ -172,15 +172,17 @@ def check_keep(keep: Sequence[str] | None, requests: Sequence[EditRequest]) -> l
         raise InvalidRequestError(f"keep prompts must be non-empty strings, got {bad[:3]!r}")
     keep = list(dict.fromkeys(keep))
     subjects = sorted({r.subject.strip() for r in requests}, key=len, reverse=True)
-    named = re.compile("|".join(map(re.escape, subjects))) if subjects else None
-    about = [p for p in keep if named is not None and named.search(p)]
-    if about:
-        warnings.warn(f"{len(about)} of {len(keep)} keep prompts name a subject being edited (e.g. {about[0]!r}) and "
-                      "are left out: that subject's key is the one its edit writes (preserve_factor keeps its other "
-                      "facts)", stacklevel=3)
-        left_out = set(about)
-        keep = [p for p in keep if p not in left_out]
-    return keep
+    if not subjects:
+        return keep
+    named = re.compile("|".join(map(re.escape, subjects)))
+    about = [p for p in keep if named.search(p)]
+    if not about:
+        return keep
+    warnings.warn(f"{len(about)} of {len(keep)} keep prompts name a subject being edited (e.g. {about[0]!r}) and "
+                  "are left out: that subject's key is the one its edit writes (preserve_factor keeps its other "
+                  "facts)", stacklevel=3)
+    left_out = set(about)
+    return [p for p in keep if p not in left_out]
 
 
 def load_requests(path: str | os.PathLike) -> list[EditRequest]:

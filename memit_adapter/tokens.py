@@ -43,6 +43,11 @@ class EncodedFact:
         return max(self.subject[0], self.subject[1] + self.subject_token)
 
     @property
+    def n_subject(self) -> int:
+        """Number of the subject's tokens."""
+        return self.subject[1] - self.subject[0]
+
+    @property
     def target_ids(self) -> list[int]:
         return self.ids[self.n_prompt:]
 
